@@ -1,0 +1,112 @@
+"""The seams between trainer, bundle and service: tensor names, feature spec, vocabularies.
+
+Torch-free on purpose: the service imports this module, and its image has no torch.
+Both the exporter and the scorer name ONNX inputs through the functions below, so the two
+sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------
+# Rows of every embedding table. Raw ids are int64 end to end; rows are int64 too.
+PAD_ROW = 0  # padding: a history slot with no behaviour; contributes exactly 0
+UNK_ROW = 1  # an id the vocabulary has never seen
+FIRST_ID_ROW = 2
+
+# ---------------------------------------------------------------------------------------
+# ONNX scoring graph (user-batched): U users, T behaviour slots, N candidates.
+CAND_USER = "cand_user"  # int64 [N]: which of the U users each candidate belongs to
+CTR = "ctr"  # float32 [N]
+ATTENTION = "attention"  # float32 [N, T]; zeros for models without attention
+OUTPUT_NAMES = (CTR, ATTENTION)
+
+
+def hist_input(field_name: str) -> str:
+    """int64 [U, T] rows of one behaviour field, newest first, PAD_ROW after the end."""
+    return f"hist_{field_name}"
+
+
+def cand_input(field_name: str) -> str:
+    """int64 [N] rows of one ad field."""
+    return f"cand_{field_name}"
+
+
+def profile_input(field_name: str) -> str:
+    """int64 [U] rows of one user-profile field."""
+    return f"profile_{field_name}"
+
+
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the model eats, independent of any dataset's column names.
+
+    `sequence_fields` describe both a behaviour and a candidate ad (item id, category id):
+    the paper concatenates their embeddings so behaviours and ads share one space.
+    """
+
+    sequence_fields: tuple[str, ...] = ("item_id", "cate_id")
+    profile_fields: tuple[str, ...] = ()
+    vocab_sizes: dict[str, int] = field(default_factory=dict)  # rows, PAD and UNK included
+    max_history: int = 50
+
+    def input_names(self) -> list[str]:
+        return (
+            [hist_input(f) for f in self.sequence_fields]
+            + [profile_input(f) for f in self.profile_fields]
+            + [cand_input(f) for f in self.sequence_fields]
+            + [CAND_USER]
+        )
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["sequence_fields"] = list(self.sequence_fields)
+        d["profile_fields"] = list(self.profile_fields)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FeatureSpec":
+        return cls(
+            sequence_fields=tuple(d["sequence_fields"]),
+            profile_fields=tuple(d.get("profile_fields", ())),
+            vocab_sizes={k: int(v) for k, v in d["vocab_sizes"].items()},
+            max_history=int(d["max_history"]),
+        )
+
+
+class Vocabulary:
+    """Raw id -> embedding row, vectorised: a sorted int64 array searched with numpy.
+
+    Row i + FIRST_ID_ROW belongs to ids[i]; anything not in `ids` maps to UNK_ROW.
+    """
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: np.ndarray):
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError("a vocabulary is a 1-D array of raw ids")
+        if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
+            raise ValueError("vocabulary ids must be sorted and unique")
+        self.ids = ids
+
+    @classmethod
+    def fit(cls, raw_ids: np.ndarray) -> "Vocabulary":
+        return cls(np.unique(np.asarray(raw_ids, dtype=np.int64)))
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.ids.size) + FIRST_ID_ROW
+
+    def lookup(self, raw_ids: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw_ids, dtype=np.int64)
+        if self.ids.size == 0:
+            return np.full(raw.shape, UNK_ROW, dtype=np.int64)
+        pos = np.searchsorted(self.ids, raw)
+        pos_clipped = np.minimum(pos, self.ids.size - 1)
+        found = self.ids[pos_clipped] == raw
+        return np.where(found, pos_clipped + FIRST_ID_ROW, UNK_ROW).astype(np.int64)

@@ -1,0 +1,166 @@
+"""The behaviour log: the one in-memory shape every data source is turned into.
+
+Columns are int64 numpy arrays named after what they are, not after any dataset:
+`user_id, item_id, cate_id, timestamp` and an optional `label` (1 = click). User profile
+ids (gender, age bucket, ...) live in an optional side table keyed by user id.
+
+Two optional columns serve protocols that fix their own samples (the DIN Amazon protocol):
+`is_behaviour` (bool; False marks an impression, e.g. a sampled negative, that is a
+candidate but must never enter anyone's history; None = every event is a behaviour) and
+`split` (int8: 0 train, 1 validation, 2 test; None = the sample builder splits by user).
+
+Torch-free: the feature store's bulk loader reads logs too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+REQUIRED_COLUMNS = ("user_id", "item_id", "cate_id", "timestamp")
+SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+
+
+class LogFormatError(ValueError):
+    """A behaviour log that cannot be read; the message names the file and the column."""
+
+
+@dataclass
+class UserProfiles:
+    """Profile ids per user: `fields[name][i]` belongs to `user_id[i]`."""
+
+    user_id: np.ndarray
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def lookup(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Profile ids for `user_ids`; users without a profile get -1 (an unknown id)."""
+        order = np.argsort(self.user_id, kind="stable")
+        sorted_users = self.user_id[order]
+        pos = np.searchsorted(sorted_users, user_ids)
+        pos_c = np.minimum(pos, max(sorted_users.size - 1, 0))
+        found = (sorted_users[pos_c] == user_ids) if sorted_users.size else np.zeros(len(user_ids), bool)
+        return {name: np.where(found, col[order][pos_c], -1).astype(np.int64) for name, col in self.fields.items()}
+
+
+@dataclass
+class BehaviourLog:
+    user_id: np.ndarray
+    item_id: np.ndarray
+    cate_id: np.ndarray
+    timestamp: np.ndarray
+    label: np.ndarray | None = None
+    profiles: UserProfiles | None = None
+    name: str = "log"
+    is_behaviour: np.ndarray | None = None  # bool; None = every event is a behaviour
+    split: np.ndarray | None = None  # int8 SPLIT_*; None = split by user downstream
+
+    def __post_init__(self) -> None:
+        n = len(self.user_id)
+        for col in ("item_id", "cate_id", "timestamp"):
+            if len(getattr(self, col)) != n:
+                raise LogFormatError(f"column {col} has {len(getattr(self, col))} rows, user_id has {n}")
+        for col in ("label", "is_behaviour", "split"):
+            values = getattr(self, col)
+            if values is not None and len(values) != n:
+                raise LogFormatError(f"column {col} has {len(values)} rows, user_id has {n}")
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    @property
+    def profile_fields(self) -> tuple[str, ...]:
+        return tuple(self.profiles.fields) if self.profiles else ()
+
+    def sorted_by_user_time(self) -> "BehaviourLog":
+        """Events grouped by user, oldest first within a user (ties keep file order)."""
+        order = np.lexsort((self.timestamp, self.user_id))
+        return BehaviourLog(
+            user_id=self.user_id[order],
+            item_id=self.item_id[order],
+            cate_id=self.cate_id[order],
+            timestamp=self.timestamp[order],
+            label=None if self.label is None else self.label[order],
+            profiles=self.profiles,
+            name=self.name,
+            is_behaviour=None if self.is_behaviour is None else self.is_behaviour[order],
+            split=None if self.split is None else self.split[order],
+        )
+
+    def fingerprint(self) -> str:
+        """A short content hash, written into the bundle so a model names its data."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for col in (self.user_id, self.item_id, self.cate_id, self.timestamp):
+            h.update(np.ascontiguousarray(col).tobytes())
+        for col in (self.label, self.is_behaviour, self.split):
+            if col is not None:
+                h.update(np.ascontiguousarray(col).tobytes())
+        return h.hexdigest()[:16]
+
+    def to_table(self) -> pa.Table:
+        cols = {c: getattr(self, c) for c in REQUIRED_COLUMNS}
+        if self.label is not None:
+            cols["label"] = self.label
+        return pa.table(cols)
+
+
+def _column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+    col = table.column(name)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise LogFormatError(f"{path}: column {name!r} must be integer, found {col.type}")
+    if col.null_count:
+        raise LogFormatError(f"{path}: column {name!r} has {col.null_count} empty values")
+    if pa.types.is_floating(col.type):
+        arr = col.to_numpy()
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise LogFormatError(f"{path}: column {name!r} must hold whole numbers")
+        return arr.astype(np.int64)
+    return pc.cast(col, pa.int64()).to_numpy()
+
+
+def read_log(path: str | Path) -> BehaviourLog:
+    """Read a behaviour log from Parquet or CSV (`user_id, item_id, cate_id, timestamp[, label]`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LogFormatError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        else:
+            table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LogFormatError(f"{path}: cannot be read as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} ({e})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise LogFormatError(
+            f"{path}: missing column(s) {', '.join(missing)}; a behaviour log needs "
+            f"{', '.join(REQUIRED_COLUMNS)} and may have label"
+        )
+    label = None
+    if "label" in table.column_names:
+        label = _column(table, "label", path)
+        if not np.isin(label, (0, 1)).all():
+            raise LogFormatError(f"{path}: column 'label' must be 0 or 1")
+        label = label.astype(np.int8)
+    return BehaviourLog(
+        *(_column(table, c, path) for c in REQUIRED_COLUMNS), label=label, name=path.name
+    )
+
+
+def write_log(log: BehaviourLog, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = log.to_table()
+    if path.suffix.lower() == ".csv":
+        pacsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+    return path
