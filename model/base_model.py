@@ -1,0 +1,50 @@
+"""BaseModel (the paper's Embedding & MLP baseline): sum pooling, the same for every ad.
+
+    v_U    = sum_j e_j                        (padding masked out)
+    ctr    = sigmoid(MLP([profile, v_U, v_A]))
+
+The pooled vector is computed once per user and does not depend on the candidate; that is
+exactly the limitation DIN's local activation removes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.contract import FeatureSpec
+from model.embedding import FieldEmbeddings
+from model.mlp import MLP
+
+
+class BaseModel(nn.Module):
+    has_attention = False
+
+    def __init__(self, spec: FeatureSpec, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.embed = FieldEmbeddings(spec, config.embedding_dim)
+        d, p = self.embed.behaviour_dim, self.embed.profile_dim
+        self.mlp = MLP(p + 2 * d, config.mlp_hidden, out_dim=1)
+
+    def forward(
+        self,
+        hist: dict[str, Tensor],
+        profile: dict[str, Tensor],
+        cand: dict[str, Tensor],
+        cand_user: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """-> (logit (N,), attention (N, T) of zeros)."""
+        # embed
+        e = self.embed.behaviours(hist)  # (U, T, D)
+        mask = self.embed.mask(hist)  # (U, T)
+        v_a = self.embed.ads(cand)  # (N, D)
+        # pool: v_U = sum_j e_j, once per user
+        v_u = (e * mask.unsqueeze(-1).to(e.dtype)).sum(dim=1)  # (U, D)
+        # mlp -> logit
+        parts = [v_u.index_select(0, cand_user), v_a]  # (N, D), (N, D)
+        if self.embed.profile_fields:
+            parts.insert(0, self.embed.profile(profile).index_select(0, cand_user))  # (N, P)
+        logit = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
+        attention = torch.zeros_like(mask.index_select(0, cand_user), dtype=e.dtype)  # (N, T)
+        return logit, attention

@@ -1,0 +1,224 @@
+"""Train a CTR model on a behaviour log, select on validation, report test once, export.
+
+The trainer owns the loss (BCE on logits) and the metrics; models only map inputs to
+(logit, attention). Every sample goes through the same scoring path as serving: a batch is
+U = N = B users/candidates with cand_user = arange(B).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.config import ModelConfig
+from model.data.samples import SampleConfig, Samples, SampleSet, build_samples
+from model.data.sources import load_source
+from model.export import export_bundle
+from model.inputs import split_inputs
+from model.metrics import ctr_metrics
+from model.registry import MODELS, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "synthetic"
+    model: str = "din"
+    epochs: int = 3
+    batch_size: int = 1024
+    lr: float = 1e-3
+    seed: int = 0
+    out: Path = Path("artifacts/bundles")
+    max_history: int = 50
+    embedding_dim: int = 16
+    attention_softmax: bool = False
+    negatives: int = 1  # per positive, for logs without labels
+    eval_batch_size: int = 4096
+    threads: int | None = None  # torch intra-op threads; None = one per CPU core
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_history", "embedding_dim", "negatives"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(embedding_dim=self.embedding_dim, attention_softmax=self.attention_softmax)
+
+    def sample_config(self) -> SampleConfig:
+        return SampleConfig(max_history=self.max_history, negatives=self.negatives, seed=self.seed)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    model: str
+    metrics: dict[str, float]  # test split: auc, gauc, logloss
+    validation: list[dict[str, float]] = field(default_factory=list)  # one per epoch
+    best_epoch: int = 0  # 1-based
+    train_seconds: float = 0.0  # wall clock of train(): data, fit, test, export
+    num_params: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bundle"] = str(self.bundle)
+        return d
+
+
+@contextmanager
+def _deterministic(config: TrainConfig) -> Iterator[None]:
+    """Seeded, deterministic kernels, `threads` intra-op threads; global torch state restored after."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+    )
+    torch.manual_seed(config.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.set_num_threads(previous[2])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, samples: Samples, split: SampleSet, batch_size: int) -> np.ndarray:
+    """CTR of every sample of `split`, in order."""
+    model.eval()
+    out = []
+    for batch in samples.batches(split, batch_size):
+        logit, _ = model(*split_inputs(samples.spec, batch.inputs))
+        out.append(torch.sigmoid(logit).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def evaluate(model: nn.Module, samples: Samples, split: SampleSet, batch_size: int) -> dict[str, float]:
+    probs = predict(model, samples, split, batch_size)
+    return ctr_metrics(split.label, probs, split.user_id)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train `config.model` on `config.data`; write a bundle under `config.out`; test once."""
+    with _deterministic(config):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
+    started = time.perf_counter()
+    behaviour_log = load_source(config.data)
+    samples = build_samples(behaviour_log, config.sample_config())
+    for name in ("train", "validation", "test"):
+        if len(samples.split(name)) == 0:
+            raise ValueError(f"data {config.data!r} gave an empty {name} split; it needs more users")
+    _info(
+        config,
+        f"data {config.data}: {len(behaviour_log)} events; samples train {len(samples.train)}, "
+        f"validation {len(samples.validation)}, test {len(samples.test)}",
+    )
+
+    model_config = config.model_config()
+    model = build_model(config.model, samples.spec, model_config)
+    num_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng([config.seed, 3])
+
+    history: list[dict[str, float]] = []
+    best_state, best_epoch, best_gauc = None, 0, -np.inf
+    n_batches = samples.num_batches(samples.train, config.batch_size)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        bar = tqdm(
+            samples.batches(samples.train, config.batch_size, shuffle=True, rng=rng),
+            total=n_batches,
+            desc=f"{config.model} epoch {epoch}/{config.epochs}",
+            unit="batch",
+            file=sys.stderr,
+            disable=not config.progress,
+            leave=False,
+        )
+        running = 0.0
+        for i, batch in enumerate(bar, 1):
+            logit, _ = model(*split_inputs(samples.spec, batch.inputs))
+            loss = loss_fn(logit, batch.label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += (loss.item() - running) / min(i, 50)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+        bar.close()
+        val = evaluate(model, samples, samples.validation, config.eval_batch_size)
+        history.append({"epoch": epoch, "train_loss": running, **val})
+        _info(
+            config,
+            f"{config.model} epoch {epoch}: train loss {running:.4f}; validation auc {val['auc']:.4f} "
+            f"gauc {val['gauc']:.4f} logloss {val['logloss']:.4f}",
+        )
+        score = val["gauc"] if np.isfinite(val["gauc"]) else val["auc"]
+        if best_state is None or score > best_gauc:
+            best_state, best_epoch, best_gauc = copy.deepcopy(model.state_dict()), epoch, score
+
+    model.load_state_dict(best_state)
+    test = evaluate(model, samples, samples.test, config.eval_batch_size)
+    _info(config, f"{config.model} test (best epoch {best_epoch}): auc {test['auc']:.4f} gauc {test['gauc']:.4f} logloss {test['logloss']:.4f}")
+
+    exported = export_bundle(
+        model,
+        model_type=config.model,
+        spec=samples.spec,
+        vocabularies=samples.vocabularies,
+        out_dir=config.out,
+        data_fingerprint=behaviour_log.fingerprint(),
+        extra={
+            "model_config": model_config.to_json(),
+            "metrics": {"test": test, "validation": history[best_epoch - 1], "best_epoch": best_epoch},
+            "data_spec": config.data,
+            "train_config": config.to_json(),
+            "num_params": num_params,
+        },
+    )
+    train_seconds = time.perf_counter() - started  # data to bundle, wall clock
+    _info(config, f"bundle written: {exported.bundle} (ONNX parity {exported.parity_max_abs_diff:.2g})")
+    return TrainResult(
+        bundle=exported.bundle,
+        model=config.model,
+        metrics=test,
+        validation=history,
+        best_epoch=best_epoch,
+        train_seconds=train_seconds,
+        num_params=num_params,
+    )
+
+
+def _info(config: TrainConfig, message: str) -> None:
+    """Progress for people: stderr only (stdout is reserved for `--json`)."""
+    if config.progress:
+        log.info(message)
+    else:
+        log.debug(message)

@@ -1,0 +1,105 @@
+"""The trainer end to end on a tiny synthetic log: bundle, metrics, determinism, one scoring path."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from model.bundle import load_bundle
+from model.contract import OUTPUT_NAMES
+from model.data.log import read_log
+from model.data.samples import build_samples
+from model.data.synthetic import SyntheticConfig, write_synthetic
+from model.metrics import ctr_metrics
+from model.train import TrainConfig, train
+
+TINY = SyntheticConfig(users=120, items=60, categories=6, events_per_user=(4, 10), seed=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_log_path(tmp_path_factory) -> Path:
+    return write_synthetic(TINY, tmp_path_factory.mktemp("data") / "tiny.parquet")
+
+
+def tiny_config(path: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=f"events:{path}", epochs=1, batch_size=64, embedding_dim=4, max_history=8, out=out, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def din_run(tiny_log_path, tmp_path_factory):
+    config = tiny_config(tiny_log_path, tmp_path_factory.mktemp("bundles"), epochs=2)
+    return config, train(config)
+
+
+def test_train_writes_a_loadable_bundle_with_metrics(din_run, tiny_log_path):
+    config, result = din_run
+    bundle = load_bundle(result.bundle)
+    assert result.bundle.parent == config.out
+    assert bundle.model_type == "din" and bundle.has_attention
+    m = bundle.manifest
+    assert m["metrics"]["test"] == pytest.approx(result.metrics)
+    assert set(result.metrics) == {"auc", "gauc", "logloss"}
+    assert all(0.0 <= result.metrics[k] <= 1.0 for k in ("auc", "gauc"))
+    assert m["metrics"]["best_epoch"] == result.best_epoch
+    assert m["metrics"]["validation"] == pytest.approx(result.validation[result.best_epoch - 1])
+    assert m["data_spec"] == config.data
+    assert m["data_fingerprint"] == read_log(tiny_log_path).fingerprint()
+    assert m["model_config"] == {"embedding_dim": 4, "attention_hidden": [80, 40], "mlp_hidden": [200, 80], "attention_softmax": False}
+    assert m["train_config"]["seed"] == 0 and m["train_config"]["model"] == "din"
+    assert m["parity_max_abs_diff"] <= 1e-5
+    assert bundle.spec.max_history == 8
+    assert result.num_params > 0 and result.train_seconds > 0
+
+
+def test_best_epoch_is_chosen_on_validation_gauc(din_run):
+    _, result = din_run
+    assert [h["epoch"] for h in result.validation] == [1, 2]
+    gaucs = [h["gauc"] for h in result.validation]
+    assert result.best_epoch == int(np.argmax(gaucs)) + 1
+
+
+def test_bundle_graph_reproduces_the_reported_test_metrics(din_run, tiny_log_path):
+    """One scoring path: the exported ONNX graph on the test split gives the trainer's numbers."""
+    config, result = din_run
+    bundle = load_bundle(result.bundle)
+    samples = build_samples(read_log(tiny_log_path), config.sample_config())
+    for name, vocab in bundle.vocabularies.items():
+        np.testing.assert_array_equal(vocab.ids, samples.vocabularies[name].ids)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    probs = []
+    for batch in samples.batches(samples.test, 100):
+        feeds = {k: v.numpy() for k, v in batch.inputs.items()}
+        probs.append(session.run([OUTPUT_NAMES[0]], feeds)[0])
+    got = ctr_metrics(samples.test.label, np.concatenate(probs), samples.test.user_id)
+    assert got["auc"] == pytest.approx(result.metrics["auc"], abs=1e-4)
+    assert got["gauc"] == pytest.approx(result.metrics["gauc"], abs=1e-4)
+    assert got["logloss"] == pytest.approx(result.metrics["logloss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("model", ["din", "base"])
+def test_same_seed_same_metrics(tiny_log_path, tmp_path, model):
+    a = train(tiny_config(tiny_log_path, tmp_path / "a", model=model))
+    b = train(tiny_config(tiny_log_path, tmp_path / "b", model=model))
+    assert a.metrics == b.metrics
+    assert a.validation == b.validation
+    c = train(tiny_config(tiny_log_path, tmp_path / "c", model=model, seed=1))
+    assert c.metrics != a.metrics
+
+
+def test_nothing_on_stdout_even_with_progress(tiny_log_path, tmp_path, capsys):
+    train(tiny_config(tiny_log_path, tmp_path, model="base", progress=True))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "base epoch 1" in captured.err
+
+
+def test_bad_configs_are_rejected_with_the_field_named(tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(model="xgboost")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    tiny = write_synthetic(SyntheticConfig(users=2, items=10, categories=6, events_per_user=(2, 3)), tmp_path / "two.parquet")
+    with pytest.raises(ValueError, match="empty validation split"):
+        train(tiny_config(tiny, tmp_path))
