@@ -1,0 +1,11 @@
+"""HTTP routes: thin translations from HTTP to the scorer and the store."""
+
+from fastapi import APIRouter
+
+from service.routes import health, rank
+
+api_router = APIRouter()
+api_router.include_router(rank.router)
+api_router.include_router(health.router)
+
+__all__ = ["api_router"]

@@ -1,0 +1,100 @@
+"""HTTP request and response models of the ranking API (DESIGN.md, contract 4).
+
+Ids are strict int64: a string, a float or a bool where an id belongs is a 422 naming the
+field, never a silent conversion. The candidate-count limit is a setting, so the route
+enforces it (`too_long_error`) with the same error shape pydantic gives.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+Int64 = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
+
+
+class Candidate(BaseModel):
+    """One ad from the matching stage: its raw item id and category id."""
+
+    item_id: Int64
+    cate_id: Int64
+
+
+class RankRequest(BaseModel):
+    user_id: Int64
+    candidates: list[Candidate] = Field(min_length=1, description="Ads to rank; at most MAX_CANDIDATES.")
+    top_k: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        default=None, description="Return only the k best; default: all candidates. At most MAX_TOP_K."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": 42,
+                    "candidates": [{"item_id": 7, "cate_id": 3}, {"item_id": 42, "cate_id": 5}],
+                    "top_k": 10,
+                }
+            ]
+        }
+    )
+
+
+class RankedItem(BaseModel):
+    item_id: int
+    cate_id: int
+    ctr: float = Field(ge=0.0, le=1.0, description="Predicted click-through rate.")
+
+
+class RankResponse(BaseModel):
+    model_version: str = Field(description="The model that scored this request.")
+    user_id: int
+    history_length: int = Field(ge=0, description="Behaviours the model attended to (after truncation).")
+    degraded: bool = Field(description="True when the history store failed and the user was ranked without history.")
+    ranked: list[RankedItem] = Field(description="Candidates sorted by ctr, descending (ties keep request order).")
+
+
+class ErrorItem(BaseModel):
+    """One problem with a request, in FastAPI's validation-error shape."""
+
+    loc: list[str | int] = Field(description='Where the problem is, e.g. ["body", "candidates", 3, "item_id"].')
+    msg: str
+    type: str
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[ErrorItem]
+
+
+class Readiness(BaseModel):
+    """Body of /readyz: 200 when everything is "ok", 503 naming what is not."""
+
+    ready: bool
+    model: str = Field(description='"ok" or what is wrong with the model.')
+    store: str = Field(description='"ok" or what is wrong with the history store.')
+    model_version: str | None = None
+    providers: list[str] = Field(default_factory=list, description="ONNX Runtime execution providers in use.")
+
+
+def too_long_error(field: str, limit: int, actual: int, setting: str) -> dict[str, Any]:
+    """A pydantic-shaped `too_long` error for a list above a limit that lives in settings."""
+    return {
+        "loc": ["body", field],
+        "msg": f"List should have at most {limit} items after validation, not {actual} ({setting}={limit})",
+        "type": "too_long",
+        "ctx": {"field_type": "List", "max_length": limit, "actual_length": actual},
+    }
+
+
+def too_large_error(field: str, limit: int, setting: str) -> dict[str, Any]:
+    return {
+        "loc": ["body", field],
+        "msg": f"Input should be less than or equal to {limit} ({setting}={limit})",
+        "type": "less_than_equal",
+        "ctx": {"le": limit},
+    }
