@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: install test demo clean
+.PHONY: install test demo loadtest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: install
 
 demo: install
 	$(BIN)/din demo --port $(PORT)
+
+# Load test: starts the local service (unless HOST is given), runs locust headless,
+# writes reports/loadtest/ and exits non-zero when the thresholds are broken.
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/din loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .din artifacts reports
