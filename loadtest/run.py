@@ -1,0 +1,416 @@
+"""The load-test driver behind `make loadtest` / `din loadtest`.
+
+One call does what a user would do by hand: make sure a model bundle exists (train the
+default one if not), start a Redis and the ranking service locally unless `--host` names a
+running one, load the users' histories, write the traffic's population file, run locust
+headless, and turn its CSV into a summary, a PNG and a pass/fail verdict against
+thresholds. Everything lands in `out_dir` (default `reports/loadtest/`):
+
+    locust_stats.csv, locust_stats_history.csv, locust_failures.csv   locust's own CSV
+    report.html          locust's HTML report
+    loadtest.png         latency percentiles and throughput over time
+    summary.json         the numbers printed, plus the thresholds and what broke them
+    population.json      the users and ads the traffic was drawn from
+    service.log, locust.log
+
+Every tool runs as a subprocess (`python -m service.cli ...`, `python -m locust ...`):
+the same command lines a user or the compose file runs, and locust's gevent monkey
+patching stays out of the caller's process.
+
+    python -m loadtest.run run --duration 60 --users 10      # what `make loadtest` runs
+    python -m loadtest.run population --data synthetic --out population.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.summary import LoadTestSummary, Thresholds, check, format_summary, plot, read_history, summarize
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+DEFAULT_BUNDLES = Path("artifacts/bundles")
+DEFAULT_OUT = Path("reports/loadtest")
+CSV_PREFIX = "locust"
+POPULATION_FORMAT = 1  # the locustfile's Population.from_file reads this format
+MAX_POPULATION_USERS = 200_000  # the most active ones; keeps the file small at 1M users
+
+
+class LoadTestError(RuntimeError):
+    """The run could not be made (no service, locust crashed); not a threshold verdict."""
+
+
+@dataclass(frozen=True)
+class LoadTestConfig:
+    """What to run and what counts as passing. `host=None` starts the service locally."""
+
+    host: str | None = None
+    duration_s: float = 60.0
+    users: int = 10
+    spawn_rate: float = 10.0
+    candidates: int = 200
+    top_k: int = 0  # 0: rank every candidate
+    user_rps: float = 3.0  # per locust user (30/s at 10 users, 60/s in the spike); 0: back to back
+    tags: tuple[str, ...] = ("rank",)
+    shape: str = "spike"  # or "steady": see RankingLoadShape in the locustfile
+    out_dir: Path = DEFAULT_OUT
+    max_failure_rate: float = 0.01
+    max_p99_ms: float | None = None
+    bundle: Path | None = None  # local service only; default: the newest in artifacts/bundles
+    data: str = "synthetic"  # the population the store holds (and the traffic draws from)
+    redis_url: str | None = None  # local service only; default: a Redis started for the run
+    seed: int = 0
+    startup_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0:
+            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        if self.users < 1:
+            raise ValueError(f"users must be >= 1, got {self.users}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.shape not in ("spike", "steady"):
+            raise ValueError(f"shape must be 'spike' or 'steady', got {self.shape!r}")
+
+
+@dataclass(frozen=True)
+class LoadTestReport:
+    summary: LoadTestSummary
+    problems: list[str]
+    out_dir: Path
+    host: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+# --- the traffic's population ----------------------------------------------------------
+
+
+def write_population(log, path: str | Path, max_users: int = MAX_POPULATION_USERS) -> Path:
+    """Users (most active first) and ads (item -> its most frequent category, popularity) of a log.
+
+    The locustfile draws Zipf-like over the user order, and candidates by item popularity.
+    `log` is a `model.data.log.BehaviourLog` (any object with int64 user_id/item_id/cate_id).
+    """
+    users, user_events = np.unique(np.asarray(log.user_id, dtype=np.int64), return_counts=True)
+    order = np.lexsort((users, -user_events))[:max_users]  # most active first, ties by id
+    pairs, pair_events = np.unique(
+        np.stack([np.asarray(log.item_id, dtype=np.int64), np.asarray(log.cate_id, dtype=np.int64)], axis=1),
+        axis=0,
+        return_counts=True,
+    )
+    by_item = np.lexsort((-pair_events, pairs[:, 0]))  # per item, its most frequent pair first
+    pairs, pair_events = pairs[by_item], pair_events[by_item]
+    first = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
+    item_events = np.add.reduceat(pair_events, np.flatnonzero(first)) if pairs.size else pair_events
+    payload = {
+        "format": POPULATION_FORMAT,
+        "source": getattr(log, "name", "log"),
+        "users": users[order].tolist(),
+        "user_events": user_events[order].tolist(),
+        "items": pairs[first, 0].tolist(),
+        "item_cates": pairs[first, 1].tolist(),
+        "item_events": item_events.tolist(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, separators=(",", ":")))
+    os.replace(tmp, path)
+    return path
+
+
+def population_from_spec(data: str, path: Path) -> Path:
+    from model.data.sources import load_source
+
+    return write_population(load_source(data), path)
+
+
+# --- the local service -----------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    """A `din` command line run with this interpreter (works before the console script exists)."""
+    return [sys.executable, "-m", "service.cli", *args]
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _run_logged(cmd: list[str], log: Path, what: str, timeout_s: float | None = None) -> None:
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if result.returncode != 0:
+        raise LoadTestError(f"{what} failed (exit {result.returncode}); the end of {log}:\n{_tail(log)}")
+
+
+def ensure_bundle(bundle: Path | None, data: str) -> Path:
+    """The bundle to serve: the given one, else the newest in artifacts/bundles, else a new one."""
+    from model.bundle import BundleError, resolve_bundle_path
+
+    try:
+        return resolve_bundle_path(bundle or DEFAULT_BUNDLES)
+    except BundleError:
+        if bundle is not None:
+            raise
+    print(f"[loadtest] no bundle in {DEFAULT_BUNDLES}: training DIN on --data {data} first", file=sys.stderr)
+    # in the terminal, not the log: the progress bar is how a user knows this takes minutes
+    result = subprocess.run(_cli("train", "--data", data, "--model", "din", "--out", str(DEFAULT_BUNDLES)))
+    if result.returncode != 0:
+        raise LoadTestError(f"din train failed (exit {result.returncode}); see its output above")
+    return resolve_bundle_path(DEFAULT_BUNDLES)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
+    """Poll GET /readyz until 200; fail early when the server process has exited."""
+    deadline = time.monotonic() + timeout_s
+    while not _ready(url):
+        if proc is not None and proc.poll() is not None:
+            raise LoadTestError(
+                f"the service exited (code {proc.returncode}) before it was ready"
+                + (f"; the end of {log}:\n{_tail(log)}" if log else "")
+            )
+        if time.monotonic() > deadline:
+            raise LoadTestError(f"{url}/readyz did not answer 200 within {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def start_local_service(
+    bundle: Path, redis_url: str, log: Path, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 180.0
+) -> Iterator[str]:
+    """`din serve` in a subprocess until the block ends; yields its base URL once /readyz is 200."""
+    from feature_store.embedded import free_port
+
+    port = port or free_port(host)
+    cmd = _cli("serve", "--bundle", str(bundle), "--host", host, "--port", str(port), "--redis-url", redis_url)
+    f = log.open("a")
+    f.write(f"$ {' '.join(cmd)}\n")
+    f.flush()
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://{host}:{port}"
+    try:
+        wait_ready(url, proc, timeout_s, log)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        f.close()
+
+
+@contextlib.contextmanager
+def _redis_for_run(redis_url: str | None, data_dir: Path) -> Iterator[str]:
+    if redis_url:
+        yield redis_url
+        return
+    from feature_store.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(data_dir, persist=False)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop(save=False)
+
+
+# --- locust ----------------------------------------------------------------------------
+
+
+def locust_command(config: LoadTestConfig, host: str, out_dir: Path) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "--host", host,
+        "--users", str(config.users), "--spawn-rate", f"{config.spawn_rate:g}",
+        "--run-time", f"{max(1, round(config.duration_s))}s", "--stop-timeout", "5",
+        "--csv", str(out_dir / CSV_PREFIX), "--csv-full-history",
+        "--html", str(out_dir / "report.html"),
+        "--only-summary", "--loglevel", "INFO", "--logfile", str(out_dir / "locust.log"),
+        "--exit-code-on-error", "0",
+    ]  # fmt: skip
+    if config.tags:
+        cmd += ["--tags", *config.tags]
+    return cmd
+
+
+def locust_env(config: LoadTestConfig, population: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        LOADTEST_CANDIDATES=str(config.candidates),
+        LOADTEST_TOP_K=str(config.top_k),
+        LOADTEST_USER_RPS=f"{config.user_rps:g}",
+        LOADTEST_SHAPE=config.shape,
+        LOADTEST_SEED=str(config.seed),
+    )
+    if population is not None:
+        env["LOADTEST_POPULATION"] = str(population)
+    return env
+
+
+def run_locust(config: LoadTestConfig, host: str, out_dir: Path, population: Path | None) -> None:
+    cmd = locust_command(config, host, out_dir)
+    console = out_dir / "locust.out"
+    with console.open("w") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            result = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=locust_env(config, population),
+                timeout=config.duration_s + 120,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise LoadTestError(f"locust did not stop within {config.duration_s + 120:.0f} s; see {console}") from None
+    if result.returncode != 0:
+        raise LoadTestError(f"locust exited with {result.returncode}; the end of {console}:\n{_tail(console)}")
+
+
+# --- the whole run ---------------------------------------------------------------------
+
+
+def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
+    """Run the load test the config describes; the report says whether it passed."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{CSV_PREFIX}_*.csv"):
+        stale.unlink()
+    service_log = out / "service.log"
+    service_log.write_text("")
+    population = population_from_spec(config.data, out / "population.json")
+
+    with contextlib.ExitStack() as stack:
+        host = config.host
+        if host is None:
+            bundle = ensure_bundle(config.bundle, config.data)
+            redis_url = stack.enter_context(_redis_for_run(config.redis_url, out / "redis"))
+            _run_logged(
+                _cli("load", "--bundle", str(bundle), "--data", config.data, "--redis-url", redis_url),
+                service_log, "din load",
+            )  # fmt: skip
+            host = stack.enter_context(
+                start_local_service(bundle, redis_url, service_log, timeout_s=config.startup_timeout_s)
+            )
+        else:
+            host = host.rstrip("/")
+            wait_ready(host, None, timeout_s=30.0)
+        print(f"[loadtest] {config.duration_s:g} s against {host}, {config.users} users", file=sys.stderr)
+        run_locust(config, host, out, population)
+
+    summary = summarize(out / CSV_PREFIX)
+    problems = check(summary, Thresholds(config.max_failure_rate, config.max_p99_ms))
+    png = plot(
+        read_history(out / f"{CSV_PREFIX}_stats_history.csv"),
+        out / "loadtest.png",
+        title=f"POST /rank, {config.candidates} candidates, up to {config.users} users ({config.shape})",
+    )
+    summary_json = out / "summary.json"
+    summary_json.write_text(
+        json.dumps(
+            summary.to_dict()
+            | {
+                "problems": problems,
+                "passed": not problems,
+                "host": host if config.host else "local",
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return LoadTestReport(
+        summary=summary,
+        problems=problems,
+        out_dir=out,
+        host=host,
+        files={
+            "stats": out / f"{CSV_PREFIX}_stats.csv",
+            "history": out / f"{CSV_PREFIX}_stats_history.csv",
+            "html": out / "report.html",
+            "plot": png,
+            "summary": summary_json,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="din loadtest", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = LoadTestConfig()
+    run = sub.add_parser("run", help="run the load test (starts the service unless --host)")
+    run.add_argument("--host", default=None, help="a running service, e.g. http://127.0.0.1:8000")
+    run.add_argument("--duration", type=float, default=d.duration_s, help="seconds")
+    run.add_argument("--users", type=int, default=d.users)
+    run.add_argument("--spawn-rate", type=float, default=d.spawn_rate)
+    run.add_argument("--candidates", type=int, default=d.candidates)
+    run.add_argument("--top-k", type=int, default=d.top_k)
+    run.add_argument("--user-rps", type=float, default=d.user_rps)
+    run.add_argument("--tags", nargs="+", default=list(d.tags))
+    run.add_argument("--shape", choices=("spike", "steady"), default=d.shape)
+    run.add_argument("--out", type=Path, default=d.out_dir)
+    run.add_argument("--max-failure-rate", type=float, default=d.max_failure_rate)
+    run.add_argument("--max-p99-ms", type=float, default=None)
+    run.add_argument("--bundle", type=Path, default=None)
+    run.add_argument("--data", default=d.data)
+    run.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    pop = sub.add_parser("population", help="write the traffic's population file from a data SPEC")
+    pop.add_argument("--data", default="synthetic")
+    pop.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "population":
+        path = population_from_spec(args.data, args.out)
+        print(str(path))
+        return 0
+    config = LoadTestConfig(
+        host=args.host, duration_s=args.duration, users=args.users, spawn_rate=args.spawn_rate,
+        candidates=args.candidates, top_k=args.top_k, user_rps=args.user_rps, tags=tuple(args.tags),
+        shape=args.shape, out_dir=args.out, max_failure_rate=args.max_failure_rate,
+        max_p99_ms=args.max_p99_ms, bundle=args.bundle, data=args.data, redis_url=args.redis_url,
+    )  # fmt: skip
+    try:
+        report = run_loadtest(config)
+    except LoadTestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(report.summary, report.problems))
+    print(f"report: {report.files['html']}\nplot:   {report.files['plot']}")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The load-test parts: summary and thresholds on fixture CSVs, the population file, the
+locustfile's traffic model and response checks, and a real headless locust run against a
+live service.
+
+Locust monkey-patches the standard library with gevent when it is imported, so it is never
+imported in this process: the locustfile is exercised in a subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest import summary as S
+from loadtest.run import LoadTestConfig, write_population
+from model.data.log import BehaviourLog
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+VENV_BIN = Path(sys.executable).parent
+
+# The header rows locust 2.x writes (copied from a real run).
+STATS_HEADER = (
+    "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+    "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%"
+)
+HISTORY_HEADER = (
+    "Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%,"
+    "Total Request Count,Total Failure Count,Total Median Response Time,Total Average Response Time,"
+    "Total Min Response Time,Total Max Response Time,Total Average Content Size"
+)
+
+
+def stats_row(typ, name, requests, failures, rps, p50, p95, p99, mx=None, avg=None):
+    measured = p99 != "N/A"  # locust writes N/A percentiles (and 0 times) before any response
+    mx = (p99 * 2 if measured else 0) if mx is None else mx
+    avg = (p50 * 1.1 if measured else 0.0) if avg is None else avg
+    pct = [p50, p50, p50, p50, p95, p95, p99, p99, mx, mx, mx]  # 50 66 75 80 90 95 98 99 99.9 99.99 100
+    return ",".join(map(str, [typ, name, requests, failures, p50, avg, 1.0, mx, 1234.0, rps, rps * failures / max(requests, 1), *pct]))
+
+
+def write_run(prefix: Path, *, rank=(1000, 5, 50.0, 20, 60, 80), events=None, history=None) -> Path:
+    """Fixture CSVs of a finished run: /rank (and /events) rows plus the Aggregated row."""
+    rows = [stats_row("POST", "/rank", *rank)]
+    total = list(rank)
+    if events is not None:
+        rows.append(stats_row("POST", "/events", *events))
+        total = [rank[0] + events[0], rank[1] + events[1], rank[2] + events[2], rank[3], max(rank[4], events[4]),
+                 max(rank[5], events[5])]  # fmt: skip
+    rows.append(stats_row("", "Aggregated", *total))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}_stats.csv").write_text("\n".join([STATS_HEADER, *rows]) + "\n")
+    hist = history or [
+        # ts, users, rps, fail/s, p50, p95, p99 (N/A before the first response)
+        (1_700_000_000, 0, 0.0, 0.0, "N/A", "N/A", "N/A"),
+        (1_700_000_001, 5, 40.0, 0.0, 18, 50, 70),
+        (1_700_000_002, 10, 55.0, 1.0, 20, 60, 80),
+        (1_700_000_004, 10, 52.0, 0.0, 21, 61, 82),
+    ]
+    lines = [HISTORY_HEADER]
+    for ts, users, rps, fps, p50, p95, p99 in hist:
+        pct = [p50, p50, p50, p50, p95, p95, p99, p99, p99, p99, p99]
+        # a per-endpoint row (--csv-full-history) that the summary must skip, then Aggregated
+        lines.append(",".join(map(str, [ts, users, "POST", "/rank", rps, fps, *pct, 10, 0, 1, 1, 1, 1, 1])))
+        lines.append(",".join(map(str, [ts, users, "", "Aggregated", rps, fps, *pct, 10, 0, 1, 1, 1, 1, 1])))
+    Path(f"{prefix}_stats_history.csv").write_text("\n".join(lines) + "\n")
+    return prefix
+
+
+# --- summary and thresholds ---------------------------------------------------------------
+
+
+def test_summary_reads_the_totals_and_the_endpoints(tmp_path):
+    prefix = write_run(tmp_path / "locust", rank=(1000, 5, 50.0, 20, 60, 80), events=(100, 0, 5.0, 10, 30, 40))
+    s = S.summarize(prefix)
+    assert s.requests == 1100 and s.failures == 5
+    assert s.failure_rate == pytest.approx(5 / 1100)
+    assert s.rps == pytest.approx(55.0)
+    assert (s.p50_ms, s.p95_ms, s.p99_ms) == (20.0, 60.0, 80.0)
+    assert [e.name for e in s.endpoints] == ["/rank", "/events"]
+    assert s.endpoints[0].failure_rate == pytest.approx(0.005) and s.endpoints[1].failures == 0
+    assert s.duration_s == 4.0
+
+
+def test_degraded_answers_are_counted_apart(tmp_path):
+    prefix = tmp_path / "locust"
+    write_run(prefix, rank=(1000, 0, 50.0, 20, 60, 80))
+    stats = Path(f"{prefix}_stats.csv")
+    lines = stats.read_text().splitlines()
+    lines.insert(2, stats_row("POST", "/rank [degraded]", 7, 0, 0.5, 55, 60, 61))
+    stats.write_text("\n".join(lines) + "\n")
+    s = S.summarize(prefix)
+    assert s.degraded == 7 and s.failures == 0
+    assert "degraded (ranked without history): 7 (0.70%)" in S.format_summary(s)
+
+
+def test_thresholds_pass_and_fail(tmp_path):
+    s = S.summarize(write_run(tmp_path / "ok", rank=(1000, 5, 50.0, 20, 60, 80)))
+    assert S.check(s, S.Thresholds(max_failure_rate=0.01, max_p99_ms=100)) == []
+    assert S.check(s, S.Thresholds(max_failure_rate=0.005, max_p99_ms=80)) == []  # limits are inclusive
+    (problem,) = S.check(s, S.Thresholds(max_failure_rate=0.004, max_p99_ms=None))
+    assert "failure rate 0.50% (5 of 1000)" in problem
+    (problem,) = S.check(s, S.Thresholds(max_failure_rate=0.01, max_p99_ms=79))
+    assert "p99 latency 80 ms" in problem
+    assert len(S.check(s, S.Thresholds(max_failure_rate=0.0, max_p99_ms=10))) == 2
+
+
+def test_main_exits_non_zero_on_a_failing_run(tmp_path, capsys):
+    good = write_run(tmp_path / "good", rank=(2000, 10, 100.0, 12, 40, 90))
+    assert S.main([str(good), "--max-failure-rate", "0.01", "--max-p99-ms", "100"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+    failing = write_run(tmp_path / "failing", rank=(2000, 60, 100.0, 12, 40, 90))  # 3% failed
+    out_json = tmp_path / "failing.json"
+    assert S.main([str(failing), "--max-failure-rate", "0.01", "--json", str(out_json)]) == 1
+    assert "FAIL: failure rate 3.00% (60 of 2000)" in capsys.readouterr().out
+    written = json.loads(out_json.read_text())
+    assert written["failure_rate"] == pytest.approx(0.03) and written["requests"] == 2000 and written["problems"]
+
+    slow = write_run(tmp_path / "slow", rank=(2000, 0, 100.0, 12, 40, 250))
+    assert S.main([str(slow), "--max-p99-ms", "200"]) == 1
+
+    empty = write_run(tmp_path / "empty", rank=(0, 0, 0.0, "N/A", "N/A", "N/A"))
+    assert S.main([str(empty)]) == 1
+    assert "no request completed" in capsys.readouterr().out
+
+    # not a locust CSV: exit 2 with the file named
+    Path(f"{tmp_path}/bad_stats.csv").write_text("a,b\n1,2\n")
+    assert S.main([str(tmp_path / "bad")]) == 2
+    assert "bad_stats.csv" in capsys.readouterr().err
+    assert S.main([str(tmp_path / "absent")]) == 2
+
+
+def test_history_and_plot(tmp_path):
+    prefix = write_run(tmp_path / "locust")
+    h = S.read_history(f"{prefix}_stats_history.csv")
+    assert h.t_s.tolist() == [0.0, 1.0, 2.0, 4.0]  # only the Aggregated rows
+    assert h.users.tolist() == [0, 5, 10, 10]
+    assert math.isnan(h.p99_ms[0]) and h.p99_ms[1:].tolist() == [70, 80, 82]
+    assert h.rps.tolist() == [0.0, 40.0, 55.0, 52.0]
+    png = S.plot(h, tmp_path / "out" / "loadtest.png", title="fixture")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    assert (width, height) == (990, 660)  # 9 x 6 inches at 110 dpi
+
+
+# --- the population file --------------------------------------------------------------------
+
+
+def test_population_orders_users_by_activity_and_maps_items_to_their_category(tmp_path):
+    #            user  item  cate
+    rows = [(7, 100, 1), (7, 101, 2), (7, 100, 1), (9, 100, 3), (3, 102, 2), (3, 101, 2), (5, 103, 4),
+            (7, 102, 2), (3, 100, 1)]  # fmt: skip
+    u, i, c = (np.array(col, dtype=np.int64) for col in zip(*rows))
+    log = BehaviourLog(user_id=u, item_id=i, cate_id=c, timestamp=np.arange(len(rows), dtype=np.int64))
+    path = write_population(log, tmp_path / "pop.json")
+    pop = json.loads(path.read_text())
+    assert pop["format"] == 1
+    assert pop["users"] == [7, 3, 5, 9] and pop["user_events"] == [4, 3, 1, 1]  # ties by id
+    assert pop["items"] == [100, 101, 102, 103]
+    assert pop["item_cates"] == [1, 2, 2, 4]  # item 100: category 1 three times, 3 once
+    assert pop["item_events"] == [4, 2, 2, 1]
+    capped = json.loads(write_population(log, tmp_path / "cap.json", max_users=2).read_text())
+    assert capped["users"] == [7, 3]
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="duration_s"):
+        LoadTestConfig(duration_s=0)
+    with pytest.raises(ValueError, match="max_failure_rate"):
+        LoadTestConfig(max_failure_rate=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        LoadTestConfig(shape="sawtooth")
+
+
+# --- the locustfile, in a subprocess ---------------------------------------------------------
+
+TRAFFIC_PROBE = textwrap.dedent(
+    """
+    import importlib.util, json, os, sys
+    from types import SimpleNamespace
+    spec = importlib.util.spec_from_file_location("locustfile", sys.argv[1])
+    lf = importlib.util.module_from_spec(spec); sys.modules["locustfile"] = lf; spec.loader.exec_module(lf)
+    t = lf.traffic()
+    draws = [t.user() for _ in range(20000)]
+    known = [u for u, k in draws if k]
+    unknown = [u for u, k in draws if not k]
+    sets = t.pool
+    body = json.loads(t.rank_body(42, sets[0]))
+    events = json.loads(t.events_body(42, 1700000000))
+    cs = sets[0]
+    items = list(cs.cate_of)
+    good = {"model_version": "v1", "user_id": 42, "history_length": 3, "degraded": False,
+            "ranked": [{"item_id": i, "cate_id": cs.cate_of[i], "ctr": 0.9 - 0.01 * n} for n, i in enumerate(items)]}
+    def bad(**change):
+        p = json.loads(json.dumps(good)); p.update(change); return p
+    swapped = json.loads(json.dumps(good)); swapped["ranked"][0], swapped["ranked"][1] = swapped["ranked"][1], swapped["ranked"][0]
+    dup = json.loads(json.dumps(good)); dup["ranked"][1] = dup["ranked"][0]
+    wrong_cate = json.loads(json.dumps(good)); wrong_cate["ranked"][2]["cate_id"] += 1000
+    tie = json.loads(json.dumps(good)); tie["ranked"][1]["ctr"] = tie["ranked"][0]["ctr"]
+    check = lambda p, known=True, top_k=0, strict=True: lf.check_rank_response(p, 42, known, cs, top_k, strict)
+    shape = lf.RankingLoadShape()
+    shape.runner = SimpleNamespace(environment=SimpleNamespace(
+        parsed_options=SimpleNamespace(num_users=10, spawn_rate=5.0, run_time=100)))
+    ticks = {}
+    for at in (0, 10, 30, 65, 80, 99.5, 100):
+        shape.get_run_time = lambda at=at: at
+        ticks[str(at)] = shape.tick()
+    print(json.dumps({
+        "n_users": len(t._users), "first_unknown": t.first_unknown_user,
+        "unknown_share": len(unknown) / len(draws), "min_unknown": min(unknown),
+        "top_user_share": known.count(t._users[0]) / len(draws),
+        "last_user_share": known.count(t._users[-1]) / len(draws),
+        "pool": len(sets), "set_sizes": sorted({len(s.cate_of) for s in sets}),
+        "body_keys": sorted(body), "body_user": body["user_id"], "body_candidates": body["candidates"][:3],
+        "cate_of_first": [cs.cate_of[c["item_id"]] for c in body["candidates"][:3]],
+        "events": len(events["events"]), "event_keys": sorted(events["events"][0]),
+        "event_ids_distinct": len({e["event_id"] for e in events["events"]}),
+        "good": check(good), "good_top3": check(bad(ranked=good["ranked"][:3]), top_k=3),
+        "tie": check(tie), "swapped": check(swapped), "dup": check(dup), "wrong_cate": check(wrong_cate),
+        "short": check(bad(ranked=good["ranked"][:-1])), "other_user": check(bad(user_id=43)),
+        "degraded": check(bad(degraded=True)), "degraded_allowed": check(bad(degraded=True), strict=False),
+        "unknown_with_history": check(good, known=False),
+        "ctr_range": check(bad(ranked=[dict(r, ctr=1.5) if n == 0 else r for n, r in enumerate(good["ranked"])])),
+        "missing": check({"user_id": 42}), "ticks": ticks,
+    }))
+    """
+)
+
+
+def test_locustfile_traffic_model_and_response_checks(tmp_path):
+    n_users, n_items = 50, 30
+    users = list(range(1000, 1000 + n_users))
+    pop = {
+        "format": 1, "source": "test", "users": users, "user_events": list(range(n_users, 0, -1)),
+        "items": list(range(1, n_items + 1)), "item_cates": [100 + i % 4 for i in range(1, n_items + 1)],
+        "item_events": [1] * n_items,
+    }  # fmt: skip
+    (tmp_path / "pop.json").write_text(json.dumps(pop))
+    env = {
+        "PATH": str(VENV_BIN), "LOADTEST_POPULATION": str(tmp_path / "pop.json"), "LOADTEST_CANDIDATES": "20",
+        "LOADTEST_UNKNOWN_USER_RATE": "0.05", "LOADTEST_ZIPF_S": "1.0", "LOADTEST_CANDIDATE_POOL": "16",
+        "LOADTEST_EVENTS_BATCH": "4", "LOADTEST_SEED": "1",
+    }  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", TRAFFIC_PROBE, str(LOCUSTFILE)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert r["n_users"] == n_users and r["first_unknown"] == 1000 + n_users
+    assert r["min_unknown"] >= r["first_unknown"]  # an unknown user is never a loaded one
+    assert abs(r["unknown_share"] - 0.05) < 0.01  # binomial sd 0.0015 over 20000 draws
+    harmonic = sum(1.0 / k for k in range(1, n_users + 1))
+    assert r["top_user_share"] == pytest.approx(0.95 / harmonic, abs=0.015)  # Zipf s=1: hot user
+    assert r["last_user_share"] == pytest.approx(0.95 / (n_users * harmonic), abs=0.004)  # cold user
+    assert r["pool"] == 16 and r["set_sizes"] == [20]  # distinct items per request
+    assert r["body_keys"] == ["candidates", "user_id"] and r["body_user"] == 42
+    assert [c["cate_id"] for c in r["body_candidates"]] == [100 + c["item_id"] % 4 for c in r["body_candidates"]]
+    assert r["events"] == 4 and r["event_keys"] == ["cate_id", "event_id", "item_id", "timestamp", "user_id"]
+    assert r["event_ids_distinct"] == 4
+
+    assert r["good"] is None and r["good_top3"] is None and r["tie"] is None
+    assert r["swapped"].startswith("not sorted: ranked[1]")
+    assert "appears twice" in r["dup"] and "has cate_id" in r["wrong_cate"]
+    assert r["short"] == "19 ranked items, expected 20"
+    assert "user_id 43" in r["other_user"] and r["degraded"].startswith("degraded") and r["degraded_allowed"] is None
+    assert r["unknown_with_history"].startswith("unknown user 42")
+    assert "not in [0, 1]" in r["ctr_range"] and "no 'model_version'" in r["missing"]
+
+    # ramp over 20% of -t at users / ramp time, hold, spike x2 at 60-75%, hold, stop at -t
+    assert r["ticks"] == {
+        "0": [10, 1.0], "10": [10, 1.0], "30": [10, 5.0], "65": [20, 5.0], "80": [10, 5.0], "99.5": [10, 5.0],
+        "100": None,
+    }  # fmt: skip
+
+
+# --- a real run: locust headless against a live service ----------------------------------------
+
+needs_service = pytest.mark.skipif(
+    importlib.util.find_spec("service.app") is None, reason="service.app is not importable yet (being written)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(behaviour log, bundle dir): `din synth` and a one-epoch `din train` on 80 users."""
+    root = tmp_path_factory.mktemp("loadtest-bundle")
+    log = root / "log.parquet"
+    din = str(VENV_BIN / "din")
+    for cmd in (
+        [din, "synth", "--users", "80", "--items", "60", "--categories", "8", "--seed", "1", "--out", str(log)],
+        [din, "train", "--data", f"events:{log}", "--model", "din", "--epochs", "1", "--out", str(root / "bundles"),
+         "--json"],
+    ):  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+        assert result.returncode == 0, f"{cmd[1]} failed:\n{result.stderr[-3000:]}"
+    return log, Path(json.loads(result.stdout)["bundle"])
+
+
+@needs_service
+def test_locust_headless_against_a_live_service(tiny_bundle, redis_url, tmp_path):
+    from loadtest.run import run_loadtest
+
+    log, bundle = tiny_bundle
+    out = tmp_path / "report"
+    # Paced at 10 requests/s per user (40/s, 80/s in the spike): well inside what this 2-core
+    # machine serves, so a failure here is a wrong answer, not an overloaded box.
+    config = LoadTestConfig(
+        duration_s=10, users=4, spawn_rate=20, user_rps=10, candidates=30, out_dir=out, bundle=bundle,
+        data=f"events:{log}", redis_url=redis_url, max_failure_rate=0.0, max_p99_ms=None,
+    )  # fmt: skip
+    report = run_loadtest(config)
+
+    failures = (out / "locust_failures.csv").read_text()
+    assert report.summary.failures == 0, f"failed requests:\n{failures}"
+    assert report.passed and report.problems == []
+    assert report.summary.requests > 0
+    # only the `rank` tag ran; store timeouts (if any) are counted apart, not as failures
+    assert {e.name for e in report.summary.endpoints} <= {"/rank", "/rank [degraded]"}
+    assert sum(e.requests for e in report.summary.endpoints) == report.summary.requests
+    assert report.summary.degraded < report.summary.requests / 10
+    assert 0 < report.summary.p50_ms <= report.summary.p95_ms <= report.summary.p99_ms
+    # the CSV the summary parsed holds the run's final totals (the last second is not lost)
+    history = S.read_history(out / "locust_stats_history.csv")
+    assert history.users.max() == 8  # the spike: 2 x 4 users
+    last_total = int(
+        [row.split(",") for row in (out / "locust_stats_history.csv").read_text().splitlines() if ",Aggregated," in row][
+            -1
+        ][17]
+    )
+    assert last_total == report.summary.requests
+    written = json.loads((out / "summary.json").read_text())
+    assert written["requests"] == report.summary.requests and written["passed"] is True
+    assert (out / "report.html").stat().st_size > 10_000
+    assert (out / "loadtest.png").read_bytes()[:4] == b"\x89PNG"
+    # the same measured run fails a latency gate it cannot meet, so CI gating works on real data
+    assert S.check(report.summary, S.Thresholds(max_failure_rate=0.0, max_p99_ms=0.001))
