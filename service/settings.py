@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     )
     store_timeout_ms: float = Field(
         default=50.0, gt=0, le=60_000, description="Deadline for one history read; past it, rank degraded."
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for admin and event-ingestion routes; unset: those routes are disabled.",
     )
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=1, le=65535)
