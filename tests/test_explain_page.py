@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -396,3 +397,42 @@ def test_sample_buttons_fill_the_form_from_the_service(browser, din_service: Ser
     page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)")
     assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#message")
     assert page.locator("#heatmap tr.hm-row").count() == 7
+
+
+def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: Path):
+    """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.
+
+    No browser needed. The demo reuses a bundle already in its home (this module's DIN),
+    so it does not train; it still loads the default synthetic histories and serves.
+    """
+    env = _env(tmp_path)
+    bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
+    shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
+    port = free_port()
+    err_path = tmp_path / "demo.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([_din(), "demo", "--port", str(port)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while f"explain page: {url}\n" not in err_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
+            assert time.monotonic() < deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
+            time.sleep(0.2)
+        page = None
+        while page is None:
+            try:
+                page = httpx.get(url, timeout=2)
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, _tail(err_path)
+                time.sleep(0.2)
+        assert page.status_code == 200 and 'id="heatmap"' in page.text
+        assert "reusing bundle" in err_path.read_text()  # it did not train
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: uvicorn and the embedded Redis stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
