@@ -44,7 +44,8 @@ def explain_limit_error(returned: int, max_history: int, limit: int) -> dict[str
 
 def _floats32(row: np.ndarray) -> orjson.Fragment:
     """A float32 row as a ready JSON array (shortest round-trip decimals)."""
-    return orjson.Fragment(orjson.dumps(np.ascontiguousarray(row, dtype=np.float32), option=orjson.OPT_SERIALIZE_NUMPY))
+    row = np.ascontiguousarray(row, dtype=np.float32)
+    return orjson.Fragment(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 def add_explanation(
