@@ -41,6 +41,13 @@ class HistoryStore(ABC):
     async def get_history(self, user_id: int) -> UserHistory | None:
         return (await self.get_histories([user_id]))[0]
 
+    async def scan_user_ids(self, limit: int) -> list[int]:
+        """Up to `limit` ids of users the store holds now (any subset; bounded work).
+
+        For demos and tools (GET /api/sample), not the ranking path; optional for a backend.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list its users")
+
     @abstractmethod
     async def ping(self) -> None:
         """Return when the store answers; raise StoreUnavailableError otherwise."""

@@ -10,6 +10,7 @@ old version. Bulk loads use a plain synchronous client (feature_store/loader.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -177,6 +178,36 @@ class RedisHistoryStore(HistoryStore):
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
         return [self._decode(v, u) for v, u in zip(values, ids)]
+
+    async def scan_user_ids(self, limit: int, *, max_scanned: int = 20_000) -> list[int]:
+        """Up to `limit` user ids of the current data version, in SCAN order; bounded work.
+
+        SCAN walks Redis's hash table, so the order follows key hashes, not user ids: the
+        first ids found are an arbitrary (not seeded, not uniform) but stable subset of the
+        population. The walk stops at `limit` ids or after about `max_scanned` keys
+        (SCAN COUNT steps of 1000), whichever comes first.
+        """
+        if limit < 1:
+            return []
+        step = 1000
+        try:
+            if time.monotonic() - self._checked_at >= self.version_refresh_s:
+                await self.refresh_version()
+            if self._keys is None:
+                return []
+            prefix = self._keys.user_prefix.encode()
+            ids: list[int] = []
+            cursor, scanned = 0, 0
+            while True:
+                cursor, keys = await self._redis.scan(cursor, match=prefix + b"*", count=step)
+                scanned += step
+                for key in keys:  # b"{prefix}{<uid>}"
+                    with contextlib.suppress(ValueError):
+                        ids.append(int(key[len(prefix) + 1 : -1]))
+                if cursor == 0 or len(ids) >= limit or scanned >= max_scanned:
+                    return ids[:limit]
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
 
     async def ping(self) -> None:
         try:

@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from feature_store.records import RECORD_FIELDS
 from model.bundle import Bundle, BundleError, load_bundle
 from service.routes import api_router
+from service.routes.page import mount_static
 from service.routes.rank import REQUEST_SCHEMAS
 from service.schemas import Candidate
 from service.scorer import Scorer
@@ -114,5 +115,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(api_router)
+    mount_static(app)
     _install_openapi(app, settings)
     return app

@@ -225,7 +225,8 @@ def demo(
         store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)
         user = int(log.user_id[0])
         typer.echo(
-            f"\n[demo] ranking API on http://127.0.0.1:{port}  (docs: /docs)\n"
+            f"\n[demo] explain page: http://127.0.0.1:{port}/\n"
+            f"[demo] ranking API on http://127.0.0.1:{port}  (docs: /docs)\n"
             f"[demo] try:\n  curl -s localhost:{port}/rank -H 'content-type: application/json' "
             f"-d '{{\"user_id\": {user}, \"candidates\": [{{\"item_id\": 7, \"cate_id\": 3}}, "
             f"{{\"item_id\": 42, \"cate_id\": 5}}], \"top_k\": 10}}'\n",

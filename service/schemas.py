@@ -30,6 +30,12 @@ class RankRequest(BaseModel):
     top_k: Annotated[int, Field(strict=True, ge=1)] | None = Field(
         default=None, description="Return only the k best; default: all candidates. At most MAX_TOP_K."
     )
+    explain: Annotated[bool, Field(strict=True)] = Field(
+        default=False,
+        description="Also return the attention of every returned candidate over the user's history, and the "
+        "history itself (docs/explain.md). Returned candidates x the model's max_history must stay within "
+        "MAX_EXPLAIN_CELLS.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -48,6 +54,20 @@ class RankedItem(BaseModel):
     item_id: int
     cate_id: int
     ctr: float = Field(ge=0.0, le=1.0, description="Predicted click-through rate.")
+    attention: list[float] | None = Field(
+        default=None,
+        description="explain only, and only when attention_available: the weight of each behaviour of `history` "
+        "(same order, newest first; history_length of them) for this candidate. Not normalised (no softmax), "
+        "may be negative: the activation strength is |w|.",
+    )
+
+
+class Behaviour(BaseModel):
+    """One behaviour of the user's history, as the model saw it."""
+
+    item_id: int
+    cate_id: int
+    timestamp: int
 
 
 class RankResponse(BaseModel):
@@ -56,6 +76,15 @@ class RankResponse(BaseModel):
     history_length: int = Field(ge=0, description="Behaviours the model attended to (after truncation).")
     degraded: bool = Field(description="True when the history store failed and the user was ranked without history.")
     ranked: list[RankedItem] = Field(description="Candidates sorted by ctr, descending (ties keep request order).")
+    history: list[Behaviour] | None = Field(
+        default=None,
+        description="explain only: the behaviours the model attended to, newest first (history_length of them).",
+    )
+    attention_available: bool | None = Field(
+        default=None,
+        description="explain only: false for models without attention (BaseModel and other baselines); then "
+        "no candidate carries `attention`.",
+    )
 
 
 class ErrorItem(BaseModel):

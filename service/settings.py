@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     )
     max_candidates: int = Field(default=1000, ge=1, le=100_000, description="Candidates per /rank request.")
     max_top_k: int = Field(default=1000, ge=1, le=100_000, description="Largest top_k a request may ask for.")
+    max_explain_cells: int = Field(
+        default=20_000,
+        ge=1,
+        le=10_000_000,
+        description="Largest candidates x history an `explain` request may return: returned candidates "
+        "(top_k or all) times the model's max_history.",
+    )
     intra_op_threads: int = Field(
         default_factory=_cores, ge=1, le=1024, description="ONNX Runtime intra-op threads (default: the cores)."
     )

@@ -9,8 +9,7 @@ The DOM is checked against two independent sources: the behaviour log the test w
 (how many behaviours, their order and categories, which cells are a category match) and
 the same request sent to the API directly (the order, the CTRs, every attention weight).
 
-Skips, with the reason, only where no browser can be had, or while the service does not
-serve the page / the `explain` field yet (issue 8). A screenshot is saved under
+Skips, with the reason, only where no browser can be had. A screenshot is saved under
 reports/screenshots/ (gitignored) as the test's artifact.
 """
 
@@ -20,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,8 +33,6 @@ import pytest
 
 from feature_store.embedded import EmbeddedRedis, free_port
 from model.data.log import BehaviourLog, write_log
-
-pytest.importorskip("service.app", reason="service.app is not there yet: the page needs the live service")
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "reports" / "screenshots"
@@ -166,7 +164,7 @@ def _run_service(tmp: Path, log: BehaviourLog, bundle: Path, model_version: str,
                 pass
             assert time.monotonic() < deadline, f"din serve not ready in {STARTUP_S}s:\n{_tail(tmp / f'serve-{model}.log')}"
             time.sleep(0.2)
-        _skip_unless_explain_is_served(base, log)
+        _check_explain_is_served(base, log)
         yield Service(base_url=base, bundle=bundle, model_version=model_version, log=log)
     finally:
         proc.terminate()
@@ -182,14 +180,13 @@ def _tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def _skip_unless_explain_is_served(base: str, log: BehaviourLog) -> None:
+def _check_explain_is_served(base: str, log: BehaviourLog) -> None:
+    """The wiring the page needs, checked without a browser (a failure here is the service's)."""
     page = httpx.get(f"{base}/", timeout=10)
-    if page.status_code != 200 or 'id="heatmap"' not in page.text:
-        pytest.skip(f"GET / does not serve the explain page yet (HTTP {page.status_code}); issue 8 wires it")
+    assert page.status_code == 200 and 'id="heatmap"' in page.text, f"GET / does not serve the page: {page.status_code}"
     r = httpx.post(f"{base}/rank", timeout=30, json={
         "user_id": int(log.user_id[0]), "candidates": [{"item_id": 101, "cate_id": 1}], "explain": True})
-    if r.status_code != 200 or "attention_available" not in r.json():
-        pytest.skip(f"POST /rank does not support \"explain\" yet (HTTP {r.status_code}); issue 8 adds it")
+    assert r.status_code == 200 and "attention_available" in r.json(), f"POST /rank explain: {r.status_code} {r.text}"
 
 
 @pytest.fixture(scope="module")
@@ -380,8 +377,6 @@ def test_page_says_when_the_model_has_no_attention(browser, base_service: Servic
 
 
 def test_sample_buttons_fill_the_form_from_the_service(browser, din_service: Service, page):
-    if httpx.get(f"{din_service.base_url}/api/sample?n=1", timeout=10).status_code == 404:
-        pytest.skip("GET /api/sample is not served yet (issue 8): the page's Random/Sample buttons need it")
     log = din_service.log
     _open(page, din_service)
 
@@ -402,3 +397,42 @@ def test_sample_buttons_fill_the_form_from_the_service(browser, din_service: Ser
     page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)")
     assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#message")
     assert page.locator("#heatmap tr.hm-row").count() == 7
+
+
+def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: Path):
+    """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.
+
+    No browser needed. The demo reuses a bundle already in its home (this module's DIN),
+    so it does not train; it still loads the default synthetic histories and serves.
+    """
+    env = _env(tmp_path)
+    bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
+    shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
+    port = free_port()
+    err_path = tmp_path / "demo.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([_din(), "demo", "--port", str(port)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while f"explain page: {url}\n" not in err_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
+            assert time.monotonic() < deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
+            time.sleep(0.2)
+        page = None
+        while page is None:
+            try:
+                page = httpx.get(url, timeout=2)
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, _tail(err_path)
+                time.sleep(0.2)
+        assert page.status_code == 200 and 'id="heatmap"' in page.text
+        assert "reusing bundle" in err_path.read_text()  # it did not train
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: uvicorn and the embedded Redis stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from feature_store.records import UserHistory
 from service.deps import ScorerDep, SettingsDep, StoreDep
+from service.explain import add_explanation, explain_limit_error
 from service.schemas import (
     RankRequest,
     RankResponse,
@@ -108,6 +109,10 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
         errors.append(too_long_error("candidates", settings.max_candidates, n, "MAX_CANDIDATES"))
     if req.top_k is not None and req.top_k > settings.max_top_k:
         errors.append(too_large_error("top_k", settings.max_top_k, "MAX_TOP_K"))
+    if req.explain:
+        returned = min(n, req.top_k or n)
+        if too_big := explain_limit_error(returned, scorer.max_history, settings.max_explain_cells):
+            errors.append(too_big)
     if errors:
         return validation_error_response(errors)
 
@@ -122,12 +127,13 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
         {"item_id": i, "cate_id": c, "ctr": p}
         for i, c, p in zip(ids[order, 0].tolist(), ids[order, 1].tolist(), scored.ctr[order].tolist())
     ]
-    return json_response(
-        {
-            "model_version": scorer.model_version,
-            "user_id": req.user_id,
-            "history_length": scored.history_length,
-            "degraded": degraded,
-            "ranked": ranked,
-        }
-    )
+    response = {
+        "model_version": scorer.model_version,
+        "user_id": req.user_id,
+        "history_length": scored.history_length,
+        "degraded": degraded,
+        "ranked": ranked,
+    }
+    if req.explain:
+        add_explanation(response, scored, order, history, scorer.bundle.has_attention)
+    return json_response(response)
