@@ -86,7 +86,7 @@ def _install_openapi(app: FastAPI, settings: Settings) -> None:
 def _document_common_errors(schema: dict) -> None:
     """Answers any route may give, written into every operation of the document.
 
-    413 where there is a body to limit, 401/403 where a credential is asked for, 500 (the
+    413 (and 400 for bytes that are not even text) where there is a body, 401/403 where a credential is asked for, 500 (the
     generic error body) everywhere: clients and schema fuzzers see every status we send.
     """
     components = schema["components"]["schemas"]
@@ -98,6 +98,7 @@ def _document_common_errors(schema: dict) -> None:
             responses.setdefault("500", {"description": "Internal error (generic body with the request id)", **ref})
             if "requestBody" in op:
                 responses.setdefault("413", {"description": "Body larger than MAX_BODY_BYTES", **ref})
+                responses.setdefault("400", {"description": "Body that cannot be decoded at all (not UTF-8)", **ref})
             if op.get("security"):
                 responses.setdefault("401", {"description": "Credential missing", **ref})
                 responses.setdefault("403", {"description": "Credential wrong, or the route is disabled", **ref})

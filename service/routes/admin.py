@@ -6,7 +6,7 @@ from fastapi import APIRouter, Body, Request, Response
 
 from service.hot_reload import ReloadRefused
 from service.routes.rank import json_response
-from service.schemas import ErrorBody, ReloadRefusal, ReloadRequest, ReloadResponse
+from service.schemas import ErrorBody, ReloadRefusal, ReloadRequest, ReloadResponse, ValidationErrorBody
 from service.security import AdminDep
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep])
@@ -25,7 +25,10 @@ _AUTH_ERRORS = {
         **_AUTH_ERRORS,
         404: {"model": ReloadRefusal, "description": "The bundle path does not exist"},
         409: {"model": ReloadRefusal, "description": "Another reload is in progress"},
-        422: {"model": ReloadRefusal, "description": "The bundle is corrupt or incompatible"},
+        422: {
+            "model": ReloadRefusal | ValidationErrorBody,
+            "description": "The bundle is corrupt or incompatible, or the request body is malformed",
+        },
     },
 )
 async def reload_model(request: Request, body: ReloadRequest | None = Body(default=None)) -> Response:
