@@ -101,8 +101,8 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token for admin and event-ingestion routes; unset: those routes are disabled.",
     )
-    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        default=(),
+    api_keys: Annotated[tuple[SecretStr, ...] | None, NoDecode] = Field(
+        default=None,
         description="Comma-separated API keys; when set, POST /rank needs one in the X-API-Key header.",
     )
 
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(default="json", description="json: one JSON object per line; text: for humans.")
     access_log: bool = Field(default=True, description="One log line per request (with its request id).")
     shutdown_timeout_s: float = Field(
-        default=30.0, gt=0, le=3600,
+        default=10.0, gt=0, le=3600,
         description="On SIGTERM: stop accepting, then wait this long for in-flight requests before closing.",
     )
 
@@ -121,13 +121,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(k.strip() for k in value.split(",") if k.strip())
-        return value
+            return tuple(k.strip() for k in value.split(",") if k.strip()) or None
+        return value or None
 
     @field_validator("api_keys")
     @classmethod
-    def _keys_long_enough(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        if any(len(k.get_secret_value()) < 8 for k in keys):
+    def _keys_long_enough(cls, keys: tuple[SecretStr, ...] | None) -> tuple[SecretStr, ...] | None:
+        if keys and any(len(k.get_secret_value()) < 8 for k in keys):
             raise ValueError("every API key must have at least 8 characters")
         return keys
 

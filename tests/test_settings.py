@@ -30,7 +30,7 @@ def test_dotenv_is_read_and_the_environment_wins(clean_env, monkeypatch):
     monkeypatch.setenv("MAX_BODY_BYTES", "8192")
     s = Settings()
     assert (s.bundle, s.max_body_bytes, s.breaker_reset_ms, s.log_format) == (Path("/models/a"), 8192, 250.0, "text")
-    assert s.store_timeout_ms == 50.0 and s.store_retries == 1 and s.api_keys == () and s.admin_token is None
+    assert s.store_timeout_ms == 50.0 and s.store_retries == 1 and s.api_keys is None and s.admin_token is None
 
 
 def test_api_keys_are_comma_separated_secrets(clean_env, monkeypatch):
