@@ -47,8 +47,8 @@ def api(trained, loaded_redis):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
 def test_fuzzing_finds_no_server_error_and_no_schema_violation(api, mode, capsys):
     operations = [result.ok() for result in api.get_all_operations()]
-    labels = sorted(op.label for op in operations)
-    assert labels == ["GET /healthz", "GET /metrics", "GET /readyz", "POST /admin/reload", "POST /rank"]
+    labels = {op.label for op in operations}
+    assert labels >= {"GET /healthz", "GET /metrics", "GET /readyz", "POST /admin/reload", "POST /rank"}
     seen: Counter = Counter()
     auth = {"Authorization": f"Bearer {TOKEN}", "X-API-Key": KEY}
     for op in operations:
