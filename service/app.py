@@ -86,8 +86,9 @@ def _install_openapi(app: FastAPI, settings: Settings) -> None:
 def _document_common_errors(schema: dict) -> None:
     """Answers any route may give, written into every operation of the document.
 
-    413 (and 400 for bytes that are not even text) where there is a body, 401/403 where a credential is asked for, 500 (the
-    generic error body) everywhere: clients and schema fuzzers see every status we send.
+    413 (and 400 for bytes that are not even text) where there is a body, 401/403 where a
+    credential is asked for, 500 (the generic error body) everywhere: clients and schema
+    fuzzers see every status we send.
     """
     components = schema["components"]["schemas"]
     components.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=REF_TEMPLATE))
@@ -134,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store = None
             if store is not None:
                 await store.close()
-            log.info("shut down: store closed")
+            log.info("shut down: store closed" if store is not None else "shut down")
 
     app = FastAPI(
         title="DIN ranking service",
