@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from feature_store.base import HistoryStore, StoreUnavailableError
 from feature_store.keys import KeySpace, check_name, current_key
@@ -34,13 +34,21 @@ _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 def redacted_url(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
+    """The URL without its password (user-info or `?password=`), fit for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.password is None and "password" not in parts.query.lower():
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    if "password" in parts.query.lower():
+        query = "&".join(
+            f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 class RedisHistoryStore(HistoryStore):
@@ -75,20 +83,28 @@ class RedisHistoryStore(HistoryStore):
         socket_connect_timeout: float = 0.5,
         max_connections: int | None = None,
         retries: int = 1,
+        retry_backoff_s: float = 0.0,
+        retry_backoff_cap_s: float = 0.01,
+        health_check_interval: float = 0.0,
         version_refresh_s: float = 1.0,
         miss_refresh_s: float = 0.1,
     ) -> "RedisHistoryStore":
-        """A store for `url` (redis://, rediss://, unix://); connects on first use.
+        """A store for `url` (redis://, rediss:// for TLS, unix://; a password in the URL); connects on first use.
 
-        Timeouts are short and there is one immediate retry (a pooled connection broken by
-        a Redis restart reconnects), because a ranking request cannot wait seconds.
+        Timeouts are short, and `retries` retries with exponential backoff (starting at
+        `retry_backoff_s`, at most `retry_backoff_cap_s`; 0: at once) follow a connection
+        error or timeout: a pooled connection broken by a Redis restart reconnects on the
+        retry (redis-py 8 speaks RESP3 and sets no retry policy of its own worth relying on).
+        A connection idle for `health_check_interval` seconds is PINGed before use (0: never).
         """
+        backoff = ExponentialBackoff(cap=retry_backoff_cap_s, base=retry_backoff_s) if retry_backoff_s > 0 else NoBackoff()
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             max_connections=max_connections,
-            retry=Retry(NoBackoff(), retries),
+            retry=Retry(backoff, retries),
+            health_check_interval=health_check_interval,
         )
         return cls(
             client, url=url, namespace=namespace,

@@ -2,7 +2,9 @@
 
 The lifespan loads the bundle (a bad one stops start-up with a BundleError that says
 what is wrong), opens and warms the ONNX Runtime session, and connects the history store;
-shutdown closes the store. Nothing happens at import time.
+shutdown (after uvicorn has drained in-flight requests) closes the store. Nothing happens
+at import time. Around the routes: RequestContextMiddleware (request id, access log,
+latency metrics, last-resort 500) outermost, then the body size limit.
 """
 
 from __future__ import annotations
@@ -10,39 +12,28 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
 
-from feature_store.records import RECORD_FIELDS
-from model.bundle import Bundle, BundleError, load_bundle
+from service.body_limit import BodySizeLimitMiddleware
+from service.hot_reload import ModelReloader, check_servable, load_scorer, resolve_bundle
+from service.metrics import ServiceMetrics
+from service.request_context import RequestContextMiddleware, internal_error_body
 from service.routes import api_router
 from service.routes.page import mount_static
 from service.routes.rank import REQUEST_SCHEMAS
-from service.schemas import Candidate
-from service.scorer import Scorer
+from service.schemas import ErrorBody
 from service.settings import Settings
+from service.store_guard import StoreGuard
+
+__all__ = ["check_servable", "create_app"]
 
 log = logging.getLogger(__name__)
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-
-
-def check_servable(bundle: Bundle) -> None:
-    """The API and the store must carry every field the model reads; say which one is missing."""
-    for f in bundle.spec.sequence_fields:
-        if f not in Candidate.model_fields:
-            raise BundleError(
-                f"bundle {bundle.path} scores candidates by {f!r}, which POST /rank does not carry "
-                f"(candidates have {sorted(Candidate.model_fields)})"
-            )
-        if f not in RECORD_FIELDS:
-            raise BundleError(
-                f"bundle {bundle.path} reads behaviour field {f!r}, which the history store does not keep "
-                f"(records have {list(RECORD_FIELDS)})"
-            )
 
 
 def _connect_store(settings: Settings):
@@ -51,7 +42,19 @@ def _connect_store(settings: Settings):
         return None
     from feature_store.redis_store import RedisHistoryStore
 
-    return RedisHistoryStore.from_url(settings.redis_url, namespace=settings.redis_namespace)
+    store = RedisHistoryStore.from_url(
+        settings.redis_url,
+        namespace=settings.redis_namespace,
+        socket_timeout=settings.store_read_timeout_ms / 1000,
+        socket_connect_timeout=settings.store_connect_timeout_ms / 1000,
+        max_connections=settings.store_max_connections,
+        retries=settings.store_retries,
+        retry_backoff_s=settings.store_retry_backoff_ms / 1000,
+        retry_backoff_cap_s=settings.store_retry_backoff_cap_ms / 1000,
+        health_check_interval=settings.store_health_check_interval_s,
+    )
+    log.info("history store: %s (namespace %s)", store.url, settings.redis_namespace)  # password hidden
+    return store
 
 
 def _install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -74,30 +77,57 @@ def _install_openapi(app: FastAPI, settings: Settings) -> None:
             request = components["RankRequest"]["properties"]
             request["candidates"]["maxItems"] = settings.max_candidates
             request["top_k"]["anyOf"][0]["maximum"] = settings.max_top_k
+            _document_common_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _document_common_errors(schema: dict) -> None:
+    """Answers any route may give, written into every operation of the document.
+
+    413 (and 400 for bytes that are not even text) where there is a body, 401/403 where a
+    credential is asked for, 500 (the generic error body) everywhere: clients and schema
+    fuzzers see every status we send.
+    """
+    components = schema["components"]["schemas"]
+    components.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=REF_TEMPLATE))
+    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path_item in schema.get("paths", {}).values():
+        for op in path_item.values():
+            responses = op.setdefault("responses", {})
+            responses.setdefault("500", {"description": "Internal error (generic body with the request id)", **ref})
+            if "requestBody" in op:
+                responses.setdefault("413", {"description": "Body larger than MAX_BODY_BYTES", **ref})
+                responses.setdefault("400", {"description": "Body that cannot be decoded at all (not UTF-8)", **ref})
+            if op.get("security"):
+                responses.setdefault("401", {"description": "Credential missing", **ref})
+                responses.setdefault("403", {"description": "Credential wrong, or the route is disabled", **ref})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ranking service; `settings` default to the environment (and .env)."""
     settings = settings if settings is not None else Settings()
 
+    metrics = ServiceMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bundle = load_bundle(settings.bundle)
-        check_servable(bundle)
-        scorer = await anyio.to_thread.run_sync(
-            partial(Scorer.load, bundle, device=settings.device, intra_op_threads=settings.intra_op_threads)
-        )
-        await anyio.to_thread.run_sync(scorer.warm_up)
+        scorer, seconds = await load_scorer(resolve_bundle(settings.bundle), settings)
+        metrics.set_model(scorer.model_version, scorer.bundle.model_type, seconds)
         store = _connect_store(settings)
         # One graph run at a time: each already uses every intra-op thread.
         app.state.scoring_limiter = anyio.CapacityLimiter(1)
-        app.state.store_failing = False
+        app.state.store_guard = StoreGuard.build(
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_s=settings.breaker_reset_ms / 1000,
+            timeout_s=settings.store_timeout_s,
+            metrics=metrics,
+        )
         app.state.store = store
         app.state.scorer = scorer
+        app.state.reloader = ModelReloader(app.state, settings, metrics)
         log.info("ready: model %s, store %s", scorer.model_version, "redis" if store else "none")
         try:
             yield
@@ -106,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store = None
             if store is not None:
                 await store.close()
+            log.info("shut down: store closed" if store is not None else "shut down")
 
     app = FastAPI(
         title="DIN ranking service",
@@ -114,7 +145,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.include_router(api_router)
     mount_static(app)
     _install_openapi(app, settings)
+    # Last added is outermost: the request id and metrics also cover 413s.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log_enabled=settings.access_log)
+    app.add_exception_handler(Exception, _internal_error)
     return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Last resort behind RequestContextMiddleware's own: a generic body, never a traceback."""
+    rid = request.scope.get("state", {}).get("request_id")
+    return Response(internal_error_body(rid), status_code=500, media_type="application/json")

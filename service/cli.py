@@ -160,33 +160,104 @@ def load(
     )
 
 
+def _settings_or_fail(**overrides):
+    """Settings from the environment (and .env) plus `overrides`; a bad value is one line, exit 2."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings, settings_error_message
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        _fail(settings_error_message(e))
+
+
 @app.command()
 def serve(
-    bundle: Annotated[Path, typer.Option(help="Model bundle (or a directory of bundles).")],
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
+    bundle: Annotated[
+        Optional[Path], typer.Option(help="Model bundle (or a directory of bundles); default: $BUNDLE.")
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind; default: $HOST or 127.0.0.1.")] = None,
+    port: Annotated[
+        Optional[int], typer.Option(min=1, max=65535, help="Port to bind; default: $PORT or 8000.")
+    ] = None,
     redis_url: RedisUrlOpt = None,
 ) -> None:
-    """Serve the ranking API (POST /rank) under uvicorn."""
-    _setup_logging()
-    from model.bundle import resolve_bundle_path
-
+    """Serve the ranking API (POST /rank) under uvicorn. Every setting is an environment variable (README)."""
+    settings = _settings_or_fail(bundle=bundle, host=host, port=port, redis_url=redis_url)
     from feature_store.embedded import resolve_redis
+    from model.bundle import BundleError
+    from service.hot_reload import resolve_bundle
 
-    bundle_path = resolve_bundle_path(bundle)
+    try:
+        bundle_path = resolve_bundle(settings.bundle)
+    except BundleError as e:
+        _fail(str(e))
     _load_bundle(bundle_path)  # refuse a bad bundle before starting anything
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url:
-        _run_server(bundle_path, url, host, port)
+    with resolve_redis(settings.redis_url, DIN_HOME / "redis") as url:
+        _run_server(settings.model_copy(update={"redis_url": url}))
 
 
-def _run_server(bundle: Path, redis_url: str, host: str, port: int) -> None:
+def _run_server(settings) -> None:
+    """uvicorn with our JSON logs (its access log off: ours has the request id) and a drain on SIGTERM."""
     import uvicorn
 
     from service.app import create_app
-    from service.settings import Settings
+    from service.structured_logging import configure_logging
 
-    settings = Settings(bundle=bundle, redis_url=redis_url, host=host, port=port)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
+
+
+@app.command()
+def reload(
+    url: Annotated[str, typer.Option(envvar="DIN_URL", help="Base URL of the running service.")] = "http://127.0.0.1:8000",
+    bundle: Annotated[
+        Optional[str],
+        typer.Option(help="Bundle path on the server (or a directory of bundles); default: its BUNDLE, re-read."),
+    ] = None,
+    token: Annotated[
+        Optional[str], typer.Option(envvar="ADMIN_TOKEN", help="Admin bearer token (default: $ADMIN_TOKEN).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for load + warm-up.")] = 120.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON on stdout.")] = False,
+) -> None:
+    """Hot-reload the model of a running service (POST /admin/reload); the old one serves until the swap."""
+    import httpx
+
+    if not token:
+        _fail("no admin token: pass --token or set ADMIN_TOKEN")
+    try:
+        r = httpx.post(
+            f"{url.rstrip('/')}/admin/reload",
+            json={"bundle": bundle} if bundle else None,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach {url}: {type(e).__name__}: {e}")
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"detail": r.text[:500]}
+    if json_output:
+        typer.echo(json.dumps(body))
+    if r.status_code != 200:
+        detail = body.get("detail") if isinstance(body, dict) else body
+        serving = body.get("model_version") if isinstance(body, dict) else None
+        _fail(f"reload refused ({r.status_code}): {detail}" + (f"; still serving {serving}" if serving else ""), code=1)
+    if not json_output:
+        if body["changed"]:
+            typer.echo(f"reloaded: {body['previous_version']} -> {body['model_version']} ({body['load_seconds']:.2f} s)")
+        else:
+            typer.echo(f"unchanged: {body['model_version']} is already serving")
 
 
 @app.command()
@@ -198,6 +269,7 @@ def demo(
     _setup_logging()
     from model.bundle import BundleError, resolve_bundle_path, update_latest
 
+    settings = _settings_or_fail(bundle=DIN_HOME / "demo" / "bundles", host="127.0.0.1", port=port)
     from feature_store.embedded import EmbeddedRedis
     from feature_store.redis_store import RedisHistoryStore
 
@@ -232,7 +304,7 @@ def demo(
             f"{{\"item_id\": 42, \"cate_id\": 5}}], \"top_k\": 10}}'\n",
             err=True,
         )
-        _run_server(bundle_path, redis.url, "127.0.0.1", port)
+        _run_server(settings.model_copy(update={"redis_url": redis.url}))
 
 
 @app.command(

@@ -101,13 +101,48 @@ class ValidationErrorBody(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Body of /readyz: 200 when everything is "ok", 503 naming what is not."""
+    """Body of /readyz: 200 when the model is loaded and warmed, 503 naming what is not.
+
+    The store does not decide readiness (every replica shares it: failing them all on a
+    Redis outage would turn degraded answers into no answers); its state is reported here.
+    """
 
     ready: bool
     model: str = Field(description='"ok" or what is wrong with the model.')
     store: str = Field(description='"ok" or what is wrong with the history store.')
+    degraded: bool = Field(default=False, description="True when /rank answers now rank without histories.")
+    store_url: str | None = Field(default=None, description="The history store's URL, password hidden.")
+    store_circuit: str | None = Field(default=None, description="closed, open or half_open.")
     model_version: str | None = None
     providers: list[str] = Field(default_factory=list, description="ONNX Runtime execution providers in use.")
+
+
+class ErrorBody(BaseModel):
+    """A refusal or failure: what went wrong, in words (never a traceback or a server path)."""
+
+    detail: str
+    request_id: str | None = Field(default=None, description="Quote it when reporting a 500.")
+
+
+class ReloadRequest(BaseModel):
+    bundle: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="A bundle directory on the server, or a directory of bundles (its newest is taken). "
+        "Default: the BUNDLE setting, re-read (so a new `latest` there is picked up).",
+    )
+
+
+class ReloadResponse(BaseModel):
+    model_version: str = Field(description="The model serving from now on.")
+    previous_version: str | None
+    changed: bool = Field(description="False when that bundle was already serving (nothing swapped).")
+    load_seconds: float = Field(ge=0, description="Load + warm-up time of the new model.")
+
+
+class ReloadRefusal(BaseModel):
+    detail: str = Field(description="Why the bundle was refused.")
+    model_version: str | None = Field(description="The model that keeps serving.")
 
 
 def too_long_error(field: str, limit: int, actual: int, setting: str) -> dict[str, Any]:

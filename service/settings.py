@@ -2,19 +2,24 @@
 
 Injected into `create_app(settings)`, never read from an import-time global, so tests and
 the CLI build exactly the service they want. Environment variables carry no prefix:
-`BUNDLE`, `REDIS_URL`, `DEVICE`, `MAX_CANDIDATES`, ... (case-insensitive).
+`BUNDLE`, `REDIS_URL`, `DEVICE`, `MAX_CANDIDATES`, ... (case-insensitive). Every field is
+validated when the object is built; `settings_error_message` turns a failure into one line
+that names the variable (what `din serve` prints instead of a traceback).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+SECRET_FIELDS = frozenset({"admin_token", "api_keys", "redis_url"})
 
 
 def _cores() -> int:
@@ -24,11 +29,16 @@ def _cores() -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
-    bundle: Path = Field(description="Model bundle directory (model.onnx + bundle.json + vocab/).")
+    # ---------------------------------------------------------------- model and store
+    bundle: Path = Field(
+        description="Model bundle directory (model.onnx + bundle.json + vocab/), or a directory of bundles: "
+        "its newest (`latest`) is served, and `POST /admin/reload` without a path re-reads it."
+    )
     redis_url: str | None = Field(
         default=None,
-        description="Redis holding user histories (redis://, rediss://, unix://). "
-        "None: no store; every request is ranked with an empty history and marked degraded.",
+        description="Redis holding user histories (redis://, rediss:// for TLS, unix://; a password goes in the "
+        "URL: redis://:PASSWORD@host:6379/0). None: no store; every request is ranked with an empty history "
+        "and marked degraded.",
     )
     redis_namespace: str = Field(default="din", min_length=1, description="Key namespace in Redis.")
     device: Device = Field(
@@ -36,6 +46,11 @@ class Settings(BaseSettings):
         description="auto: CUDA when a GPU is actually usable, else CPU; cpu; cuda (readiness fails "
         "when CUDA cannot be used).",
     )
+    intra_op_threads: int = Field(
+        default_factory=_cores, ge=1, le=1024, description="ONNX Runtime intra-op threads (default: the cores)."
+    )
+
+    # ---------------------------------------------------------------- request limits
     max_candidates: int = Field(default=1000, ge=1, le=100_000, description="Candidates per /rank request.")
     max_top_k: int = Field(default=1000, ge=1, le=100_000, description="Largest top_k a request may ask for.")
     max_explain_cells: int = Field(
@@ -45,19 +60,111 @@ class Settings(BaseSettings):
         description="Largest candidates x history an `explain` request may return: returned candidates "
         "(top_k or all) times the model's max_history.",
     )
-    intra_op_threads: int = Field(
-        default_factory=_cores, ge=1, le=1024, description="ONNX Runtime intra-op threads (default: the cores)."
+    max_events: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="Behaviours per POST /events request: the history-length limit of ingestion.",
     )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, le=1 << 30,
+        description="Largest request body, counted on the bytes received (chunked uploads too); above: 413.",
+    )
+
+    # ---------------------------------------------------------------- feature store failures
     store_timeout_ms: float = Field(
-        default=50.0, gt=0, le=60_000, description="Deadline for one history read; past it, rank degraded."
+        default=50.0, gt=0, le=60_000,
+        description="Deadline for one store call, retries included; past it, /rank ranks degraded.",
     )
+    store_connect_timeout_ms: float = Field(
+        default=20.0, gt=0, le=60_000, description="TCP/TLS connect timeout of one Redis connection."
+    )
+    store_read_timeout_ms: float = Field(
+        default=20.0, gt=0, le=60_000, description="Socket read/write timeout of one Redis command."
+    )
+    store_retries: int = Field(
+        default=1, ge=0, le=10,
+        description="Retries of a Redis command after a connection error or timeout (a pooled connection "
+        "broken by a Redis restart reconnects on the retry).",
+    )
+    store_retry_backoff_ms: float = Field(
+        default=1.0, ge=0, le=10_000, description="First retry backoff; doubles per retry (exponential)."
+    )
+    store_retry_backoff_cap_ms: float = Field(default=10.0, ge=0, le=60_000, description="Largest retry backoff.")
+    store_health_check_interval_s: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="A pooled connection idle this long is PINGed before use (0: never).",
+    )
+    store_max_connections: int = Field(default=64, ge=1, le=100_000, description="Redis connection pool size.")
+    breaker_failure_threshold: int = Field(
+        default=5, ge=1, le=10_000,
+        description="Consecutive failed store calls that open the circuit (then /rank skips Redis).",
+    )
+    breaker_reset_ms: float = Field(
+        default=1000.0, gt=0, le=3_600_000,
+        description="How long the circuit stays open before one trial call (half-open) tests Redis again.",
+    )
+
+    # ---------------------------------------------------------------- security
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token for admin and event-ingestion routes; unset: those routes are disabled.",
     )
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[tuple[SecretStr, ...] | None, NoDecode] = Field(
+        default=None,
+        description="Comma-separated API keys; when set, POST /rank needs one in the X-API-Key header.",
+    )
+
+    # ---------------------------------------------------------------- process
+    host: str = Field(default="127.0.0.1", min_length=1, description="Interface `din serve` binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `din serve` binds.")
+    log_level: LogLevel = Field(default="info", description="Log level of the service.")
+    log_format: LogFormat = Field(default="json", description="json: one JSON object per line; text: for humans.")
+    access_log: bool = Field(default=True, description="One log line per request (with its request id).")
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="On SIGTERM: stop accepting, then wait this long for in-flight requests before closing.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip()) or None
+        return value or None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: tuple[SecretStr, ...] | None) -> tuple[SecretStr, ...] | None:
+        if keys and any(len(k.get_secret_value()) < 8 for k in keys):
+            raise ValueError("every API key must have at least 8 characters")
+        return keys
+
+    @field_validator("admin_token", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`ADMIN_TOKEN=` (as docker compose passes an unset variable) means "not configured"."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 8:
+            raise ValueError("the admin token must have at least 8 characters")
+        return token
 
     @property
     def store_timeout_s(self) -> float:
         return self.store_timeout_ms / 1000.0
+
+
+def settings_error_message(error: ValidationError) -> str:
+    """One line naming each bad variable, its value (secrets hidden) and what is wrong."""
+    parts = []
+    for e in error.errors(include_url=False):
+        field = str(e["loc"][0]) if e["loc"] else "?"
+        var = field.upper()
+        if e["type"] == "missing":
+            parts.append(f"{var} is required but not set")
+            continue
+        shown = "" if field in SECRET_FIELDS or "input" not in e else f"={e['input']!r}"
+        parts.append(f"{var}{shown}: {e['msg']}")
+    return "invalid settings: " + "; ".join(parts)

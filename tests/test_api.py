@@ -81,6 +81,7 @@ def settings_for(bundle: Path, redis_url: str | None, **overrides) -> Settings:
     values = dict(
         bundle=bundle, redis_url=redis_url, max_candidates=MAX_CANDIDATES, intra_op_threads=1,
         store_timeout_ms=5000,  # generous: a loaded CI machine must not turn reads degraded
+        store_read_timeout_ms=5000, store_connect_timeout_ms=5000,
     )
     return Settings(**(values | overrides))
 
@@ -267,8 +268,9 @@ async def test_redis_down_degrades_instead_of_failing(trained, loaded_redis, red
     want, _ = torch_ctr(trained, int(trained.log.user_id.max()) + 1, cands)
     got = {(x["item_id"], x["cate_id"]): x["ctr"] for x in body["ranked"]}
     np.testing.assert_allclose([got[tuple(c)] for c in cands.tolist()], want, rtol=0, atol=1e-5)
-    assert ready.status_code == 503
-    assert ready.json()["ready"] is False and ready.json()["model"] == "ok"
+    # Still ready (the model serves, degraded): a shared Redis outage must not empty the pool.
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True and ready.json()["model"] == "ok" and ready.json()["degraded"] is True
     assert ready.json()["store"].startswith("unreachable") and "Redis" in ready.json()["store"]
     assert alive.status_code == 200
 
@@ -279,15 +281,15 @@ async def test_store_on_a_closed_port_degrades_from_the_start(trained):
         r = await client.post("/rank", json=rank_body(1, some_candidates(trained.log, 5)))
         ready = await client.get("/readyz")
     assert r.status_code == 200 and r.json()["degraded"] is True
-    assert ready.status_code == 503 and "unreachable" in ready.json()["store"]
+    assert ready.status_code == 200 and ready.json()["degraded"] is True and "unreachable" in ready.json()["store"]
 
 
-async def test_without_a_store_every_request_is_degraded_and_not_ready(trained):
+async def test_without_a_store_every_request_is_degraded(trained):
     async with serving(settings_for(trained.bundle.path, None)) as client:
         r = await client.post("/rank", json=rank_body(1, some_candidates(trained.log, 5)))
         ready = await client.get("/readyz")
     assert r.json()["degraded"] is True
-    assert ready.status_code == 503 and "REDIS_URL" in ready.json()["store"]
+    assert ready.status_code == 200 and ready.json()["degraded"] is True and "REDIS_URL" in ready.json()["store"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -338,7 +338,9 @@ def test_every_service_setting_is_in_the_ranker_environment_with_its_default():
         value = env[name.upper()]
         if field.default_factory is not None or field.default is None:
             assert value is None, f"{name.upper()}: leave it unset (null) so the service's own default applies"
-        elif isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
+        elif isinstance(field.default, bool):
+            assert str(value).lower() == str(field.default).lower(), f"{name.upper()}={value!r}, the service's default is {field.default!r}"
+        elif isinstance(field.default, (int, float)):
             assert float(value) == float(field.default), f"{name.upper()}={value!r}, the service's default is {field.default!r}"
         else:
             assert str(value) == str(field.default), f"{name.upper()}={value!r}, the service's default is {field.default!r}"

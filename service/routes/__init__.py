@@ -2,12 +2,15 @@
 
 from fastapi import APIRouter
 
-from service.routes import health, page, rank, sample
+from service.routes import admin, health, metrics, page, rank, sample
+from service.security import ApiKeyDep
 
 api_router = APIRouter()
-api_router.include_router(rank.router)
+api_router.include_router(rank.router, dependencies=[ApiKeyDep])
 api_router.include_router(health.router)
 api_router.include_router(sample.router)
 api_router.include_router(page.router)
+api_router.include_router(admin.router)
+api_router.include_router(metrics.router)
 
 __all__ = ["api_router"]

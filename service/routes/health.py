@@ -1,7 +1,11 @@
-"""GET /healthz (the process is alive) and GET /readyz (it can rank well right now).
+"""GET /healthz (the process is alive) and GET /readyz (it can rank right now).
 
-A load balancer routes traffic by /readyz; an orchestrator restarts on /healthz only, so a
-Redis outage (degraded ranking) never restarts healthy replicas.
+A load balancer routes traffic by /readyz: 503 until the model is loaded and warmed (or
+when the device asked for cannot be used), so a replica gets traffic only once it can
+rank. A Redis outage does not make a replica unready: every replica shares that Redis,
+and the service still answers (degraded) without it; /readyz reports the store's state in
+its body. An orchestrator restarts on /healthz only, so an outage never restarts healthy
+replicas.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ async def store_status(store, timeout_s: float) -> str:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Readiness: model loaded and warmed, history store answering",
+    summary="Readiness: model loaded and warmed (store state in the body)",
     responses={503: {"model": Readiness, "description": "Not ready; the body names what is not"}},
 )
 async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
@@ -55,10 +59,15 @@ async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> Re
         model = "ok"
     # PING gets a little more than one history read: readiness must not flap on a slow read.
     store_state = await store_status(store, max(settings.store_timeout_s, 0.25))
+    guard = getattr(request.app.state, "store_guard", None)
+    circuit = guard.state.value if guard is not None else None
     body = Readiness(
-        ready=model == "ok" and store_state == "ok",
+        ready=model == "ok",
         model=model,
         store=store_state,
+        degraded=store_state != "ok" or circuit not in (None, "closed"),
+        store_url=None if store is None else getattr(store, "url", None),  # password hidden
+        store_circuit=circuit,
         model_version=None if scorer is None else scorer.model_version,
         providers=[] if scorer is None else scorer.providers,
     )

@@ -27,6 +27,7 @@ from service.schemas import (
     too_long_error,
 )
 from service.scorer import RankInput, Scorer, rank_order
+from service.store_guard import StoreCallFailed
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ranking"])
@@ -56,21 +57,22 @@ def _pydantic_errors(e: ValidationError) -> list[dict[str, Any]]:
 
 
 async def fetch_history(request: Request, store, user_id: int, timeout_s: float) -> tuple[UserHistory | None, bool]:
-    """(history or None for an unknown user, degraded). A failing store never fails the request."""
-    state = request.app.state
+    """(history or None for an unknown user, degraded). A failing store never fails the request.
+
+    The call goes through the app's StoreGuard (deadline `timeout_s`, circuit breaker,
+    metrics): when the breaker is open the store is not even tried.
+    """
+    metrics = request.app.state.metrics
     if store is None:
+        metrics.degraded_responses.labels("no_store").inc()
         return None, True
     try:
-        with anyio.fail_after(timeout_s):
-            (history,) = await store.get_histories([user_id])
-    except Exception as e:  # unreachable, slow or broken store: rank without history
-        if not getattr(state, "store_failing", False):
-            state.store_failing = True
-            log.warning("history store failed (%s: %s); ranking without histories", type(e).__name__, e)
+        (history,) = await request.app.state.store_guard.call(
+            "get_histories", lambda: store.get_histories([user_id]), timeout_s=timeout_s
+        )
+    except StoreCallFailed as e:  # unreachable, slow or broken store: rank without history
+        metrics.degraded_responses.labels(e.reason).inc()
         return None, True
-    if getattr(state, "store_failing", False):
-        state.store_failing = False
-        log.info("history store answers again")
     return history, False
 
 
@@ -115,12 +117,15 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
             errors.append(too_big)
     if errors:
         return validation_error_response(errors)
+    request.app.state.metrics.rank_candidates.observe(n)
 
     history, degraded = await fetch_history(request, store, req.user_id, settings.store_timeout_s)
     ids = np.array([(c.item_id, c.cate_id) for c in req.candidates], dtype=np.int64)  # (n, 2)
     profile_fields = store.profile_fields if (store is not None and history is not None) else ()
     inp = to_rank_input(scorer, history, profile_fields, ids[:, 0], ids[:, 1])
     (scored,) = await anyio.to_thread.run_sync(scorer.score_requests, [inp], limiter=request.app.state.scoring_limiter)
+    request.app.state.metrics.batch_requests.observe(1)  # one request per call until the micro-batcher
+    request.app.state.metrics.batch_candidates.observe(n)
 
     order = rank_order(scored.ctr, req.top_k)
     ranked = [

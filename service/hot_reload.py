@@ -1,0 +1,135 @@
+"""Loading a model for serving, and swapping a new one in while requests keep flowing.
+
+`load_scorer` is the one way a bundle becomes a Scorer the service uses, at start-up and on
+reload: read and validate the bundle, check the API and the store carry every field it
+reads, open the ONNX Runtime session, warm it up, all in a worker thread (the event loop
+keeps serving meanwhile).
+
+`ModelReloader.reload` swaps the new scorer in with one attribute store on `app.state`:
+a request picks its scorer up once (service/deps.py) and keeps that object to the end, so
+requests in flight finish on the old model and report its version, new ones get the new
+model. The old session is freed when its last request drops it. A bundle that is missing,
+corrupt or incompatible is refused with `ReloadRefused` and the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import anyio
+
+from feature_store.records import RECORD_FIELDS
+from model.bundle import Bundle, BundleError, load_bundle, resolve_bundle_path
+from service.metrics import ServiceMetrics
+from service.schemas import Candidate
+from service.scorer import Scorer
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def check_servable(bundle: Bundle) -> None:
+    """The API and the store must carry every field the model reads; say which one is missing."""
+    for f in bundle.spec.sequence_fields:
+        if f not in Candidate.model_fields:
+            raise BundleError(
+                f"bundle {bundle.path} scores candidates by {f!r}, which POST /rank does not carry "
+                f"(candidates have {sorted(Candidate.model_fields)})"
+            )
+        if f not in RECORD_FIELDS:
+            raise BundleError(
+                f"bundle {bundle.path} reads behaviour field {f!r}, which the history store does not keep "
+                f"(records have {list(RECORD_FIELDS)})"
+            )
+
+
+def resolve_bundle(path: Path) -> Path:
+    """A bundle directory as given, or the newest bundle of a directory of bundles."""
+    path = Path(path)
+    if not path.is_dir() or (path / "bundle.json").exists():
+        return path  # load_bundle says what is wrong with it
+    return resolve_bundle_path(path)
+
+
+def _load_and_warm(path: Path, settings: Settings, refuse_device_problem: bool) -> Scorer:
+    bundle = load_bundle(path)
+    check_servable(bundle)
+    scorer = Scorer.load(bundle, device=settings.device, intra_op_threads=settings.intra_op_threads)
+    if refuse_device_problem and scorer.device_problem:
+        raise BundleError(scorer.device_problem)
+    scorer.warm_up()
+    return scorer
+
+
+async def load_scorer(path: Path, settings: Settings, *, refuse_device_problem: bool = False) -> tuple[Scorer, float]:
+    """(a loaded and warmed Scorer, seconds it took); BundleError when it cannot serve."""
+    start = time.perf_counter()
+    scorer = await anyio.to_thread.run_sync(partial(_load_and_warm, path, settings, refuse_device_problem))
+    return scorer, time.perf_counter() - start
+
+
+class ReloadRefused(Exception):
+    """The new model was not swapped in; `status_code` is the HTTP answer, the old model serves on."""
+
+    def __init__(self, status_code: int, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    model_version: str
+    previous_version: str | None
+    changed: bool
+    load_seconds: float
+
+
+class ModelReloader:
+    """Serialises reloads of one app's model (a second one while one runs is refused, 409)."""
+
+    def __init__(self, state, settings: Settings, metrics: ServiceMetrics):
+        self._state = state  # app.state: holds .scorer
+        self._settings = settings
+        self._metrics = metrics
+        self._lock = anyio.Lock()
+
+    async def reload(self, bundle: str | None = None) -> ReloadResult:
+        if self._lock.locked():
+            self._metrics.model_reloads.labels("refused").inc()
+            raise ReloadRefused(409, "another reload is in progress; try again when it has finished")
+        async with self._lock:
+            try:
+                result = await self._reload(bundle)
+            except ReloadRefused as e:
+                self._metrics.model_reloads.labels("refused").inc()
+                current = getattr(self._state.scorer, "model_version", None)
+                log.warning("reload refused (%s); still serving %s", e.message, current)
+                raise
+            self._metrics.model_reloads.labels("ok" if result.changed else "unchanged").inc()
+            return result
+
+    async def _reload(self, bundle: str | None) -> ReloadResult:
+        old: Scorer | None = self._state.scorer
+        source = Path(bundle) if bundle is not None else self._settings.bundle
+        try:
+            if not source.exists():
+                raise ReloadRefused(404, f"bundle {source} does not exist")
+            path = resolve_bundle(source)
+            if old is not None and path.resolve() == old.bundle.path.resolve():
+                return ReloadResult(old.model_version, old.model_version, False, 0.0)
+            new, seconds = await load_scorer(path, self._settings, refuse_device_problem=True)
+        except (OSError, ValueError) as e:  # unreadable path, NUL byte in it, ...
+            raise ReloadRefused(422, f"bundle {source!s:.300} cannot be read ({type(e).__name__})") from None
+        except BundleError as e:
+            raise ReloadRefused(422, f"bundle refused: {e}") from None
+        self._state.scorer = new  # the swap: requests that already hold `old` finish on it
+        self._metrics.set_model(new.model_version, new.bundle.model_type, seconds)
+        previous = old.model_version if old is not None else None
+        log.info("model reloaded: %s -> %s in %.2f s", previous, new.model_version, seconds,
+                 extra={"model_version": new.model_version, "previous_version": previous})
+        return ReloadResult(new.model_version, previous, True, seconds)

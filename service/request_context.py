@@ -1,0 +1,105 @@
+"""The outermost layer of every HTTP request: request id, access log, latency metric, last-resort 500.
+
+A pure ASGI middleware (not Starlette's BaseHTTPMiddleware, which copies every response
+through an extra task and stream): it wraps `send` to see the status and add a header,
+nothing more.
+
+- Request id: a client's `X-Request-ID` is kept when it is a sane token (at most 128 of
+  `A-Z a-z 0-9 . _ : -`; anything else could forge log lines), otherwise a new one is made;
+  it is echoed in the response header and set in `request_id_var` for every log line.
+- Metrics: latency by route template, method and status; requests in flight.
+- Access log: one structured line per request.
+- Errors: an exception that escapes the app becomes a generic 500 JSON body with the
+  request id (the traceback goes to the log only, never to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import ServiceMetrics
+from service.structured_logging import request_id_var
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("din.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+UNMATCHED_ROUTE = "unmatched"
+
+
+def internal_error_body(request_id: str | None) -> bytes:
+    return orjson.dumps(
+        {"detail": "internal server error; quote the request id when reporting it", "request_id": request_id}
+    )
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            return value.decode("ascii") if _SANE_ID.match(value) else None
+    return None
+
+
+def route_label(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or UNMATCHED_ROUTE
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, *, access_log_enabled: bool = True):
+        self.app = app
+        self.metrics = metrics
+        self.access_log_enabled = access_log_enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _incoming_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        token = request_id_var.set(rid)
+        status = 500
+        started = False
+        rid_header = (b"x-request-id", rid.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        start = time.perf_counter()
+        self.metrics.requests_in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if started:  # half a response is out: nothing sane to add; the server drops the connection
+                raise
+            status = 500
+            await send_with_id(
+                {"type": "http.response.start", "status": 500,
+                 "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": internal_error_body(rid)})
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.requests_in_flight.dec()
+            route = route_label(scope)
+            self.metrics.request_seconds.labels(route, scope["method"], str(status)).observe(elapsed)
+            if self.access_log_enabled:
+                access_log.info(
+                    "%s %s %d", scope["method"], scope["path"], status,
+                    extra={"route": route, "status": status, "duration_ms": round(elapsed * 1000, 3),
+                           "client": (scope.get("client") or ("", 0))[0]},
+                )
+            request_id_var.reset(token)

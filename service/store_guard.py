@@ -1,0 +1,117 @@
+"""One door for every feature-store call the service makes: a deadline, the breaker, metrics.
+
+`StoreGuard.call(op, fn)` runs `fn()` (a coroutine factory) only when the circuit breaker
+allows it, under a deadline (STORE_TIMEOUT_MS, redis-py's own retries included), and
+records its duration or its failure. Every failure comes out as one exception type,
+`StoreCallFailed`, whose `reason` is also the metric label:
+
+    timeout       no answer within the deadline
+    unavailable   connection refused / reset, socket timeout (StoreUnavailableError)
+    circuit_open  not tried: the breaker is open after repeated failures
+    error         anything else the store raised (a Redis error reply, a bug)
+
+Readers degrade on it (/rank ranks with an empty history); writers must refuse:
+`store_unavailable_error(e)` is the 503 (with Retry-After) that POST /events raises, so an
+event that was not stored is never acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from fastapi import HTTPException, status
+
+from feature_store.base import StoreUnavailableError
+from service.circuit_breaker import BreakerState, CircuitBreaker
+from service.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, ServiceMetrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STATE_VALUE = {BreakerState.CLOSED: CIRCUIT_CLOSED, BreakerState.HALF_OPEN: CIRCUIT_HALF_OPEN, BreakerState.OPEN: CIRCUIT_OPEN}
+
+
+class StoreCallFailed(StoreUnavailableError):
+    """A store call that failed or was not tried; `reason` says which (see the module doc)."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class StoreGuard:
+    def __init__(self, breaker: CircuitBreaker, timeout_s: float, metrics: ServiceMetrics):
+        self.breaker = breaker
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._last_error = ""
+        metrics.store_circuit_state.set(_STATE_VALUE[breaker.state])
+
+    @classmethod
+    def build(
+        cls, *, failure_threshold: int, reset_s: float, timeout_s: float, metrics: ServiceMetrics
+    ) -> "StoreGuard":
+        guard: StoreGuard
+
+        def on_change(old: BreakerState, new: BreakerState) -> None:
+            metrics.store_circuit_state.set(_STATE_VALUE[new])
+            if new is BreakerState.OPEN and old is BreakerState.CLOSED:
+                log.warning(
+                    "feature store circuit open after %d failures (last: %s): skipping the store for %.0f ms",
+                    failure_threshold, guard._last_error, reset_s * 1000,
+                )
+            elif new is BreakerState.CLOSED:
+                log.info("feature store circuit closed: the store answers again")
+
+        guard = cls(CircuitBreaker(failure_threshold, reset_s, on_change=on_change), timeout_s, metrics)
+        return guard
+
+    @property
+    def state(self) -> BreakerState:
+        return self.breaker.state
+
+    def _fail(self, op: str, reason: str, message: str) -> StoreCallFailed:
+        self.metrics.store_errors.labels(op, reason).inc()
+        if reason != "circuit_open":
+            self._last_error = message
+            self.breaker.record_failure()
+        return StoreCallFailed(message, reason, retry_after_s=max(self.breaker.retry_after_s, 1.0))
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]], *, timeout_s: float | None = None) -> T:
+        """`await fn()` under the deadline and the breaker; raise StoreCallFailed on any failure."""
+        if not self.breaker.allow():
+            raise self._fail(op, "circuit_open", f"the feature store is failing ({self._last_error}); not tried")
+        deadline = self.timeout_s if timeout_s is None else timeout_s
+        start = time.perf_counter()
+        try:
+            with anyio.fail_after(deadline):
+                result = await fn()
+        except TimeoutError:
+            raise self._fail(op, "timeout", f"no answer within {deadline * 1000:.0f} ms") from None
+        except StoreUnavailableError as e:
+            raise self._fail(op, "unavailable", str(e)) from None
+        except Exception as e:
+            log.warning("feature store %s failed: %s: %s", op, type(e).__name__, e)
+            raise self._fail(op, "error", f"{type(e).__name__}") from None
+        except BaseException:  # cancelled: a trial call must not stay "in flight" forever
+            if self.breaker.state is BreakerState.HALF_OPEN:
+                self.breaker.record_failure()
+            raise
+        self.breaker.record_success()
+        self.metrics.store_seconds.labels(op).observe(time.perf_counter() - start)
+        return result
+
+
+def store_unavailable_error(e: StoreCallFailed, what: str = "the request") -> HTTPException:
+    """The 503 a writer answers when the store failed: nothing was stored, retry later."""
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail=f"the feature store is unavailable ({e.reason}); {what} was not stored, retry later",
+        headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))},
+    )

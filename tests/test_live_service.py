@@ -1,0 +1,247 @@
+"""The service as deployed: `din serve` under uvicorn in a subprocess, over real HTTP.
+
+Graceful shutdown (SIGTERM while requests are in flight), the body limit on a raw chunked
+upload, `din reload` against the running process, and JSON logs on its stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import orjson
+import pytest
+
+from feature_store.embedded import free_port
+from service.settings import Settings
+from test_api import loaded_redis, rank_body, some_candidates, trained  # noqa: F401  (fixtures)
+from test_hot_reload import copy_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "live-admin-token-42"
+
+
+@dataclass
+class Live:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def log_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+def base_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    names = {n.upper() for n in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    return env | {"PYTHONPATH": str(ROOT), "DIN_HOME": str(tmp_path / "din"), "INTRA_OP_THREADS": "1"} | settings
+
+
+@contextlib.contextmanager
+def live_service(tmp_path: Path, bundle: Path, **settings: str) -> Iterator[Live]:
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    env = base_env(tmp_path, ADMIN_TOKEN=TOKEN, LOG_FORMAT="json", **settings)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle), "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    live = Live(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"din serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{live.url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"din serve not ready within 90 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield live
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    (line,) = [x for x in text.splitlines() if x.startswith("din_http_requests_in_flight ")]
+    return float(line.split()[1]) - 1  # not counting this /metrics request
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_sigterm_drains_in_flight_requests_then_closes_the_store(trained, loaded_redis, tmp_path, capsys):
+    user = int(trained.log.user_id[0])
+    n = 4
+    raw = orjson.dumps(rank_body(user, some_candidates(trained.log, 30, seed=9)))
+    with live_service(tmp_path, trained.bundle.path, REDIS_URL=loaded_redis, SHUTDOWN_TIMEOUT_S="30") as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
+            reference = (await client.post("/rank", content=raw, headers={"content-type": "application/json"})).json()
+        assert reference["degraded"] is False and reference["history_length"] > 0
+        release = anyio.Event()
+
+        async def held_body():
+            yield raw[:20]
+            await release.wait()
+            yield raw[20:]
+
+        answers: list[httpx.Response] = []
+        refused = 0
+
+        async def one() -> None:
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+                answers.append(await c.post("/rank", content=held_body(), headers={"content-type": "application/json"}))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(one)
+            deadline = time.monotonic() + 30
+            while await anyio.to_thread.run_sync(in_flight, live.url) < n:  # the server holds all n
+                assert time.monotonic() < deadline, "requests never reached the server"
+                await anyio.sleep(0.05)
+            live.proc.send_signal(signal.SIGTERM)
+            while True:  # it stops accepting: new connections are refused
+                try:
+                    async with httpx.AsyncClient(timeout=2) as c:
+                        await c.get(f"{live.url}/healthz")
+                except httpx.ConnectError:
+                    refused += 1
+                    break
+                assert time.monotonic() < deadline + 30, "the server kept accepting after SIGTERM"
+                await anyio.sleep(0.05)
+            assert live.proc.poll() is None  # still draining
+            release.set()
+        code = await anyio.to_thread.run_sync(lambda: live.proc.wait(timeout=60))
+    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained on, as a shell expects
+    assert [r.status_code for r in answers] == [200] * n
+    for r in answers:
+        assert r.json() == reference  # complete, correct answers, scored with the history from Redis
+    lines = live.log_lines()
+    msgs = [x["msg"] for x in lines]
+    drained = [x for x in lines if x.get("logger") == "din.access" and x["msg"] == "POST /rank 200"]
+    assert len(drained) == n + 1
+    assert msgs.index("shut down: store closed") > max(msgs.index(x["msg"]) for x in drained[-1:])
+    assert msgs[-1].startswith("Finished server process")
+    with capsys.disabled():
+        print(f"\n[graceful shutdown] in flight at SIGTERM={n} completed=200x{len(answers)} "
+              f"new connections refused after SIGTERM={refused} exit code={code}")
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle_v2(trained, tmp_path_factory) -> Path:
+    return copy_bundle(trained.bundle.path, tmp_path_factory.mktemp("v2"), "din-live-v2", bias_shift=0.5)
+
+
+@pytest.fixture(scope="module")
+def live(trained, tmp_path_factory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("live")
+    with live_service(tmp, trained.bundle.path, REDIS_URL="", MAX_BODY_BYTES="4096", API_KEYS="live-key-0001") as server:
+        yield server
+
+
+async def raw_chunked_post(url: str, path: str, chunks: list[bytes], headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST with Transfer-Encoding: chunked over a raw socket; stop sending once the server answers."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    writer.write(head.encode())
+    answer = b""
+    try:
+        for chunk in chunks:
+            writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            await writer.drain()
+            with contextlib.suppress(asyncio.TimeoutError):
+                answer = await asyncio.wait_for(reader.read(65536), 0.1)
+            if answer:
+                break
+        else:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        while b"\r\n\r\n" not in answer:
+            more = await asyncio.wait_for(reader.read(65536), 10)
+            if not more:
+                break
+            answer += more
+        head_raw, _, body = answer.partition(b"\r\n\r\n")
+        if b"content-length" in head_raw.lower():
+            length = int([ln.split(b":")[1] for ln in head_raw.split(b"\r\n") if ln.lower().startswith(b"content-length")][0])
+            while len(body) < length:
+                more = await asyncio.wait_for(reader.read(65536), 10)
+                if not more:
+                    break
+                body += more
+    finally:
+        writer.close()
+    status = int(head_raw.split(b" ")[1])
+    return status, body
+
+
+@pytest.mark.anyio
+async def test_raw_chunked_upload_over_the_limit_is_413(live, trained):
+    headers = {"Content-Type": "application/json", "X-API-Key": "live-key-0001"}
+    big = [b" " * 1024] * 64  # 64 KiB, never declared
+    status, body = await raw_chunked_post(live.url, "/rank", big, headers)
+    assert status == 413 and json.loads(body) == {"detail": "request body is larger than MAX_BODY_BYTES=4096 bytes"}
+    raw = orjson.dumps(rank_body(1, some_candidates(trained.log, 5)))
+    ok_status, ok_body = await raw_chunked_post(live.url, "/rank", [raw[:30], raw[30:]], headers)
+    assert ok_status == 200 and len(json.loads(ok_body)["ranked"]) == 5  # chunked under the limit: fine
+
+
+def test_request_id_over_real_http_and_in_the_log(live):
+    r = httpx.get(f"{live.url}/healthz", headers={"X-Request-ID": "live-req-1"})
+    assert r.headers["x-request-id"] == "live-req-1"
+    time.sleep(0.2)  # let the log line reach the file
+    assert any(x.get("request_id") == "live-req-1" and x["msg"] == "GET /healthz 200" for x in live.log_lines())
+
+
+def din(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_din_reload_swaps_the_running_model_and_reports_refusals(live, trained, bundle_v2, tmp_path):
+    env = base_env(tmp_path)
+    rank = lambda: httpx.post(  # noqa: E731
+        f"{live.url}/rank", json=rank_body(1, some_candidates(trained.log, 3)), headers={"X-API-Key": "live-key-0001"}
+    ).json()["model_version"]
+    v1 = trained.bundle.model_version
+    assert rank() == v1
+
+    wrong = din("reload", "--url", live.url, "--bundle", str(bundle_v2), "--token", "not-the-token", env=env)
+    assert wrong.returncode == 1 and "reload refused (403): wrong bearer token" in wrong.stderr
+    missing = din("reload", "--url", live.url, env=env)
+    assert missing.returncode == 2 and "no admin token" in missing.stderr
+
+    ok = din("reload", "--url", live.url, "--bundle", str(bundle_v2), env=env | {"ADMIN_TOKEN": TOKEN})
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"reloaded: {v1} -> din-live-v2 (")
+    assert rank() == "din-live-v2"
+
+    corrupt = copy_bundle(trained.bundle.path, tmp_path, "din-live-corrupt")
+    (corrupt / "bundle.json").write_text("{ not json")
+    bad = din("reload", "--url", live.url, "--bundle", str(corrupt), "--token", TOKEN, "--json", env=env)
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["model_version"] == "din-live-v2"
+    assert "reload refused (422): bundle refused: " in bad.stderr and "is not valid JSON" in bad.stderr
+    assert bad.stderr.rstrip().endswith("still serving din-live-v2")
+    assert rank() == "din-live-v2"

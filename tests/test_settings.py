@@ -1,0 +1,114 @@
+"""Settings: from the environment and .env, validated, one clear line when wrong, all in the README."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings, settings_error_message
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No setting in the environment, and a working directory without a stray .env."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_dotenv_is_read_and_the_environment_wins(clean_env, monkeypatch):
+    (clean_env / ".env").write_text("BUNDLE=/models/a\nMAX_BODY_BYTES=4096\nBREAKER_RESET_MS=250\nLOG_FORMAT=text\n")
+    monkeypatch.setenv("MAX_BODY_BYTES", "8192")
+    s = Settings()
+    assert (s.bundle, s.max_body_bytes, s.breaker_reset_ms, s.log_format) == (Path("/models/a"), 8192, 250.0, "text")
+    assert s.store_timeout_ms == 50.0 and s.store_retries == 1 and s.api_keys is None and s.admin_token is None
+
+
+def test_api_keys_are_comma_separated_secrets(clean_env, monkeypatch):
+    monkeypatch.setenv("BUNDLE", "/b")
+    monkeypatch.setenv("API_KEYS", " key-one-111 ,key-two-222,, ")
+    s = Settings()
+    assert [k.get_secret_value() for k in s.api_keys] == ["key-one-111", "key-two-222"]
+    assert "key-one-111" not in repr(s)  # secrets never print
+
+
+def test_an_empty_token_means_not_configured(clean_env, monkeypatch):
+    """docker compose passes `ADMIN_TOKEN:` without a value as an empty string."""
+    monkeypatch.setenv("BUNDLE", "/b")
+    monkeypatch.setenv("ADMIN_TOKEN", "")
+    monkeypatch.setenv("REDIS_URL", " ")
+    s = Settings()
+    assert s.admin_token is None and s.redis_url is None
+
+
+def test_error_message_is_one_line_naming_each_variable_and_hiding_secrets(clean_env, monkeypatch):
+    monkeypatch.setenv("MAX_CANDIDATES", "0")
+    monkeypatch.setenv("STORE_TIMEOUT_MS", "fast")
+    monkeypatch.setenv("LOG_FORMAT", "xml")
+    monkeypatch.setenv("ADMIN_TOKEN", "short")
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    msg = settings_error_message(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("invalid settings: ")
+    assert "BUNDLE is required but not set" in msg
+    assert "MAX_CANDIDATES='0': Input should be greater than or equal to 1" in msg
+    assert "STORE_TIMEOUT_MS='fast'" in msg
+    assert "LOG_FORMAT='xml': Input should be 'json' or 'text'" in msg
+    assert "ADMIN_TOKEN: Value error, the admin token must have at least 8 characters" in msg
+    assert "short" not in msg
+
+
+def test_din_serve_with_a_bad_variable_prints_one_line_and_exits_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k.upper() not in {n.upper() for n in Settings.model_fields}}
+    env |= {"PYTHONPATH": str(ROOT), "DIN_HOME": str(tmp_path / "din"), "MAX_BODY_BYTES": "12", "DEVICE": "tpu"}
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--bundle", str(tmp_path / "nothing")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert lines[0].startswith("error: invalid settings: ")
+    assert "MAX_BODY_BYTES='12': Input should be greater than or equal to 1024" in lines[0]
+    assert "DEVICE='tpu'" in lines[0]
+
+
+def _readme_settings_table() -> dict[str, str]:
+    """`variable -> default` rows of the README's settings table."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Settings"):]
+    section = section[: section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)? \| ([^|]+) \|", line)
+        if m:
+            for name in filter(None, m.group(1, 2)):
+                rows[name] = m.group(3).strip()
+    return rows
+
+
+def test_readme_lists_every_setting_with_its_default(clean_env, monkeypatch):
+    rows = _readme_settings_table()
+    missing = sorted(n.upper() for n in Settings.model_fields if n.upper() not in rows)
+    assert not missing, f"settings missing from the README table: {missing}"
+    unknown = sorted(set(rows) - {n.upper() for n in Settings.model_fields} - {"DIN_HOME", "DIN_URL"})
+    assert not unknown, f"README lists settings that do not exist: {unknown}"
+    monkeypatch.setenv("BUNDLE", "/b")
+    defaults = Settings()
+    for name, field in Settings.model_fields.items():
+        value = getattr(defaults, name)
+        if name in {"bundle", "intra_op_threads"} or value is None or value == ():
+            continue  # required, machine-dependent, or "unset"
+        shown = rows[name.upper()]
+        plain = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+        assert plain in shown.replace("`", "").replace(",", ""), f"{name.upper()}: README says {shown!r}, default is {plain}"

@@ -1,0 +1,235 @@
+"""Redis down, Redis slow, Redis back: /rank keeps answering (degraded), then recovers by itself.
+
+Real parts only: the tests' own redis-server is stopped and restarted (SHUTDOWN, a new
+process on the same port) or paused (CLIENT PAUSE: a Redis that accepts connections and
+answers nothing), while a steady stream of /rank requests runs through the real app.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+import pytest
+import redis
+
+from feature_store.embedded import free_port
+from feature_store.redis_store import RedisHistoryStore
+from service.metrics import ServiceMetrics
+from service.store_guard import StoreCallFailed, StoreGuard, store_unavailable_error
+from test_api import (  # noqa: F401  (fixtures)
+    loaded_redis,
+    rank_body,
+    serving,
+    settings_for,
+    some_candidates,
+    trained,
+    users_by_history,
+)
+from test_observability import samples, value
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Answer:
+    started: float
+    ended: float
+    status: int
+    degraded: bool | None
+    history_length: int | None
+    ctr: dict | None
+
+
+def scores(body: dict) -> dict:
+    return {(x["item_id"], x["cate_id"]): x["ctr"] for x in body["ranked"]}
+
+
+async def stream(client, body: dict, answers: list[Answer], stop: anyio.Event) -> None:
+    """Call /rank back to back until `stop`, recording every answer."""
+    while not stop.is_set():
+        t0 = time.monotonic()
+        r = await client.post("/rank", json=body)
+        ok = r.status_code == 200
+        b = r.json() if ok else {}
+        answers.append(
+            Answer(t0, time.monotonic(), r.status_code, b.get("degraded"), b.get("history_length"), scores(b) if ok else None)
+        )
+        await anyio.sleep(0.002)  # a steady stream, not a busy loop
+
+
+async def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+def load(url: str, trained) -> None:
+    RedisHistoryStore.from_url(url).bulk_load(trained.log, max_history=2 * trained.bundle.spec.max_history)
+
+
+async def test_fault_injection_redis_stopped_and_restarted(trained, loaded_redis, redis_server, capsys):
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    body = rank_body(user, some_candidates(trained.log, 20, seed=5))
+    settings = settings_for(
+        trained.bundle.path, loaded_redis, store_timeout_ms=1000, store_read_timeout_ms=500,
+        store_connect_timeout_ms=500, breaker_failure_threshold=3, breaker_reset_ms=200,
+    )
+    answers: list[Answer] = []
+    stop = anyio.Event()
+    try:
+        async with serving(settings) as client:
+            reference = (await client.post("/rank", json=body)).json()
+            no_history = (await client.post("/rank", json=rank_body(10**12, some_candidates(trained.log, 20, seed=5)))).json()
+            assert reference["degraded"] is False and reference["history_length"] > 0
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(stream, client, body, answers, stop)
+                await wait_for(lambda: len(answers) >= 20, 30, "20 answers before the outage")
+                await anyio.to_thread.run_sync(lambda: redis_server.stop(save=False))
+                t_down = time.monotonic()
+                n_before = len(answers)
+                await wait_for(lambda: len(answers) >= n_before + 60, 30, "60 answers during the outage")
+                t_restart = time.monotonic()
+                # On the main thread, blocking the loop for a moment: the server dies with the
+                # thread that started it (PR_SET_PDEATHSIG), and worker threads come and go.
+                redis_server.start()
+                await anyio.to_thread.run_sync(load, loaded_redis, trained)
+                t_up = time.monotonic()
+                await wait_for(
+                    lambda: any(a.started > t_up and a.degraded is False and a.history_length for a in answers),
+                    30, "a normal answer after the restart",
+                )
+                n_recovered = len(answers)
+                await wait_for(lambda: len(answers) >= n_recovered + 20, 30, "20 more answers")
+                stop.set()
+            m = samples((await client.get("/metrics")).text)
+            ready = (await client.get("/readyz")).json()
+    finally:
+        if not redis_server.running:
+            redis_server.start()
+
+    statuses = [a.status for a in answers]
+    assert statuses.count(200) == len(answers), f"non-200 answers: {sorted(set(statuses))}"
+    normal = [a for a in answers if a.degraded is False]
+    degraded = [a for a in answers if a.degraded is True]
+    assert len(normal) + len(degraded) == len(answers)
+    # Degraded = ranked exactly as a user without history; normal with history = exactly as before.
+    for a in degraded:
+        assert a.history_length == 0
+        assert a.ctr == pytest.approx(scores(no_history), abs=1e-6)
+    with_history = [a for a in normal if a.history_length]
+    for a in with_history:
+        assert a.history_length == reference["history_length"]
+        assert a.ctr == pytest.approx(scores(reference), abs=1e-6)
+    # While Redis was down, every answer was degraded; after the restart it recovered by itself.
+    during = [a for a in answers if a.started > t_down and a.ended < t_restart]
+    assert len(during) >= 50 and all(a.degraded for a in during)
+    first_normal = min(a.started for a in with_history if a.started > t_up)
+    recovery_s = first_normal - t_up
+    assert recovery_s < 10.0, f"recovered {recovery_s:.2f} s after the restart"
+    assert all(a.degraded is False for a in answers[n_recovered:])
+    # The breaker did its job: after 3 refused connections, Redis was not even tried.
+    tried = value(m, "din_store_errors_total", op="get_histories", reason="unavailable")
+    skipped = value(m, "din_store_errors_total", op="get_histories", reason="circuit_open")
+    assert 3 <= tried < len(degraded) and skipped > 0 and tried + skipped == len(degraded)
+    assert value(m, "din_degraded_responses_total", reason="circuit_open") == skipped
+    assert value(m, "din_store_circuit_state") == 0 and ready["store_circuit"] == "closed" and ready["store"] == "ok"
+    with capsys.disabled():
+        print(
+            f"\n[fault injection] answers={len(answers)} 5xx=0 normal={len(normal)} "
+            f"(with history {len(with_history)}) degraded={len(degraded)} during_outage={len(during)} "
+            f"store_tried_while_down={tried:.0f} skipped_by_breaker={skipped:.0f} "
+            f"recovery_after_restart={recovery_s:.3f}s max_latency_ms={max(a.ended - a.started for a in answers) * 1000:.1f}"
+        )
+
+
+async def test_slow_redis_is_cut_off_by_the_deadline_and_the_breaker(trained, loaded_redis, capsys):
+    """CLIENT PAUSE: Redis accepts and answers nothing. /rank must not wait for it."""
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    body = rank_body(user, some_candidates(trained.log, 10, seed=6))
+    threshold, reset_s, deadline_ms = 3, 0.3, 100
+    settings = settings_for(
+        trained.bundle.path, loaded_redis, store_timeout_ms=deadline_ms, store_read_timeout_ms=1000,
+        breaker_failure_threshold=threshold, breaker_reset_ms=reset_s * 1000,
+    )
+    admin = redis.Redis.from_url(loaded_redis, socket_timeout=30)
+    try:
+        async with serving(settings) as client:
+            assert (await client.post("/rank", json=body)).json()["degraded"] is False
+            admin.execute_command("CLIENT", "PAUSE", 4000, "ALL")
+            t0 = time.monotonic()
+            paused = []
+            for _ in range(15):
+                s = time.monotonic()
+                r = await client.post("/rank", json=body)
+                paused.append((r.status_code, r.json()["degraded"], time.monotonic() - s))
+            elapsed = time.monotonic() - t0
+            await anyio.to_thread.run_sync(admin.ping)  # returns when the pause is over
+            recovered = None
+            for i in range(200):
+                if (await client.post("/rank", json=body)).json()["degraded"] is False:
+                    recovered = i
+                    break
+                await anyio.sleep(0.02)
+            m = samples((await client.get("/metrics")).text)
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert [p[:2] for p in paused] == [(200, True)] * 15
+    timeouts = value(m, "din_store_errors_total", op="get_histories", reason="timeout")
+    skipped = value(m, "din_store_errors_total", op="get_histories", reason="circuit_open")
+    trials_possible = math.floor(elapsed / reset_s) + 1
+    assert threshold <= timeouts <= threshold + trials_possible  # Redis was tried only by trials once open
+    assert skipped >= 15 - timeouts
+    assert recovered is not None
+    with capsys.disabled():
+        lat = sorted(p[2] * 1000 for p in paused)
+        print(
+            f"\n[slow redis] 15 requests during CLIENT PAUSE: all 200 degraded; store timeouts={timeouts:.0f} "
+            f"skipped={skipped:.0f}; latency ms min={lat[0]:.1f} median={lat[7]:.1f} max={lat[-1]:.1f} "
+            f"(deadline {deadline_ms} ms); normal again after {recovered} retries"
+        )
+
+
+async def test_writes_to_a_failing_store_are_refused_with_503_and_retry_after():
+    """What POST /events does with StoreGuard: every failure is refused, never acknowledged."""
+    store = RedisHistoryStore.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5, retries=0)
+    guard = StoreGuard.build(failure_threshold=2, reset_s=30.0, timeout_s=2.0, metrics=ServiceMetrics())
+    reasons = []
+    try:
+        for _ in range(4):
+            with pytest.raises(StoreCallFailed) as e:
+                await guard.call("append_events", store.ping)
+            reasons.append(e.value.reason)
+    finally:
+        await store.close()
+    assert reasons == ["unavailable", "unavailable", "circuit_open", "circuit_open"]
+    http = store_unavailable_error(e.value, "the events")
+    assert http.status_code == 503
+    assert 28 <= int(http.headers["Retry-After"]) <= 30  # until the breaker's next trial
+    assert http.detail == "the feature store is unavailable (circuit_open); the events was not stored, retry later"
+    m = samples(guard.metrics.render().decode())
+    assert value(m, "din_store_errors_total", op="append_events", reason="unavailable") == 2
+    assert value(m, "din_store_errors_total", op="append_events", reason="circuit_open") == 2
+    assert value(m, "din_store_circuit_state") == 2
+
+
+async def test_an_error_reply_counts_as_a_failure_but_not_a_timeout(redis_url):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    guard = StoreGuard.build(failure_threshold=5, reset_s=1.0, timeout_s=2.0, metrics=ServiceMetrics())
+    try:
+        with pytest.raises(StoreCallFailed) as e:
+            await guard.call("read", lambda: client.execute_command("NO-SUCH-COMMAND"))
+        assert await guard.call("read", client.ping) is True
+    finally:
+        await client.aclose()
+    assert e.value.reason == "error" and guard.breaker.consecutive_failures == 0  # the success reset it
+    m = samples(guard.metrics.render().decode())
+    assert value(m, "din_store_request_duration_seconds_count", op="read") == 1
+    assert np.isclose(value(m, "din_store_errors_total", op="read", reason="error"), 1)
