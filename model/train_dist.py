@@ -533,7 +533,9 @@ def launch(config: DistTrainConfig, nproc: int = 1, *, env: dict | None = None, 
         return report
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "model.train_dist", *config.to_argv()]  # fmt: skip
+    root = str(Path(__file__).resolve().parent.parent)  # run this code base, whatever is installed
     run_env = {**os.environ, **(env or {})}
+    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
     run_env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, (os.cpu_count() or 1) // nproc)))
     proc = subprocess.run(cmd, env=run_env, timeout=timeout_s)
     if proc.returncode != 0:
