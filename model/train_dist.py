@@ -518,15 +518,18 @@ def _finite(obj):
 
 # ---------------------------------------------------------------------------------------
 # Launching: in this process, or N processes under torchrun.
-def launch(config: DistTrainConfig, nproc: int = 1, *, env: dict | None = None, timeout_s: float | None = None) -> dict:
+def launch(
+    config: DistTrainConfig, nproc: int = 1, *, spawn: bool = False, env: dict | None = None, timeout_s: float | None = None
+) -> dict:
     """Run training with `nproc` processes and return rank 0's report (report.json's content).
 
-    nproc == 1 trains in this process; more start `torchrun --standalone --nproc-per-node N
-    -m model.train_dist` and wait for it. A failing run raises RuntimeError with its exit code.
+    nproc == 1 trains in this process (unless `spawn`: benchmarks want a fresh process); more
+    start `torchrun --standalone --nproc-per-node N -m model.train_dist` and wait for it. A
+    failing run raises RuntimeError with its exit code.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
-    if nproc == 1 and config.crash_after_steps is None:
+    if nproc == 1 and not spawn and config.crash_after_steps is None:
         result = train_dist(config)
         report = json.loads((config.run_path / REPORT).read_text())
         report["bundle"] = None if result.bundle is None else str(result.bundle)
@@ -537,7 +540,7 @@ def launch(config: DistTrainConfig, nproc: int = 1, *, env: dict | None = None, 
     run_env = {**os.environ, **(env or {})}
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
     run_env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.run(cmd, env=run_env, timeout=timeout_s)
+    proc = subprocess.run(cmd, env=run_env, timeout=timeout_s, stdout=sys.stderr)  # our stdout stays for --json
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training exited with code {proc.returncode} ({shutil.which('torchrun') or 'torchrun'} {nproc} processes)")
     return json.loads((config.run_path / REPORT).read_text())
