@@ -41,6 +41,7 @@ class TrainBenchConfig:
     steps: int = 60  # timed global steps per run
     device: str = "cpu"
     workers: int = 0
+    threads: int = 1  # torch threads per process (intra-op threads suffer most on a busy machine)
     seed: int = 0
 
 
@@ -68,7 +69,7 @@ def bench_train(config: TrainBenchConfig) -> dict:
         train = DistTrainConfig(
             data=f"events:{path}", model=config.model, epochs=1, batch_size=config.batch_size, seed=config.seed,
             out=work / "bundles", run_dir=work / f"run-{n}proc", max_steps=config.steps, eval_max_blocks=1,
-            export=False, progress=False, device=config.device, workers=config.workers,
+            export=False, progress=False, device=config.device, workers=config.workers, threads=config.threads,
         )  # fmt: skip
         report = launch(train, n, spawn=True)  # a fresh process each: comparable RSS and threads
         runs.append({
@@ -76,6 +77,7 @@ def bench_train(config: TrainBenchConfig) -> dict:
             "samples_per_second": round(report["samples_per_second"], 1),
             "train_samples": report["train_samples"],
             "train_seconds": round(report["train_seconds"], 3),
+            "threads_per_process": config.threads,
             "peak_rss_mb": round(max(report["peak_rss_mb"]), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in report["peak_rss_mb"]],
             "backend": report["backend"],
@@ -93,7 +95,7 @@ def bench_train(config: TrainBenchConfig) -> dict:
         "runs": runs,
         **_versions(),
         "command": f"din bench train --users {config.users} --procs {','.join(map(str, config.procs))} "
-        f"--steps {config.steps} --batch-size {config.batch_size} --device {config.device} --json",
+        f"--steps {config.steps} --batch-size {config.batch_size} --threads {config.threads} --device {config.device} --json",
     }
 
 

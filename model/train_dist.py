@@ -356,7 +356,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_score = None, 0, -np.inf
     epoch, step, global_step = 1, 0, 0
-    resumed_from = None
+    resumed_from, resumed_loss = None, None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
@@ -364,10 +364,12 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
         best_state, best_epoch, best_score = state["best_state"], state["best_epoch"], state["best_score"]
         set_rng_state(state["rng"][ctx.rank], ctx.device)
         resumed_from = global_step
+        resumed_loss = np.asarray(state["loss_sum"], np.float64)
         _info(config, ctx, f"resumed from {checkpoint.name}: epoch {epoch}, step {step}")
 
-    def checkpoint_now(next_epoch: int, next_step: int) -> None:
-        rngs = all_gather_object(ctx, rng_state(ctx.device))  # collective: every rank calls it
+    def checkpoint_now(next_epoch: int, next_step: int, epoch_loss: np.ndarray) -> None:
+        rngs = all_gather_object(ctx, rng_state(ctx.device))  # collectives: every rank calls them
+        epoch_loss = all_reduce_sum(ctx, epoch_loss)
         if ctx.is_main:
             save_checkpoint(
                 run_dir,
@@ -386,6 +388,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
                     "best_epoch": best_epoch,
                     "best_score": best_score,
                     "rng": rngs,
+                    "loss_sum": epoch_loss,  # training loss of the epoch so far, all ranks
                 },
             )
         barrier(ctx)
@@ -397,7 +400,9 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
         layout = shard_layout(plan, epoch, config.shards, config.batch_size)
         steps = layout.steps if config.max_steps is None else min(layout.steps, config.max_steps)
         ddp.train()
-        loss_sum = np.zeros(2)  # summed loss, samples: this rank, this epoch (this invocation)
+        loss_sum = np.zeros(2)  # summed loss and samples of this rank in this epoch
+        if resumed_loss is not None:  # the part of the epoch before the checkpoint, counted once (rank 0)
+            loss_sum, resumed_loss = (resumed_loss if ctx.is_main else loss_sum), None
         seen: list[np.ndarray] = []
         bar = tqdm(total=steps, initial=step, desc=f"{config.model} epoch {epoch}/{config.epochs}", unit="step",
                    file=sys.stderr, disable=not (config.progress and ctx.is_main), leave=False)  # fmt: skip
@@ -429,7 +434,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
                 replica_checks += 1
             bar.update(1)
             if config.checkpoint_every and global_step % config.checkpoint_every == 0:
-                checkpoint_now(epoch, step)
+                checkpoint_now(epoch, step, loss_sum)
             if config.crash_after_steps is not None and global_step == config.crash_after_steps:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a real, abrupt death
         batches.close()
@@ -449,7 +454,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
         if best_state is None or score > best_score:
             best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch, score
         epoch, step = epoch + 1, 0
-        checkpoint_now(epoch, step)
+        checkpoint_now(epoch, step, np.zeros(2))
 
     # -- test once, with the best epoch's parameters; rank 0 exports and reports ----------------
     model.load_state_dict(best_state)

@@ -206,6 +206,7 @@ def bench_train(
     procs: Annotated[str, typer.Option(help="Process counts to time, comma-separated.")] = "1,2",
     steps: Annotated[int, typer.Option(min=1, help="Timed global steps per run.")] = 60,
     batch_size: Annotated[int, typer.Option(min=8, help="Global batch size.")] = 1024,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads per process.")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "cpu",
     work_dir: Annotated[Optional[Path], typer.Option(help="Cache for the log and runs.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -220,7 +221,7 @@ def bench_train(
     except ValueError:
         _fail(f"--procs {procs!r} must be comma-separated integers, e.g. 1,2")
     result = run_bench(TrainBenchConfig(work_dir=work_dir or DIN_HOME / "bench" / "train", users=users, procs=counts,
-                                        steps=steps, batch_size=batch_size, device=device))  # fmt: skip
+                                        steps=steps, batch_size=batch_size, device=device, threads=threads))  # fmt: skip
     if json_output:
         typer.echo(json.dumps(result))
     else:

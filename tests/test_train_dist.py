@@ -130,6 +130,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(runs, nproc):
     for k in ("auc", "gauc", "logloss"):
         assert resumed["metrics"][k] == pytest.approx(ref_report["metrics"][k], abs=1e-6)
     assert [h["epoch"] for h in resumed["validation"]] == [1, 2]
+    for h, want in zip(resumed["validation"], ref_report["validation"]):  # train loss of the resumed epoch too
+        assert h["train_loss"] == pytest.approx(want["train_loss"], abs=1e-6)
 
 
 def test_resume_refuses_other_settings(runs):
