@@ -126,7 +126,7 @@ def bench_train_memory(config: MemoryBenchConfig, progress: bool = True) -> dict
     train = DistTrainConfig(
         data=f"events:{path}", epochs=1, batch_size=config.batch_size, out=work / "bundles", run_dir=work / "run",
         max_steps=config.steps, eval_max_blocks=config.eval_blocks, export=False, progress=progress, device="cpu",
-        **config.extra,
+        threads=1, **config.extra,
     )  # fmt: skip
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}

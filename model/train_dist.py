@@ -102,7 +102,7 @@ class DistTrainConfig:
     hash_buckets: int | None = field(default=None, metadata=_help("hash ids into this many rows per field (default: vocabularies)"))
     shards: int = field(default=DEFAULT_SHARDS, metadata=_help("virtual data shards (>= processes); fixes the batch order"))
     workers: int = field(default=0, metadata=_help("data-loader worker processes per process"))
-    block_events: int = field(default=65_536, metadata=_help("events per data block (the unit of sharding)"))
+    block_events: int = field(default=32_768, metadata=_help("events per data block (the unit of sharding)"))
     shuffle_window: int = field(default=DEFAULT_SHUFFLE_WINDOW, metadata=_help("samples shuffled together per shard"))
     checkpoint_every: int = field(default=0, metadata=_help("checkpoint every N global steps (0: epoch ends only)"))
     resume: bool = field(default=False, metadata=_help("continue the newest checkpoint in the run directory"))

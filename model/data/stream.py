@@ -34,7 +34,7 @@ from model.contract import CAND_USER, PAD_ROW, cand_input, hist_input
 from model.data.stream_plan import SEQUENCE_FIELDS, TRAIN, StreamPlan, batch_columns, log_columns, user_split
 
 DEFAULT_SHARDS = 8
-DEFAULT_SHUFFLE_WINDOW = 1 << 18  # samples shuffled together in one shard
+DEFAULT_SHUFFLE_WINDOW = 1 << 16  # samples shuffled together in one shard (memory: shards x this)
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class StreamConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test users
     seed: int = 0
     hash_buckets: int | None = None  # per id field; None = vocabularies of the training users
-    block_events: int = 65_536  # events per block (blocks end at a user boundary)
+    block_events: int = 32_768  # events per block (blocks end at a user boundary)
     negative_pool: int = 1 << 20  # training events kept to draw negatives from
     read_rows: int = 65_536  # rows per Parquet record batch
 
