@@ -222,7 +222,10 @@ def log_columns(path: Path) -> tuple[str, ...]:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise LogFormatError(f"{path}: cannot be read as Parquet ({e}); streamed training reads Parquet logs") from None
+        raise LogFormatError(
+            f"{path}: cannot be read as Parquet ({e}); streamed training reads Parquet logs: "
+            f"`din prepare {path} SORTED.parquet` converts and sorts one"
+        ) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise LogFormatError(
