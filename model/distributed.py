@@ -84,7 +84,7 @@ def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:
     if not ctx.distributed:
         return values.copy()
     dtype = torch.int64 if np.issubdtype(values.dtype, np.integer) else torch.float64
-    t = torch.as_tensor(values, dtype=dtype).to(ctx.device)
+    t = torch.tensor(values, dtype=dtype, device=ctx.device)  # a copy: the caller's array stays its own
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().numpy()
 

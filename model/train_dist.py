@@ -98,7 +98,7 @@ class DistTrainConfig:
     embedding_dim: int = field(default=16, metadata=_help("embedding size per id field"))
     attention_softmax: bool = field(default=False, metadata=_help("normalise attention with a softmax"))
     negatives: int = field(default=1, metadata=_help("negatives per positive, for logs without labels"))
-    eval_batch_size: int = field(default=4096, metadata=_help("batch size of validation and test"))
+    eval_batch_size: int = field(default=1024, metadata=_help("batch size of validation and test (memory: activations)"))
     hash_buckets: int | None = field(default=None, metadata=_help("hash ids into this many rows per field (default: vocabularies)"))
     shards: int = field(default=DEFAULT_SHARDS, metadata=_help("virtual data shards (>= processes); fixes the batch order"))
     workers: int = field(default=0, metadata=_help("data-loader worker processes per process"))

@@ -83,7 +83,8 @@ def test_two_processes_train_the_same_model_as_one(runs):
     assert r1["global_steps"] == r2["global_steps"]
     for k in ("auc", "gauc", "logloss"):
         assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=1e-5)
-        for h1, h2 in zip(r1["validation"], r2["validation"]):
+    for h1, h2 in zip(r1["validation"], r2["validation"], strict=True):
+        for k in ("auc", "gauc", "logloss", "train_loss"):
             assert h2[k] == pytest.approx(h1[k], abs=1e-5)
     assert _max_diff(_final_state(one), _final_state(two)) < 1e-5
     # only rank 0 wrote a bundle and a report; the bundle serves the ids the plan fitted
@@ -145,3 +146,21 @@ def test_command_line_round_trip():
     again = parse_args(config.to_argv())
     assert again == config
     assert json.dumps(config.to_json())
+
+
+def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path):
+    import torch.distributed as dist
+
+    from model.distributed import DistContext, all_reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+        values = np.array([1.5, 2.0])
+        counts = np.array([3, 4], np.int64)
+        out = all_reduce_sum(ctx, values)
+        out += 1
+        np.testing.assert_array_equal(values, [1.5, 2.0])  # an in-place reduce once double-counted losses
+        assert all_reduce_sum(ctx, counts).dtype == np.int64
+    finally:
+        dist.destroy_process_group()
