@@ -61,10 +61,10 @@ def test_prepare_then_train_on_two_processes_with_hashed_ids(work):
 
 def test_bench_train_json(work):
     root, env, _, _ = work
-    out = din("bench", "train", "--users", "300", "--steps", "3", "--batch-size", "64", "--procs", "1,2",
+    # one process count keeps this fast; the bench runs each count the same way
+    out = din("bench", "train", "--users", "300", "--steps", "3", "--batch-size", "64", "--procs", "2",
               "--work-dir", str(root / "bench"), "--json", env=env)  # fmt: skip
-    result = json.loads(out.stdout)
-    assert [r["nproc"] for r in result["runs"]] == [1, 2]
-    for r in result["runs"]:
-        assert r["train_samples"] == 3 * 64 and r["samples_per_second"] > 0 and r["peak_rss_mb"] > 50
-    assert result["runs"][1]["backend"] == "gloo" and len(result["runs"][1]["peak_rss_mb_per_process"]) == 2
+    (run,) = json.loads(out.stdout)["runs"]
+    assert run["nproc"] == 2 and run["backend"] == "gloo" and run["speedup"] == 1.0
+    assert run["train_samples"] == 3 * 64 and run["samples_per_second"] > 0
+    assert len(run["peak_rss_mb_per_process"]) == 2 and run["peak_rss_mb"] == max(run["peak_rss_mb_per_process"]) > 50
