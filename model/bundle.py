@@ -6,6 +6,11 @@ Layout (DESIGN.md, contract 1):
     <bundle>/bundle.json          format version, model version/type, feature spec, ...
     <bundle>/vocab/<field>.npy    sorted int64 raw ids; row = index + FIRST_ID_ROW
 
+Format 2 adds hashed fields (model/hashing.py): bundle.json's `id_mapping.<field>` names
+the hash function and the bucket count, and such a field has no vocab file. A bundle
+without hashed fields is still written as format 1, so older services keep reading it;
+this code reads both.
+
 Torch-free: the service imports it.
 """
 
@@ -22,8 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from model.contract import OUTPUT_NAMES, FeatureSpec, Vocabulary
+from model.hashing import HashedIds, IdMapping
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 1  # vocabularies only
+HASHED_FORMAT_VERSION = 2  # some fields hashed (`id_mapping` in bundle.json)
+SUPPORTED_FORMAT_VERSIONS = (BUNDLE_FORMAT_VERSION, HASHED_FORMAT_VERSION)
 MANIFEST = "bundle.json"
 ONNX_FILE = "model.onnx"
 VOCAB_DIR = "vocab"
@@ -38,7 +46,7 @@ class Bundle:
     path: Path
     manifest: dict
     spec: FeatureSpec
-    vocabularies: dict[str, Vocabulary]
+    vocabularies: dict[str, IdMapping]  # Vocabulary, or HashedIds for a hashed field
 
     @property
     def onnx_path(self) -> Path:
@@ -68,7 +76,7 @@ def write_bundle(
     model_version: str,
     model_type: str,
     spec: FeatureSpec,
-    vocabularies: dict[str, Vocabulary],
+    vocabularies: dict[str, IdMapping],
     onnx_bytes: bytes,
     extra: dict,
 ) -> Path:
@@ -82,10 +90,13 @@ def write_bundle(
     try:
         (tmp / ONNX_FILE).write_bytes(onnx_bytes)
         (tmp / VOCAB_DIR).mkdir()
+        hashed = {name: m.to_json() for name, m in vocabularies.items() if isinstance(m, HashedIds)}
         for name, vocab in vocabularies.items():
-            np.save(tmp / VOCAB_DIR / f"{name}.npy", vocab.ids)
+            if name not in hashed:
+                np.save(tmp / VOCAB_DIR / f"{name}.npy", vocab.ids)
         manifest = {
-            "format_version": BUNDLE_FORMAT_VERSION,
+            "format_version": HASHED_FORMAT_VERSION if hashed else BUNDLE_FORMAT_VERSION,
+            **({"id_mapping": hashed} if hashed else {}),
             "model_version": model_version,
             "model_type": model_type,
             "feature_spec": spec.to_json(),
@@ -115,10 +126,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     except (OSError, ValueError) as e:
         raise BundleError(f"{manifest_path} is not valid JSON ({e}); the bundle is corrupt") from None
     version = manifest.get("format_version")
-    if version != BUNDLE_FORMAT_VERSION:
+    if version not in SUPPORTED_FORMAT_VERSIONS:
         raise BundleError(
-            f"bundle format version {version!r} is not supported (this service reads version "
-            f"{BUNDLE_FORMAT_VERSION}); re-export the model with a matching `din train`"
+            f"bundle format version {version!r} is not supported (this service reads versions "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export the model with a matching `din train`"
         )
     try:
         spec = FeatureSpec.from_json(manifest["feature_spec"])
@@ -128,8 +139,21 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{manifest_path} lacks a required entry ({e}); the bundle is corrupt") from None
     if not (path / ONNX_FILE).is_file():
         raise BundleError(f"{path / ONNX_FILE} is missing; the bundle is incomplete")
-    vocabularies: dict[str, Vocabulary] = {}
+    vocabularies: dict[str, IdMapping] = {}
+    id_mapping = manifest.get("id_mapping", {}) if version == HASHED_FORMAT_VERSION else {}
     for name in (*spec.sequence_fields, *spec.profile_fields):
+        if name in id_mapping:
+            try:
+                hashed = HashedIds.from_json(id_mapping[name])
+            except (KeyError, TypeError, ValueError) as e:
+                raise BundleError(f"{manifest_path}: id_mapping.{name} is not usable ({e}); re-export the model") from None
+            if hashed.num_rows != spec.vocab_sizes.get(name):
+                raise BundleError(
+                    f"{manifest_path}: id_mapping.{name} has {hashed.num_rows} rows but the feature spec "
+                    f"says {spec.vocab_sizes.get(name)}; the bundle is corrupt"
+                )
+            vocabularies[name] = hashed
+            continue
         vocab_path = path / VOCAB_DIR / f"{name}.npy"
         try:
             vocab = Vocabulary(np.load(vocab_path, allow_pickle=False))

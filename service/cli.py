@@ -108,6 +108,13 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
     out: Annotated[Path, typer.Option(help="Directory the bundle is written into.")] = DEFAULT_BUNDLES,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes (torchrun, DDP); implies --stream.")] = 1,
+    stream: Annotated[bool, typer.Option(help="Stream a sorted Parquet log in blocks instead of loading it.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the newest checkpoint in --run-dir (streamed).")] = False,
+    hash_buckets: Annotated[Optional[int], typer.Option(min=1, help="Hash ids into N rows per field (streamed).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps; 0: epoch ends (streamed).")] = 0,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints and report of a streamed run.")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process (streamed).")] = 0,
 ) -> None:
     """Train a model, evaluate it (validation per epoch, test once) and export the ONNX bundle."""
     _setup_logging()
@@ -120,6 +127,12 @@ def train(
 
     if model not in MODELS:
         _fail(f"--model {model!r} is not known; choose one of: {', '.join(sorted(MODELS))}")
+    if stream or nproc > 1 or resume or hash_buckets or checkpoint_every or run_dir or workers:
+        from model.train_dist import DistTrainConfig
+
+        streamed = dict(resume=resume, hash_buckets=hash_buckets, checkpoint_every=checkpoint_every, run_dir=run_dir, workers=workers)
+        _train_streamed(DistTrainConfig(data=data, model=model, seed=seed, out=out, **streamed, **({"epochs": epochs} if epochs else {})), nproc, json_output)
+        return
     _load_log(data)  # validates --data early with a clear message
     config = TrainConfig(data=data, model=model, seed=seed, out=out)
     if epochs is not None:
@@ -135,6 +148,107 @@ def train(
             f"{result.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}\n"
             f"bundle: {result.bundle}"
         )
+
+
+def _train_streamed(config, nproc: int, json_output: bool) -> None:
+    """`din train --stream / --nproc N`: model/train_dist.py, in this process or under torchrun."""
+    from model.bundle import update_latest
+    from model.data.log import LogFormatError
+    from model.train_dist import launch
+
+    try:
+        report = launch(config, nproc)
+    except (LogFormatError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    update_latest(config.out, Path(report["bundle"]))
+    payload = {"bundle": report["bundle"], "model": report["model"], "metrics": report["metrics"], "world": report["world"],
+               "samples_per_second": report["samples_per_second"], "report": str(config.run_path / "report.json")}  # fmt: skip
+    if json_output:
+        typer.echo(json.dumps(_finite(payload), allow_nan=False))
+    else:
+        m = report["metrics"]
+        typer.echo(
+            f"{report['model']} ({report['world']} process(es), {report['samples_per_second']:.0f} samples/s): "
+            f"test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}\nbundle: {report['bundle']}"
+        )
+
+
+@app.command()
+def prepare(
+    source: Annotated[Path, typer.Argument(help="Behaviour log (Parquet or CSV).")],
+    out: Annotated[Path, typer.Argument(help="Sorted Parquet log to write.")],
+    memory_mb: Annotated[int, typer.Option(min=16, help="Memory budget of the external sort.")] = 512,
+    row_group_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet row group of OUT.")] = 65_536,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Sort a behaviour log by (user_id, timestamp) in bounded memory, for streamed training."""
+    _setup_logging()
+    from model.data.log import LogFormatError
+    from model.data.prepare import prepare_log
+
+    try:
+        report = prepare_log(source, out, memory_mb=memory_mb, row_group_rows=row_group_rows, progress=not json_output)
+    except (LogFormatError, ValueError) as e:
+        _fail(str(e))
+    if json_output:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        typer.echo(f"{report.out}: {report.rows} events of {report.users} users sorted in {report.seconds:.1f}s ({report.partitions} partition(s))")
+
+
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+def bench_train(
+    users: Annotated[int, typer.Option(min=1, help="Synthetic users (about 30 events each).")] = 20_000,
+    procs: Annotated[str, typer.Option(help="Process counts to time, comma-separated.")] = "1,2",
+    steps: Annotated[int, typer.Option(min=1, help="Timed global steps per run.")] = 60,
+    batch_size: Annotated[int, typer.Option(min=8, help="Global batch size.")] = 1024,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads per process.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "cpu",
+    work_dir: Annotated[Optional[Path], typer.Option(help="Cache for the log and runs.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Training throughput (samples/s) and peak RSS of DIN with 1 and 2 processes."""
+    _setup_logging()
+    from model.bench_train import TrainBenchConfig
+    from model.bench_train import bench_train as run_bench
+
+    try:
+        counts = tuple(int(p) for p in procs.split(","))
+    except ValueError:
+        _fail(f"--procs {procs!r} must be comma-separated integers, e.g. 1,2")
+    result = run_bench(TrainBenchConfig(work_dir=work_dir or DIN_HOME / "bench" / "train", users=users, procs=counts,
+                                        steps=steps, batch_size=batch_size, device=device, threads=threads))  # fmt: skip
+    if json_output:
+        typer.echo(json.dumps(result))
+    else:
+        for r in result["runs"]:
+            typer.echo(f"{r['nproc']} process(es): {r['samples_per_second']:.0f} samples/s (x{r['speedup']}), peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+@bench_app.command("train-memory")
+def bench_train_memory(
+    events: Annotated[int, typer.Option(min=1, help="Events in the generated log.")] = 20_000_000,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps on it.")] = 200,
+    eval_blocks: Annotated[int, typer.Option(min=1, help="Blocks evaluated per split.")] = 8,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where the log is generated (deleted after).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Train on a generated log of EVENTS events and print the trainer's peak RSS (limit 2 GiB)."""
+    _setup_logging()
+    from model.bench_train import MemoryBenchConfig
+    from model.bench_train import bench_train_memory as run_bench
+
+    result = run_bench(MemoryBenchConfig(work_dir=work_dir or DIN_HOME / "bench" / "train-memory", events=events,
+                                         steps=steps, eval_blocks=eval_blocks), progress=not json_output)  # fmt: skip
+    if json_output:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{result['events']} events, {result['train_steps']} steps: peak RSS {result['peak_rss_mb']:.0f} MB "
+                   f"(limit {result['limit_mb']:.0f} MB: {'ok' if result['under_limit'] else 'EXCEEDED'})")  # fmt: skip
 
 
 @app.command()

@@ -1,0 +1,166 @@
+"""Data-parallel training under torchrun (2 gloo processes) against 1 process; kill and resume.
+
+Each torchrun start costs a few seconds (python + torch import per process), so the runs
+are module fixtures shared by the assertions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import load_bundle
+from model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from model.data.log import read_log
+from model.data.stream_plan import TRAIN, user_split
+from model.data.synthetic import SyntheticConfig, write_synthetic
+from model.train_dist import DistTrainConfig, launch, parse_args
+
+TINY = SyntheticConfig(users=300, items=80, categories=8, events_per_user=(4, 12), seed=5)
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_synthetic(TINY, tmp_path_factory.mktemp("data") / "tiny.parquet")
+
+
+def _config(data: Path, root: Path, name: str, **kw) -> DistTrainConfig:
+    base = dict(
+        data=f"events:{data}", epochs=EPOCHS, batch_size=64, embedding_dim=4, max_history=8, out=root / "bundles",
+        run_dir=root / name, block_events=200, shuffle_window=300, shards=4, checkpoint_every=5, threads=1,
+        progress=False, record_samples=True, verify_replicas=True,
+    )  # fmt: skip
+    return DistTrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    one = _config(data, root, "one")
+    two = _config(data, root, "two")
+    return {"one": (one, launch(one, 1)), "two": (two, launch(two, 2)), "root": root}
+
+
+def _final_state(config: DistTrainConfig) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(config.run_path))["model"]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_parameters_are_identical_across_ranks_after_every_step(runs):
+    _, report = runs["two"]
+    assert report["world"] == 2 and report["backend"] == "gloo"
+    assert report["replica_checks"] == report["global_steps"] > 20
+    assert len(report["peak_rss_mb"]) == 2 and all(r > 50 for r in report["peak_rss_mb"])
+
+
+def test_each_training_sample_is_used_exactly_once_per_epoch(runs, data):
+    log = read_log(data)
+    rows = np.flatnonzero(user_split(log.user_id, (0.8, 0.1, 0.1), 0) == TRAIN)
+    expected = np.sort(np.concatenate([rows * 2, rows * 2 + 1]))  # each event and its one negative
+    for name, world in (("one", 1), ("two", 2)):
+        config, report = runs[name]
+        assert report["train_samples"] == EPOCHS * expected.size
+        for epoch in range(1, EPOCHS + 1):
+            per_rank = [np.load(config.run_path / "samples" / f"epoch{epoch}-rank{r}.npy") for r in range(world)]
+            if world == 2:
+                assert per_rank[0].size > 0 and per_rank[1].size > 0
+                assert np.intersect1d(per_rank[0], per_rank[1]).size == 0
+            np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), expected)
+
+
+def test_two_processes_train_the_same_model_as_one(runs):
+    (one, r1), (two, r2) = runs["one"], runs["two"]
+    assert r1["global_steps"] == r2["global_steps"]
+    for k in ("auc", "gauc", "logloss"):
+        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=1e-5)
+    for h1, h2 in zip(r1["validation"], r2["validation"], strict=True):
+        for k in ("auc", "gauc", "logloss", "train_loss"):
+            assert h2[k] == pytest.approx(h1[k], abs=1e-5)
+    assert _max_diff(_final_state(one), _final_state(two)) < 1e-5
+    # only rank 0 wrote a bundle and a report; the bundle serves the ids the plan fitted
+    bundles = sorted(p for p in (runs["root"] / "bundles").iterdir() if not p.name.startswith("."))
+    assert len(bundles) == 2
+    manifest = load_bundle(r2["bundle"]).manifest
+    assert manifest["distributed"] == {"world": 2, "backend": "gloo", "shards": 4}
+    assert manifest["metrics"]["test"] == pytest.approx(r2["metrics"])
+
+
+def test_same_seed_same_processes_same_result(runs, data):
+    config, report = runs["two"]
+    again = replace(config, run_dir=runs["root"] / "two-again", record_samples=False, verify_replicas=False)
+    r = launch(again, 2)
+    assert r["metrics"] == report["metrics"]
+    assert _max_diff(_final_state(config), _final_state(again)) == 0.0
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(runs, nproc):
+    reference, ref_report = runs["one" if nproc == 1 else "two"]
+    steps_per_epoch = ref_report["global_steps"] // EPOCHS
+    crash_at = steps_per_epoch + 7  # mid epoch 2, two steps after a checkpoint (every 5)
+    assert crash_at % 5 != 0
+    config = replace(reference, run_dir=runs["root"] / f"crash{nproc}", crash_after_steps=crash_at)
+    with pytest.raises(RuntimeError, match="exited with code"):
+        launch(config, nproc)  # every process SIGKILLs itself after global step `crash_at`
+    saved = list_checkpoints(config.run_path)
+    last = load_checkpoint(saved[-1])
+    assert last["global_step"] == crash_at // 5 * 5 and last["epoch"] == 2 and len(last["history"]) == 1
+    assert set(last["model"]) == set(_final_state(reference))  # parameters and buffers
+    assert len(last["rng"]) == nproc and last["world"] == nproc
+    assert not (config.run_path / "report.json").exists()
+
+    resumed = launch(replace(config, crash_after_steps=None, resume=True), nproc)
+    assert resumed["resumed_from"] == last["global_step"]
+    assert resumed["global_steps"] == ref_report["global_steps"]
+    # the resumed process trained on the rest of epoch 2 only: no sample again, none skipped
+    per_epoch = ref_report["train_samples"] // EPOCHS
+    assert resumed["train_samples"] == per_epoch - 64 * last["step"]
+    ids = np.concatenate([np.load(config.run_path / "samples" / f"epoch2-rank{r}.npy") for r in range(nproc)])
+    assert np.unique(ids).size == ids.size == per_epoch - 64 * last["step"]
+    assert _max_diff(_final_state(reference), _final_state(config)) < 1e-6
+    for k in ("auc", "gauc", "logloss"):
+        assert resumed["metrics"][k] == pytest.approx(ref_report["metrics"][k], abs=1e-6)
+    assert [h["epoch"] for h in resumed["validation"]] == [1, 2]
+    for h, want in zip(resumed["validation"], ref_report["validation"]):  # train loss of the resumed epoch too
+        assert h["train_loss"] == pytest.approx(want["train_loss"], abs=1e-6)
+
+
+def test_resume_refuses_other_settings(runs):
+    config, _ = runs["one"]
+    with pytest.raises(ValueError, match="batch_size: 64 -> 128"):
+        launch(replace(config, batch_size=128, resume=True, record_samples=False), 1)
+
+
+def test_command_line_round_trip():
+    config = DistTrainConfig(data="events:/x.parquet", hash_buckets=1000, resume=True, progress=False, out=Path("o"))
+    again = parse_args(config.to_argv())
+    assert again == config
+    assert json.dumps(config.to_json())
+
+
+def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path):
+    import torch.distributed as dist
+
+    from model.distributed import DistContext, all_reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+        values = np.array([1.5, 2.0])
+        counts = np.array([3, 4], np.int64)
+        out = all_reduce_sum(ctx, values)
+        out += 1
+        np.testing.assert_array_equal(values, [1.5, 2.0])  # an in-place reduce once double-counted losses
+        assert all_reduce_sum(ctx, counts).dtype == np.int64
+    finally:
+        dist.destroy_process_group()
