@@ -1,20 +1,26 @@
 """Bulk load: a behaviour log into a new data version, then one SET switches readers to it.
 
-Order of work, so that a reader never sees a half-loaded state:
+Order of work, so that a reader never sees a half-loaded state and no live append is lost:
 1. group the log's behaviours (the trainer's rule: `behaviour_mask`) by user with one
-   vectorised sort, keep each user's newest `max_history`, newest first;
-2. INCR `{ns}:seq` for a fresh version and SET every user key of that version with
-   non-transactional pipelines, `chunk_users` users per round trip;
-3. write `{ns}:v{version}:meta`;
-4. SET `{ns}:current` to the new version (atomic; the old version comes back with GET);
-5. after a grace period (readers re-check the pointer at least that often), delete the
-   previous version's keys with SCAN + UNLINK, unless `keep_old`.
-If anything fails before step 4, the partial new version is deleted and readers keep the
-old one.
+   vectorised sort, keep each user's newest `max_history`, newest first; ad id ->
+   category of its latest event;
+2. claim a version: resume an unfinished load of the same data (`{ns}:loading`), else
+   INCR `{ns}:seq`; fence the new version "loading" (live appends for it are parked)
+   and the live version "next = new" (live appends go to both);
+3. SET every user key, `chunk_users` per round trip, recording progress after each
+   chunk (a killed load resumes there); SET the ad keys and the meta;
+4. seal the new version (fences "serving") and merge the parked appends into it;
+5. SET `{ns}:current` to the new version (atomic; the old version comes back with GET);
+6. after a grace period (readers re-check the pointer at least that often), retire the
+   previous version and delete its keys (SCAN + UNLINK), unless `keep_old`.
+If an exception stops the load before step 5, the new version is deleted and readers
+keep the old one; a load killed outright leaves its version unreferenced, to be resumed
+(same data) or removed (other data) by the next `din load`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -24,11 +30,15 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import redis
 from tqdm import tqdm
 
-from feature_store.keys import KeySpace, current_key, seq_key
-from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_users
+from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
+from feature_store.connection import is_cluster
+from feature_store.fences import Fence, delete_fences, read_fence, user_fence_tag, write_fences
+from feature_store.keys import KeySpace, current_key, loading_key, seq_key
+from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_ads, encode_users
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
@@ -36,6 +46,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_HISTORY = 50
 DEFAULT_CHUNK_USERS = 1000
 DEFAULT_GRACE_S = 2.0  # > the reader's default version refresh interval (1 s)
+DEFAULT_ID_WINDOW = 128  # event ids remembered per user (a LIST that stays a compact listpack)
+DEFAULT_ID_TTL_S = 86_400  # ... for a day after the user's last append
+DEFAULT_STALE_AFTER_S = 60.0  # a load whose progress is older is dead: resumed or removed
+AD_FIELDS = ("cate_id",)
+AD_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,9 @@ class LoadReport:
     bytes: int  # total size of the user values
     seconds: float
     deleted_keys: int  # keys of the previous version removed
+    ads: int = 0  # ad keys written
+    resumed_from: int = 0  # users already written by an earlier, killed run of this load
+    merged_users: int = 0  # users whose appends arrived during the load and were merged
 
     @property
     def users_per_s(self) -> float:
@@ -147,11 +165,86 @@ def group_histories(
     return GroupedHistories(all_users, counts, rows, profiles, fields)
 
 
-def delete_version(client: redis.Redis, keys: KeySpace, batch: int = 1000) -> int:
-    """UNLINK every key of one data version (SCAN by its prefix); returns how many."""
+def group_ads(log: BehaviourLog) -> tuple[np.ndarray, np.ndarray]:
+    """(ad ids sorted, (A, 1) category ids): each ad's category as of its latest event.
+
+    Hash-grouped by (ad, category) in Arrow first (no sort of the whole log); only ads
+    seen with more than one category are resolved row by row (latest timestamp, then
+    the later row).
+    """
+    item = np.asarray(log.item_id, dtype=np.int64)
+    cate = np.asarray(log.cate_id, dtype=np.int64)
+    if item.size == 0:
+        return np.empty(0, np.int64), np.empty((0, 1), np.int64)
+    pairs = pa.table({"item_id": item, "cate_id": cate}).group_by(["item_id", "cate_id"]).aggregate([])
+    p_item = pairs.column("item_id").to_numpy()
+    p_cate = pairs.column("cate_id").to_numpy()
+    order = np.argsort(p_item, kind="stable")
+    p_item, p_cate = p_item[order], p_cate[order]
+    ads, first, counts = np.unique(p_item, return_index=True, return_counts=True)
+    out = p_cate[first].copy()
+    conflicted = ads[counts > 1]
+    if conflicted.size:
+        rows = np.flatnonzero(np.isin(item, conflicted))
+        rows = rows[np.lexsort((rows, np.asarray(log.timestamp)[rows], item[rows]))]
+        last = np.r_[item[rows][1:] != item[rows][:-1], True]
+        out[np.searchsorted(ads, item[rows][last])] = cate[rows][last]
+    return ads, out[:, None]
+
+
+def load_fingerprint(log: BehaviourLog, grouped: GroupedHistories, settings: dict) -> str:
+    """Names the data and options of a load: a killed load is resumed only by an identical one."""
+    h = hashlib.sha256(log.fingerprint().encode())
+    h.update(np.ascontiguousarray(grouped.profiles).tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- raw writes
+def set_values(client, keys: Sequence[str], data: bytes, offsets: Sequence[int], ex: int = 0) -> None:
+    """SET keys[i] = data[offsets[i]:offsets[i+1]] (EX `ex` if > 0), one round trip on a single Redis.
+
+    On a single Redis the commands are written as RESP into one buffer and sent at once,
+    replies read after: the client-side cost per key is one bytes format (redis-py's
+    pipeline costs ~10 us per command). A cluster goes through redis-py's cluster
+    pipeline, which splits the commands per node.
+    """
+    view = memoryview(data)
+    if is_cluster(client):
+        pipe = client.pipeline(transaction=False)
+        for i, key in enumerate(keys):
+            value = view[offsets[i] : offsets[i + 1]].tobytes()
+            pipe.set(key, value, ex=ex) if ex > 0 else pipe.set(key, value)
+        pipe.execute()
+        return
+    argc = b"*5\r\n" if ex > 0 else b"*3\r\n"
+    tail = b"\r\n$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ex)), ex) if ex > 0 else b"\r\n"
+    parts: list = []
+    for i, key in enumerate(keys):
+        k = key.encode()
+        a, b = offsets[i], offsets[i + 1]
+        parts.append(b"%s$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(k), k, b - a))
+        parts.append(view[a:b])
+        parts.append(tail)
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([b"".join(parts)], check_health=True)
+        for _ in range(len(keys)):
+            conn.read_response()
+    except BaseException:
+        conn.disconnect()  # replies may be left unread: never reuse this connection
+        raise
+    finally:
+        pool.release(conn)
+
+
+def _delete_matching(client, pattern: str, skip_prefix: bytes | None = None, batch: int = 1000) -> int:
     deleted = 0
     pending: list[bytes] = []
-    for key in client.scan_iter(match=keys.match_all, count=batch):
+    for key in client.scan_iter(match=pattern, count=batch):
+        if skip_prefix is not None and key.startswith(skip_prefix):
+            continue
         pending.append(key)
         if len(pending) >= batch:
             deleted += client.unlink(*pending)
@@ -161,19 +254,108 @@ def delete_version(client: redis.Redis, keys: KeySpace, batch: int = 1000) -> in
     return deleted
 
 
-def _abandon(client: redis.Redis, keys: KeySpace) -> None:
-    """Delete a failed load's keys, unless the switch happened after all (a lost reply)."""
-    try:
-        current = client.get(keys.current)
-        if current is not None and current.decode() == keys.version:
-            return
-        delete_version(client, keys)
-    except redis.RedisError:  # the store is gone; the orphan version is never current
-        logger.warning("could not remove the partial data version %s of %s", keys.version, keys.namespace)
+def delete_version(client, keys: KeySpace, batch: int = 1000) -> int:
+    """UNLINK every key of one data version (SCAN by its prefix, fences last); returns how many."""
+    deleted = _delete_matching(client, keys.match_all, skip_prefix=keys.fence_prefix.encode(), batch=batch)
+    return deleted + delete_fences(client, keys)
+
+
+def _current(client, namespace: str) -> str | None:
+    raw = client.get(current_key(namespace))
+    return raw.decode() if raw is not None else None
+
+
+def _redirect(client, namespace: str, version: str | None, state: str, nxt: str | None = None,
+              only_if_next: str | None = None) -> None:
+    """Set every fence of `version` to `state` (keeping its settings), if it has fences."""
+    if version is None:
+        return
+    keys = KeySpace(namespace=namespace, version=version)
+    fence = read_fence(client, keys)
+    if fence is None or (only_if_next is not None and fence.next != only_if_next):
+        return
+    write_fences(client, keys, fence.to(state, nxt))
+
+
+def abandon_version(client, namespace: str, version: str) -> int:
+    """Remove an unfinished load's version, and stop sending live appends to it; returns keys deleted."""
+    current = _current(client, namespace)
+    if current == version:  # it was switched to after all (a lost reply): it is the live one
+        client.hdel(loading_key(namespace), version)
+        return 0
+    _redirect(client, namespace, current, "S", only_if_next=version)
+    keys = KeySpace(namespace=namespace, version=version)
+    if current is not None and read_fence(client, keys) is not None:
+        write_fences(client, keys, read_fence(client, keys).to("R", current))
+    deleted = delete_version(client, keys)
+    client.hdel(loading_key(namespace), version)
+    return deleted
+
+
+def retire_version(client, namespace: str, version: str, successor: str) -> int:
+    """Point the version's appends at `successor`, then delete its keys (fences last)."""
+    _redirect(client, namespace, version, "R", successor)
+    return delete_version(client, KeySpace(namespace=namespace, version=version))
+
+
+def _claim(client, namespace: str, fingerprint: str, resume: bool, stale_after_s: float) -> tuple[str, dict]:
+    """(version, state): an unfinished load of the same data to resume, else a fresh version.
+
+    Unfinished loads of other data whose progress is older than `stale_after_s` are dead
+    and removed; younger ones may still be running and are left alone.
+    """
+    now = time.time()
+    current = _current(client, namespace)
+    found: tuple[str, dict] | None = None
+    for raw_version, raw_state in sorted(client.hgetall(loading_key(namespace)).items()):
+        version = raw_version.decode()
+        try:
+            state = json.loads(raw_state)
+        except ValueError:
+            state = {}
+        if version == current:
+            client.hdel(loading_key(namespace), version)
+        elif resume and found is None and state.get("fingerprint") == fingerprint:
+            found = version, state
+        elif now - float(state.get("heartbeat", 0)) > stale_after_s:
+            logger.warning("removing the unfinished load of data version %s of %s (no progress for %.0f s)",
+                           version, namespace, now - float(state.get("heartbeat", 0)))
+            abandon_version(client, namespace, version)
+    if found is not None:
+        return found
+    version = str(client.incr(seq_key(namespace)))
+    state = {"fingerprint": fingerprint, "users_done": 0, "heartbeat": now, "started_at": now}
+    client.hset(loading_key(namespace), version, json.dumps(state))
+    return version, state
+
+
+def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
+    """Apply the events parked while `keys.version` was loading (it must be sealed); returns users."""
+    client.script_load(APPEND_LUA)
+    merged = 0
+    todo: list[bytes] = []
+
+    def flush() -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in todo:
+            uid = int(key[key.index(b"{") + 1 : -1])
+            pipe.evalsha(APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+                         keys.fence(user_fence_tag(uid)), "merge", 0, b"", PENDING_TTL_S)
+        pipe.execute()
+        todo.clear()
+
+    for key in client.scan_iter(match=keys.pending_match, count=1000):
+        todo.append(key)
+        merged += 1
+        if len(todo) >= batch:
+            flush()
+    if todo:
+        flush()
+    return merged
 
 
 def load_log(
-    client: redis.Redis,
+    client,
     log: BehaviourLog,
     *,
     namespace: str = "din",
@@ -183,61 +365,106 @@ def load_log(
     chunk_users: int = DEFAULT_CHUNK_USERS,
     grace_s: float = DEFAULT_GRACE_S,
     profile_fields: Sequence[str] | None = None,
+    user_ttl_s: int = 0,
+    id_window: int = DEFAULT_ID_WINDOW,
+    id_ttl_s: int = DEFAULT_ID_TTL_S,
+    resume: bool = True,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> LoadReport:
-    """Write `log` as a new data version of `namespace` and make it the current one."""
+    """Write `log` as a new data version of `namespace` and make it the current one.
+
+    `user_ttl_s` > 0: a user's keys expire that long after the load or their last live
+    append. `resume`: continue an unfinished (killed) load of the same data and options.
+    """
     if chunk_users < 1:
         raise ValueError(f"chunk_users must be at least 1, got {chunk_users}")
+    if user_ttl_s < 0 or id_ttl_s < 0 or id_window < 1:
+        raise ValueError("user_ttl_s and id_ttl_s must be >= 0 and id_window >= 1")
     t0 = time.perf_counter()
     grouped = group_histories(log, max_history, profile_fields)
     if grouped.user_id.size == 0:
         raise ValueError(f"behaviour log {log.name!r} has no users: nothing to load (the current data stays)")
-    version = str(client.incr(seq_key(namespace)))
+    ad_ids, ad_values = group_ads(log)
+    settings = {
+        "max_history": int(max_history), "profile_fields": list(grouped.profile_fields), "chunk_users": chunk_users,
+        "user_ttl_s": int(user_ttl_s), "id_window": int(id_window), "id_ttl_s": int(id_ttl_s),
+    }
+    fingerprint = load_fingerprint(log, grouped, settings)
+    version, state = _claim(client, namespace, fingerprint, resume, stale_after_s)
     keys = KeySpace(namespace=namespace, version=version)
+    fence = Fence("L", None, int(max_history), len(grouped.profile_fields), int(user_ttl_s), int(id_window), int(id_ttl_s))
     columns = [np.asarray(c, dtype=np.int64) for c in (log.item_id, log.cate_id, log.timestamp)]
     record_end = np.cumsum(grouped.counts)
     n_users = grouped.user_id.size
+    start = min(int(state.get("users_done", 0)), n_users) // chunk_users * chunk_users
+    if start:
+        logger.info("resuming the load of data version %s at user %d of %d", version, start, n_users)
     total_bytes = 0
+    switched = False
     bar = tqdm(
-        total=n_users, unit="users", unit_scale=True, file=sys.stderr, disable=not progress,
+        total=n_users, initial=start, unit="users", unit_scale=True, file=sys.stderr, disable=not progress,
         desc=f"load {namespace} v{version}", dynamic_ncols=True,
     )
     try:
+        write_fences(client, keys, fence)
+        previous_live = _current(client, namespace)
+        _redirect(client, namespace, previous_live, "N", version)
         with bar:
-            for a in range(0, n_users, chunk_users):
+            for a in range(start, n_users, chunk_users):
                 b = min(a + chunk_users, n_users)
                 r0 = int(record_end[a - 1]) if a else 0
-                r1 = int(record_end[b - 1]) if b else 0
+                r1 = int(record_end[b - 1])
                 rows = grouped.rows[r0:r1]
                 words = np.empty((rows.size, 3), dtype=np.int64)  # item_id, cate_id, timestamp
                 for j, col in enumerate(columns):
                     words[:, j] = col[rows]
                 data, offsets = encode_users(grouped.counts[a:b], words, grouped.profiles[a:b])
                 total_bytes += len(data)
-                bounds = offsets.tolist()
-                pipe = client.pipeline(transaction=False)
-                for i, key in enumerate(keys.users(grouped.user_id[a:b].tolist())):
-                    pipe.execute_command("SET", key, data[bounds[i] : bounds[i + 1]])  # (.set() is slower)
-                pipe.execute()
+                set_values(client, keys.users(grouped.user_id[a:b].tolist()), data, offsets.tolist(), ex=user_ttl_s)
+                state.update(users_done=b, heartbeat=time.time())
+                client.hset(loading_key(namespace), version, json.dumps(state))
                 bar.update(b - a)
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "profile_fields": list(grouped.profile_fields),
-                "max_history": int(max_history),
-                "users": int(n_users),
-                "events": int(grouped.rows.size),
-                "source": log.name,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            client.set(keys.meta, json.dumps(meta))
-            previous = client.set(current_key(namespace), version, get=True)
+        ad_size = 8 + 8 * len(AD_FIELDS)
+        for a in range(0, ad_ids.size, AD_CHUNK):
+            b = min(a + AD_CHUNK, ad_ids.size)
+            set_values(client, keys.ads(ad_ids[a:b].tolist()), encode_ads(ad_values[a:b]),
+                       range(0, (b - a + 1) * ad_size, ad_size))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "profile_fields": list(grouped.profile_fields),
+            "ad_fields": list(AD_FIELDS),
+            "max_history": int(max_history),
+            "users": int(n_users),
+            "ads": int(ad_ids.size),
+            "events": int(grouped.rows.size),
+            "user_ttl_s": int(user_ttl_s),
+            "event_id_window": int(id_window),
+            "event_id_ttl_s": int(id_ttl_s),
+            "source": log.name,
+            "fingerprint": fingerprint,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        client.set(keys.meta, json.dumps(meta))
+        write_fences(client, keys, fence.to("S"))  # seal: from here appends apply directly ...
+        merged = merge_pending(client, keys)  # ... and those parked before are merged
+        previous = client.set(current_key(namespace), version, get=True)
+        switched = True
+        client.hdel(loading_key(namespace), version)
     except BaseException:
-        _abandon(client, keys)
+        if not switched:
+            try:
+                abandon_version(client, namespace, version)
+            except redis.RedisError:  # the store is gone; the orphan is never current
+                logger.warning("could not remove the partial data version %s of %s", version, namespace)
         raise
     previous = previous.decode() if isinstance(previous, bytes) else previous
     deleted = 0
-    if previous is not None and previous != version and not keep_old:
-        time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
-        deleted = delete_version(client, KeySpace(namespace=namespace, version=previous))
+    if previous is not None and previous != version:
+        if previous != previous_live:  # another load switched meanwhile: it gets our appends too
+            _redirect(client, namespace, previous, "N", version)
+        if not keep_old:
+            time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
+            deleted = retire_version(client, namespace, previous, version)
     return LoadReport(
         namespace=namespace,
         version=version,
@@ -248,4 +475,28 @@ def load_log(
         bytes=total_bytes,
         seconds=time.perf_counter() - t0,
         deleted_keys=deleted,
+        ads=int(ad_ids.size),
+        resumed_from=start,
+        merged_users=merged,
     )
+
+
+def create_empty_version(client, namespace: str, fence: Fence) -> str:
+    """A serving version with no users (the first live event into an empty store creates it).
+
+    Returns the current version: ours, or the one another process made current first.
+    """
+    version = str(client.incr(seq_key(namespace)))
+    keys = KeySpace(namespace=namespace, version=version)
+    write_fences(client, keys, fence.to("S"))
+    meta = {
+        "format_version": FORMAT_VERSION, "profile_fields": [], "ad_fields": list(AD_FIELDS),
+        "max_history": fence.max_history, "users": 0, "ads": 0, "events": 0, "user_ttl_s": fence.user_ttl_s,
+        "event_id_window": fence.id_window, "event_id_ttl_s": fence.id_ttl_s, "source": "live events",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    client.set(keys.meta, json.dumps(meta))
+    if client.set(current_key(namespace), version, nx=True):
+        return version
+    delete_version(client, keys)
+    return _current(client, namespace)
