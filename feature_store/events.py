@@ -73,7 +73,7 @@ class EventBatch:
 
 @dataclass(frozen=True)
 class AppendReport:
-    """What one append call did; `version` is the data version that was current."""
+    """What one append call did; `version` is the live data version as the appender knows it afterwards."""
 
     events: int  # events in the request
     applied: int  # appended (not duplicates)

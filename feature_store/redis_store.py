@@ -315,7 +315,7 @@ class RedisHistoryStore(HistoryStore):
         dups = sum(d for _, d in first.values())
         metrics.EVENTS_APPLIED.inc(applied)
         metrics.EVENTS_DUPLICATE.inc(dups)
-        return AppendReport(len(events), applied, dups, len(groups), version)
+        return AppendReport(len(events), applied, dups, len(groups), self.version or version)
 
     # ---------------------------------------------------------------------- stats
     async def _sum_over_nodes(self, value) -> float:
