@@ -39,6 +39,7 @@ from feature_store.connection import is_cluster
 from feature_store.fences import Fence, delete_fences, read_fence, user_fence_tag, write_fences
 from feature_store.keys import KeySpace, current_key, loading_key, seq_key
 from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_ads, encode_users
+from feature_store.resp import SetWriter
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ DEFAULT_ID_TTL_S = 86_400  # ... for a day after the user's last append
 DEFAULT_STALE_AFTER_S = 60.0  # a load whose progress is older is dead: resumed or removed
 AD_FIELDS = ("cate_id",)
 AD_CHUNK = 10_000
+PROGRESS_EVERY_S = 0.5  # how often a load records how far it got (the resume point)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class LoadReport:
     ads: int = 0  # ad keys written
     resumed_from: int = 0  # users already written by an earlier, killed run of this load
     merged_users: int = 0  # users whose appends arrived during the load and were merged
+    prepare_seconds: float = 0.0  # grouping the log, ads, fingerprint (no Redis)
+    write_seconds: float = 0.0  # writing the user and ad keys
 
     @property
     def users_per_s(self) -> float:
@@ -87,10 +91,18 @@ class GroupedHistories:
     profile_fields: tuple[str, ...]
 
 
+def _already_in_order(uid: np.ndarray, ts: np.ndarray) -> bool:
+    """Grouped by ascending user, and in time order within each user."""
+    if uid.size < 2:
+        return True
+    if not (uid[1:] >= uid[:-1]).all():
+        return False
+    return bool(((uid[1:] != uid[:-1]) | (ts[1:] >= ts[:-1])).all())
+
+
 def _user_time_order(uid: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """Row order by user, then time (stable): one lexsort, skipped when already in order."""
-    same_user = uid[1:] == uid[:-1]
-    if (uid[1:] >= uid[:-1]).all() and (~same_user | (ts[1:] >= ts[:-1])).all():
+    if _already_in_order(uid, ts):
         return np.arange(uid.size, dtype=np.int64)  # e.g. a log written by sorted_by_user_time()
     return np.lexsort((ts, uid))
 
@@ -128,10 +140,15 @@ def group_histories(
     uid_all = np.asarray(log.user_id, dtype=np.int64)
     mask = behaviour_mask(log)
     everything = bool(mask.all())
-    beh_rows = np.arange(uid_all.size, dtype=np.int64) if everything else np.flatnonzero(mask)
-    uid = uid_all[beh_rows]
-    order = beh_rows[_user_time_order(uid, np.asarray(log.timestamp, dtype=np.int64)[beh_rows])]
-    uid_sorted = uid_all[order]
+    ts_all = np.asarray(log.timestamp, dtype=np.int64)
+    if everything and _already_in_order(uid_all, ts_all):  # e.g. sorted_by_user_time(): no gathers
+        order = None
+        uid_sorted = uid_all
+    else:
+        beh_rows = np.arange(uid_all.size, dtype=np.int64) if everything else np.flatnonzero(mask)
+        uid = uid_all[beh_rows]
+        order = beh_rows[_user_time_order(uid, ts_all[beh_rows])]
+        uid_sorted = uid_all[order]
     n = uid_sorted.size
     starts = np.flatnonzero(np.r_[True, uid_sorted[1:] != uid_sorted[:-1]]) if n else np.empty(0, np.int64)
     ends = np.r_[starts[1:], n].astype(np.int64) if n else np.empty(0, np.int64)
@@ -139,7 +156,9 @@ def group_histories(
     kept = np.minimum(ends - starts, max_history)
     first_out = np.cumsum(kept) - kept
     rank = np.arange(int(kept.sum()), dtype=np.int64) - np.repeat(first_out, kept)  # 0 = newest
-    rows = order[np.repeat(ends - 1, kept) - rank]
+    rows = np.repeat(ends - 1, kept) - rank
+    if order is not None:
+        rows = order[rows]
 
     fields = log.profile_fields if profile_fields is None else tuple(profile_fields)
     missing = [f for f in fields if f not in log.profile_fields]
@@ -204,10 +223,8 @@ def load_fingerprint(log: BehaviourLog, grouped: GroupedHistories, settings: dic
 def set_values(client, keys: Sequence[str], data: bytes, offsets: Sequence[int], ex: int = 0) -> None:
     """SET keys[i] = data[offsets[i]:offsets[i+1]] (EX `ex` if > 0), one round trip on a single Redis.
 
-    On a single Redis the commands are written as RESP into one buffer and sent at once,
-    replies read after: the client-side cost per key is one bytes format (redis-py's
-    pipeline costs ~10 us per command). A cluster goes through redis-py's cluster
-    pipeline, which splits the commands per node.
+    On a single Redis the commands go out as one RESP buffer (feature_store/resp.py); a
+    cluster goes through redis-py's cluster pipeline, which splits the commands per node.
     """
     view = memoryview(data)
     if is_cluster(client):
@@ -217,26 +234,8 @@ def set_values(client, keys: Sequence[str], data: bytes, offsets: Sequence[int],
             pipe.set(key, value, ex=ex) if ex > 0 else pipe.set(key, value)
         pipe.execute()
         return
-    argc = b"*5\r\n" if ex > 0 else b"*3\r\n"
-    tail = b"\r\n$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ex)), ex) if ex > 0 else b"\r\n"
-    parts: list = []
-    for i, key in enumerate(keys):
-        k = key.encode()
-        a, b = offsets[i], offsets[i + 1]
-        parts.append(b"%s$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(k), k, b - a))
-        parts.append(view[a:b])
-        parts.append(tail)
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command([b"".join(parts)], check_health=True)
-        for _ in range(len(keys)):
-            conn.read_response()
-    except BaseException:
-        conn.disconnect()  # replies may be left unread: never reuse this connection
-        raise
-    finally:
-        pool.release(conn)
+    with SetWriter(client) as writer:
+        writer.send(keys, data, offsets, ex)
 
 
 def _delete_matching(client, pattern: str, skip_prefix: bytes | None = None, batch: int = 1000) -> int:
@@ -390,6 +389,7 @@ def load_log(
         "user_ttl_s": int(user_ttl_s), "id_window": int(id_window), "id_ttl_s": int(id_ttl_s),
     }
     fingerprint = load_fingerprint(log, grouped, settings)
+    t_prepared = time.perf_counter()
     version, state = _claim(client, namespace, fingerprint, resume, stale_after_s)
     keys = KeySpace(namespace=namespace, version=version)
     fence = Fence("L", None, int(max_history), len(grouped.profile_fields), int(user_ttl_s), int(id_window), int(id_ttl_s))
@@ -409,21 +409,37 @@ def load_log(
         write_fences(client, keys, fence)
         previous_live = _current(client, namespace)
         _redirect(client, namespace, previous_live, "N", version)
-        with bar:
-            for a in range(start, n_users, chunk_users):
-                b = min(a + chunk_users, n_users)
-                r0 = int(record_end[a - 1]) if a else 0
-                r1 = int(record_end[b - 1])
-                rows = grouped.rows[r0:r1]
-                words = np.empty((rows.size, 3), dtype=np.int64)  # item_id, cate_id, timestamp
-                for j, col in enumerate(columns):
-                    words[:, j] = col[rows]
-                data, offsets = encode_users(grouped.counts[a:b], words, grouped.profiles[a:b])
-                total_bytes += len(data)
-                set_values(client, keys.users(grouped.user_id[a:b].tolist()), data, offsets.tolist(), ex=user_ttl_s)
-                state.update(users_done=b, heartbeat=time.time())
-                client.hset(loading_key(namespace), version, json.dumps(state))
-                bar.update(b - a)
+        writer = None if is_cluster(client) else SetWriter(client)
+        try:
+            with bar:
+                for a in range(start, n_users, chunk_users):
+                    b = min(a + chunk_users, n_users)
+                    r0 = int(record_end[a - 1]) if a else 0
+                    r1 = int(record_end[b - 1])
+                    rows = grouped.rows[r0:r1]
+                    words = np.empty((rows.size, 3), dtype=np.int64)  # item_id, cate_id, timestamp
+                    for j, col in enumerate(columns):
+                        words[:, j] = col[rows]
+                    data, offsets = encode_users(grouped.counts[a:b], words, grouped.profiles[a:b])
+                    total_bytes += len(data)
+                    user_keys = keys.users(grouped.user_id[a:b].tolist())
+                    if writer is not None:  # this chunk in flight, the previous one confirmed
+                        writer.send(user_keys, data, offsets.tolist(), ex=user_ttl_s)
+                        done = a
+                    else:
+                        set_values(client, user_keys, data, offsets.tolist(), ex=user_ttl_s)
+                        done = b
+                    if time.time() - state["heartbeat"] >= PROGRESS_EVERY_S:  # resume point, liveness
+                        state.update(users_done=done, heartbeat=time.time())
+                        client.hset(loading_key(namespace), version, json.dumps(state))
+                    bar.update(b - a)
+            if writer is not None:
+                writer.flush()
+        finally:
+            if writer is not None:
+                writer.close()
+        state.update(users_done=n_users, heartbeat=time.time())
+        client.hset(loading_key(namespace), version, json.dumps(state))
         ad_size = 8 + 8 * len(AD_FIELDS)
         for a in range(0, ad_ids.size, AD_CHUNK):
             b = min(a + AD_CHUNK, ad_ids.size)
@@ -444,6 +460,7 @@ def load_log(
             "fingerprint": fingerprint,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        t_written = time.perf_counter()
         client.set(keys.meta, json.dumps(meta))
         write_fences(client, keys, fence.to("S"))  # seal: from here appends apply directly ...
         merged = merge_pending(client, keys)  # ... and those parked before are merged
@@ -478,6 +495,8 @@ def load_log(
         ads=int(ad_ids.size),
         resumed_from=start,
         merged_users=merged,
+        prepare_seconds=round(t_prepared - t0, 3),
+        write_seconds=round(t_written - t_prepared, 3),
     )
 
 

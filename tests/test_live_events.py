@@ -192,17 +192,17 @@ def test_events_during_a_load_reach_the_new_version(redis_url, redis_client, mon
         cate_id=np.ones(2 * n_users, dtype=np.int64), timestamp=np.tile([10, 20], n_users), name="new",
     )
     written, resume = threading.Event(), threading.Event()
-    real_set_values = loader.set_values
+    real_send = loader.SetWriter.send
     calls = []
 
-    def pausing_set_values(client, keys, *args, **kw):
-        real_set_values(client, keys, *args, **kw)
+    def pausing_send(self, keys, *args, **kw):
+        real_send(self, keys, *args, **kw)
         calls.append(keys[0])
         if len(calls) == 1:  # after the first chunk of users (1..10)
             written.set()
             assert resume.wait(30)
 
-    monkeypatch.setattr(loader, "set_values", pausing_set_values)
+    monkeypatch.setattr(loader.SetWriter, "send", pausing_send)
     result = {}
     t = threading.Thread(target=lambda: result.update(r=store.bulk_load(big_log, chunk_users=10, grace_s=0.5)))
     t.start()
