@@ -16,6 +16,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from feature_store.ad_cache import AdFeatureCache
 from feature_store.records import RECORD_FIELDS
 from model.bundle import Bundle, BundleError, load_bundle
 from service.routes import api_router
@@ -50,7 +51,9 @@ def _connect_store(settings: Settings):
         return None
     from feature_store.redis_store import RedisHistoryStore
 
-    return RedisHistoryStore.from_url(settings.redis_url, namespace=settings.redis_namespace)
+    return RedisHistoryStore.from_url(
+        settings.redis_url, namespace=settings.redis_namespace, cluster=settings.redis_cluster or None
+    )
 
 
 def _install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -96,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.scoring_limiter = anyio.CapacityLimiter(1)
         app.state.store_failing = False
         app.state.store = store
+        app.state.ad_cache = AdFeatureCache(settings.ad_cache_size, settings.ad_cache_ttl_s)
         app.state.scorer = scorer
         log.info("ready: model %s, store %s", scorer.model_version, "redis" if store else "none")
         try:
