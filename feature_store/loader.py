@@ -338,7 +338,7 @@ def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
         pipe = client.pipeline(transaction=False)
         for key in todo:
             uid = int(key[key.index(b"{") + 1 : -1])
-            pipe.evalsha(APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+            pipe.execute_command("EVALSHA", APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
                          keys.fence(user_fence_tag(uid)), "merge", 0, b"", PENDING_TTL_S)
         pipe.execute()
         todo.clear()

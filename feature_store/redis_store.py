@@ -248,8 +248,8 @@ class RedisHistoryStore(HistoryStore):
             for i, version in todo:
                 uid, blob, ids = groups[i]
                 keys = KeySpace(namespace=self.namespace, version=version)
-                pipe.evalsha(
-                    APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+                pipe.execute_command(  # (a cluster pipeline routes EVALSHA by its keys)
+                    "EVALSHA", APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
                     keys.fence(user_fence_tag(uid)), "append", len(ids), blob, *ids, PENDING_TTL_S,
                 )
             replies = await pipe.execute(raise_on_error=False)

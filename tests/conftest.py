@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import redis
 
-from feature_store.embedded import EmbeddedRedis, find_redis_server
+from feature_store.embedded import EmbeddedRedis, find_redis_server, free_port
 from model.data.log import BehaviourLog, UserProfiles
 
 
@@ -98,6 +99,20 @@ def _redis_cli(server_binary: Path) -> str:
     return found
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is a valid port that is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 <= 65535:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair (p, p + 10000) for a test cluster node")
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
     """Three redis-server processes with --cluster-enabled, joined by `redis-cli --cluster create`.
@@ -111,7 +126,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClus
         for i in range(3):
             data = root / f"node{i}"
             node = EmbeddedRedis(
-                data, binary=binary, persist=False,
+                data, _cluster_port(), binary=binary, persist=False,
                 extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((data / "nodes.conf").resolve()),
                             "--cluster-node-timeout", "5000"),
             )
@@ -124,7 +139,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClus
         deadline = time.monotonic() + 30
         for node in nodes:
             client = redis.Redis(host="127.0.0.1", port=node.port)
-            while b"cluster_state:ok" not in client.execute_command("CLUSTER INFO"):
+            while client.cluster("info").get("cluster_state") != "ok":
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"test cluster on ports {[n.port for n in nodes]} did not become ok")
                 time.sleep(0.05)
