@@ -339,3 +339,33 @@ def test_ad_features_hold_the_latest_category_of_each_ad(redis_url):
     assert ads.fields == ("cate_id",)
     assert ads.found.tolist() == [True, True, False, True, True]
     assert ads.column("cate_id").tolist() == [80, 72, -1, BIG, 72]  # equal timestamps: the later row wins
+
+
+def test_the_appended_value_is_pinned_byte_for_byte(redis_url, redis_client):
+    log = BehaviourLog(user_id=np.array([4]), item_id=np.array([7]), cate_id=np.array([3]), timestamp=np.array([1000]))
+    report = RedisHistoryStore.from_url(redis_url).bulk_load(log)
+    run(append_and_read(redis_url, [events([(4, 5, 2, 900), (6, 2**53 + 1, 1, -1)], ["older", "new-user"])], []))
+    keys = KeySpace(version=report.version)
+    assert redis_client.get(keys.user(4)).hex() == (
+        "44494e55" "01" "00" "0000"  # header: no profile ids
+        "0700000000000000" "0300000000000000" "e803000000000000"  # loaded (7, 3, 1000): newest
+        "0500000000000000" "0200000000000000" "8403000000000000"  # appended (5, 2, 900)
+    )
+    assert redis_client.get(keys.user(6)).hex() == (
+        "44494e55" "01" "00" "0000" "0100000000002000" "0100000000000000" "ffffffffffffffff"
+    )
+
+
+def test_a_corrupt_ad_value_is_counted_and_unknown(redis_url, redis_client):
+    report = RedisHistoryStore.from_url(redis_url).bulk_load(small_log())
+    redis_client.set(KeySpace(version=report.version).ad(10), b"DINA\x01")  # truncated
+
+    async def go():
+        store = RedisHistoryStore.from_url(redis_url)
+        try:
+            return await store.get_ad_features(np.array([10, 11])), store.decode_errors
+        finally:
+            await store.close()
+
+    ads, errors = run(go())
+    assert ads.found.tolist() == [False, True] and ads.column("cate_id").tolist() == [-1, 1] and errors == 1
