@@ -195,7 +195,10 @@ def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print)
         redis_benchmark={"set_rps_P%d" % config.chunk_users: set_rps, "get_rps_P%d" % config.read_batch: get_rps,
                          "get_rps_P1": get1_rps},
         batch1_get_ratio=round(batch1 / get1_rps, 3) if get1_rps else None,
-        load_seconds=round(report.seconds, 2), value_bytes=value_size, ads=report.ads,
+        load_seconds=round(report.seconds, 2), load_prepare_seconds=report.prepare_seconds,
+        load_write_seconds=report.write_seconds,
+        load_write_users_per_s=round(report.users / report.write_seconds) if report.write_seconds else None,
+        value_bytes=value_size, ads=report.ads,
         memory_not_users_bytes=not_users,
     )
     return result, details

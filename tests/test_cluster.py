@@ -71,3 +71,60 @@ def test_a_users_keys_share_a_slot_on_the_cluster(redis_cluster, redis_cluster_u
         slots = {node.execute_command("CLUSTER KEYSLOT", k) for k in names}  # the server's own answer
         assert len(slots) == 1, (uid, names)
     node.close()
+
+
+def test_events_during_a_load_are_merged_on_a_cluster(redis_cluster_url, monkeypatch):
+    import threading
+
+    import feature_store.loader as loader
+    from model.data.log import BehaviourLog
+
+    store = RedisHistoryStore.from_url(redis_cluster_url)
+    store.bulk_load(BehaviourLog(user_id=np.array([1]), item_id=np.array([1]), cate_id=np.array([1]),
+                                 timestamp=np.array([1])))
+    n = 40
+    log = BehaviourLog(user_id=np.arange(n), item_id=np.arange(n) + 100, cate_id=np.ones(n, dtype=np.int64),
+                       timestamp=np.full(n, 10), name="new")
+    paused, go_on = threading.Event(), threading.Event()
+    real = loader.set_values
+
+    def pausing(client, keys, *args, **kw):
+        real(client, keys, *args, **kw)
+        if keys and ":u:" in keys[0] and not paused.is_set():
+            paused.set()
+            assert go_on.wait(30)
+
+    monkeypatch.setattr(loader, "set_values", pausing)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=store.bulk_load(log, chunk_users=10, grace_s=0.0)))
+    t.start()
+    try:
+        assert paused.wait(30)
+        users = list(range(0, n, 3)) + [500]  # written and unwritten users on all masters, and a new one
+
+        async def send():
+            s = RedisHistoryStore.from_url(redis_cluster_url)
+            try:
+                return await s.append_events(EventBatch.from_columns(
+                    users, [9000 + u for u in users], [9] * len(users), [20] * len(users), [f"e{u}" for u in users]))
+            finally:
+                await s.close()
+
+        report = asyncio.run(send())
+    finally:
+        go_on.set()
+        t.join(60)
+    assert report.applied == len(users)
+    assert out["r"].merged_users == len(users)
+
+    async def read():
+        s = RedisHistoryStore.from_url(redis_cluster_url)
+        try:
+            return await s.get_histories(users)
+        finally:
+            await s.close()
+
+    hs = asyncio.run(read())
+    for u, h in zip(users, hs):
+        want = [9000 + u] + ([100 + u] if u < n else [])
+        assert h.records["item_id"].tolist() == want, u
