@@ -257,6 +257,8 @@ class RedisHistoryStore(HistoryStore):
                 await self._redis.script_load(APPEND_LUA)  # (every primary, on a cluster)
                 continue  # safe to re-run: appends are idempotent per event id
             for r in replies:
+                if isinstance(r, redis.ResponseError):  # e.g. OOM: Redis is up but takes no writes
+                    raise StoreError(f"Redis at {self.url} refused the append: {r}")
                 if isinstance(r, Exception):
                     raise r
             return replies

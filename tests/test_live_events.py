@@ -369,3 +369,24 @@ def test_a_corrupt_ad_value_is_counted_and_unknown(redis_url, redis_client):
 
     ads, errors = run(go())
     assert ads.found.tolist() == [False, True] and ads.column("cate_id").tolist() == [-1, 1] and errors == 1
+
+
+def test_a_full_redis_refuses_appends_with_a_clear_error(redis_url, redis_client):
+    RedisHistoryStore.from_url(redis_url).bulk_load(small_log())
+    redis_client.config_set("maxmemory", 1)  # everything above is "used": writes are refused
+    redis_client.config_set("maxmemory-policy", "noeviction")
+
+    async def go():
+        store = RedisHistoryStore.from_url(redis_url)
+        try:
+            with pytest.raises(StoreError, match="refused the append: .*maxmemory"):
+                await store.append_events(events([(1, 12, 3, 400)], ["a"]))
+        finally:
+            await store.close()
+
+    try:
+        run(go())
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    _, (h,) = run(append_and_read(redis_url, [], [1]))
+    assert tuples(h) == [(11, 1, 300), (10, 1, 100)]  # nothing half-applied
