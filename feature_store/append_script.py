@@ -2,9 +2,11 @@
 
 KEYS  1 the user's value `v{V}:u:{uid}`   2 the user's event-id ring `v{V}:e:{uid}`
       3 the user's pending list `v{V}:p:{uid}`   4 the fence of the user's slot `v{V}:f:{tag}`
+      5 the set of users with pending events in that slot `v{V}:q:{tag}`
 ARGV  1 mode: "append" (events follow) or "merge" (events come from the pending list)
       2 n, the number of events; 3 their records, 24 bytes each (records.RECORD_DTYPE),
-      in arrival order; 4 .. 3+n their event ids (bytes, 1..128)
+      in arrival order; 4 .. 3+n their event ids (bytes, 1..128); 4+n the TTL of parked
+      events; 5+n the user id (text)
 Reply {status, next version or "-", applied, duplicates}; status is
       "ok" | "repaired" (the old value was corrupt and was replaced) | "pending" (parked:
       the version is loading) | "retired" (go to `next`) | "stale" (no such version).
@@ -48,6 +50,8 @@ if ARGV[1] == 'append' then
       redis.call('RPUSH', KEYS[3], unpack(items, a, math.min(a + 999, n)))
     end
     redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4 + n]))
+    redis.call('SADD', KEYS[5], ARGV[5 + n])
+    redis.call('EXPIRE', KEYS[5], tonumber(ARGV[4 + n]))
     return {'pending', nxt, n, 0}
   end
 else

@@ -7,6 +7,7 @@
     {ns}:v{version}:u:{<uid>}  -> one user's packed value (feature_store/records.py)
     {ns}:v{version}:e:{<uid>}  -> LIST: the user's most recent event ids (idempotent appends)
     {ns}:v{version}:p:{<uid>}  -> LIST: events appended while this version is still loading
+    {ns}:v{version}:q:{<tag>}  -> SET: users of one slot that have such parked events
     {ns}:v{version}:f:{<tag>}  -> the version's fence for one cluster slot (feature_store/fences.py)
     {ns}:v{version}:a:{<ad>}   -> one ad's packed features (category id, ...)
 
@@ -107,6 +108,10 @@ class KeySpace:
     def pending(self, user_id: int) -> str:
         """Events for the user that arrived while this version was loading (same slot)."""
         return f"{self.prefix}p:{{{int(user_id)}}}"
+
+    def pending_users(self, tag: str) -> str:
+        """SET of the users with parked events in the slot of `tag` (same slot as its fence)."""
+        return f"{self.prefix}q:{{{tag}}}"
 
     def fence(self, tag: str) -> str:
         """The fence key whose hash tag `tag` lands in one given cluster slot."""

@@ -26,6 +26,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -36,10 +37,10 @@ from tqdm import tqdm
 
 from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
 from feature_store.connection import is_cluster
-from feature_store.fences import Fence, delete_fences, read_fence, user_fence_tag, write_fences
+from feature_store.fences import Fence, delete_fences, read_fence, slot_tags, user_fence_tag, write_fences
 from feature_store.keys import KeySpace, current_key, loading_key, seq_key
 from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_ads, encode_users
-from feature_store.resp import SetWriter
+from feature_store.resp import SetWriter, format_command
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ DEFAULT_ID_TTL_S = 86_400  # ... for a day after the user's last append
 DEFAULT_STALE_AFTER_S = 60.0  # a load whose progress is older is dead: resumed or removed
 AD_FIELDS = ("cate_id",)
 AD_CHUNK = 10_000
-PROGRESS_EVERY_S = 0.5  # how often a load records how far it got (the resume point)
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,8 @@ def group_histories(
     users = uid_sorted[starts]
     kept = np.minimum(ends - starts, max_history)
     first_out = np.cumsum(kept) - kept
-    rank = np.arange(int(kept.sum()), dtype=np.int64) - np.repeat(first_out, kept)  # 0 = newest
-    rows = np.repeat(ends - 1, kept) - rank
+    # record r of user i (0 = newest) is row ends[i] - 1 - (r - first_out[i]) of the sorted log
+    rows = np.repeat(ends - 1 + first_out, kept) - np.arange(int(kept.sum()), dtype=np.int64)
     if order is not None:
         rows = order[rows]
 
@@ -211,9 +211,9 @@ def group_ads(log: BehaviourLog) -> tuple[np.ndarray, np.ndarray]:
     return ads, out[:, None]
 
 
-def load_fingerprint(log: BehaviourLog, grouped: GroupedHistories, settings: dict) -> str:
+def load_fingerprint(log_fingerprint: str, grouped: GroupedHistories, settings: dict) -> str:
     """Names the data and options of a load: a killed load is resumed only by an identical one."""
-    h = hashlib.sha256(log.fingerprint().encode())
+    h = hashlib.sha256(log_fingerprint.encode())
     h.update(np.ascontiguousarray(grouped.profiles).tobytes())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
@@ -329,28 +329,31 @@ def _claim(client, namespace: str, fingerprint: str, resume: bool, stale_after_s
 
 
 def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
-    """Apply the events parked while `keys.version` was loading (it must be sealed); returns users."""
+    """Apply the events parked while `keys.version` was loading (it must be sealed); returns users.
+
+    The users come from the per-slot sets the script fills while parking (one SMEMBERS
+    per slot, pipelined), not from a SCAN of the whole keyspace.
+    """
+    tags = slot_tags()
+    pipe = client.pipeline(transaction=False)
+    for tag in tags:
+        pipe.smembers(keys.pending_users(tag))
+    users = sorted({int(u) for members in pipe.execute() for u in members})
+    if not users:
+        return 0
     client.script_load(APPEND_LUA)
-    merged = 0
-    todo: list[bytes] = []
-
-    def flush() -> None:
+    for a in range(0, len(users), batch):
         pipe = client.pipeline(transaction=False)
-        for key in todo:
-            uid = int(key[key.index(b"{") + 1 : -1])
-            pipe.execute_command("EVALSHA", APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
-                         keys.fence(user_fence_tag(uid)), "merge", 0, b"", PENDING_TTL_S)
+        for uid in users[a : a + batch]:
+            tag = user_fence_tag(uid)
+            pipe.execute_command("EVALSHA", APPEND_SHA, 5, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+                                 keys.fence(tag), keys.pending_users(tag), "merge", 0, b"", PENDING_TTL_S, uid)
         pipe.execute()
-        todo.clear()
-
-    for key in client.scan_iter(match=keys.pending_match, count=1000):
-        todo.append(key)
-        merged += 1
-        if len(todo) >= batch:
-            flush()
-    if todo:
-        flush()
-    return merged
+    pipe = client.pipeline(transaction=False)
+    for tag in tags:
+        pipe.unlink(keys.pending_users(tag))
+    pipe.execute()
+    return len(users)
 
 
 def load_log(
@@ -380,15 +383,19 @@ def load_log(
     if user_ttl_s < 0 or id_ttl_s < 0 or id_window < 1:
         raise ValueError("user_ttl_s and id_ttl_s must be >= 0 and id_window >= 1")
     t0 = time.perf_counter()
-    grouped = group_histories(log, max_history, profile_fields)
+    with ThreadPoolExecutor(2) as pool:  # numpy, Arrow and hashlib release the GIL: use the cores
+        log_fingerprint = pool.submit(log.fingerprint)
+        ads = pool.submit(group_ads, log)
+        grouped = group_histories(log, max_history, profile_fields)
+        ad_ids, ad_values = ads.result()
+        log_hash = log_fingerprint.result()
     if grouped.user_id.size == 0:
         raise ValueError(f"behaviour log {log.name!r} has no users: nothing to load (the current data stays)")
-    ad_ids, ad_values = group_ads(log)
     settings = {
         "max_history": int(max_history), "profile_fields": list(grouped.profile_fields), "chunk_users": chunk_users,
         "user_ttl_s": int(user_ttl_s), "id_window": int(id_window), "id_ttl_s": int(id_ttl_s),
     }
-    fingerprint = load_fingerprint(log, grouped, settings)
+    fingerprint = load_fingerprint(log_hash, grouped, settings)
     t_prepared = time.perf_counter()
     version, state = _claim(client, namespace, fingerprint, resume, stale_after_s)
     keys = KeySpace(namespace=namespace, version=version)
@@ -423,14 +430,12 @@ def load_log(
                     data, offsets = encode_users(grouped.counts[a:b], words, grouped.profiles[a:b])
                     total_bytes += len(data)
                     user_keys = keys.users(grouped.user_id[a:b].tolist())
-                    if writer is not None:  # this chunk in flight, the previous one confirmed
-                        writer.send(user_keys, data, offsets.tolist(), ex=user_ttl_s)
-                        done = a
+                    state.update(users_done=b, heartbeat=time.time())  # the resume point, and liveness
+                    if writer is not None:  # this chunk in flight (progress recorded after it), the previous confirmed
+                        progress = format_command("HSET", loading_key(namespace), version, json.dumps(state))
+                        writer.send(user_keys, data, offsets.tolist(), ex=user_ttl_s, then=progress)
                     else:
                         set_values(client, user_keys, data, offsets.tolist(), ex=user_ttl_s)
-                        done = b
-                    if time.time() - state["heartbeat"] >= PROGRESS_EVERY_S:  # resume point, liveness
-                        state.update(users_done=done, heartbeat=time.time())
                         client.hset(loading_key(namespace), version, json.dumps(state))
                     bar.update(b - a)
             if writer is not None:

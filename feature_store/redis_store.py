@@ -248,9 +248,10 @@ class RedisHistoryStore(HistoryStore):
             for i, version in todo:
                 uid, blob, ids = groups[i]
                 keys = KeySpace(namespace=self.namespace, version=version)
+                tag = user_fence_tag(uid)
                 pipe.execute_command(  # (a cluster pipeline routes EVALSHA by its keys)
-                    "EVALSHA", APPEND_SHA, 4, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
-                    keys.fence(user_fence_tag(uid)), "append", len(ids), blob, *ids, PENDING_TTL_S,
+                    "EVALSHA", APPEND_SHA, 5, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+                    keys.fence(tag), keys.pending_users(tag), "append", len(ids), blob, *ids, PENDING_TTL_S, uid,
                 )
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
@@ -330,7 +331,7 @@ class RedisHistoryStore(HistoryStore):
         try:
             await self.refresh_version()
             keys = self._keys
-            kinds = {"u": "users", "e": "event_ids", "p": "pending", "a": "ads", "f": "fences"}
+            kinds = {"u": "users", "e": "event_ids", "p": "pending", "q": "pending_sets", "a": "ads", "f": "fences"}
             counts = {name: 0 for name in kinds.values()}
             sample: list[bytes] = []
             if keys is not None:

@@ -31,6 +31,15 @@ def format_sets(keys: Sequence[str], data: bytes, offsets: Sequence[int], ex: in
     return b"".join(parts)
 
 
+def format_command(*args: str | bytes | int) -> bytes:
+    """One command as RESP (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
 class SetWriter:
     """Send chunks of SETs; `send` returns once the previous chunk's replies are in.
 
@@ -46,10 +55,15 @@ class SetWriter:
         self._reader = hiredis.Reader()
         self._in_flight = 0
 
-    def send(self, keys: Sequence[str], data: bytes, offsets: Sequence[int], ex: int = 0) -> None:
+    def send(self, keys: Sequence[str], data: bytes, offsets: Sequence[int], ex: int = 0, then: bytes = b"") -> None:
+        """Send the SETs, then `then` (one command from `format_command`, e.g. a progress record).
+
+        Redis runs one connection's commands in order, so `then` runs after every SET of
+        the chunk: a progress record written this way never claims an unwritten chunk.
+        """
         buffer = format_sets(keys, data, offsets, ex)
-        self._conn._sock.sendall(buffer)  # (redis-py's socket, with its timeouts)
-        previous, self._in_flight = self._in_flight, len(keys)
+        self._conn._sock.sendall(buffer + then if then else buffer)  # (redis-py's socket, with its timeouts)
+        previous, self._in_flight = self._in_flight, len(keys) + (1 if then else 0)
         self._collect(previous)
 
     def flush(self) -> None:
