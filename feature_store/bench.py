@@ -5,7 +5,8 @@ otherwise): bulk load of a synthetic log (users x history), batched history read
 and 64 users (the `/rank` path: MGET + decode), live appends (events/s), memory per user,
 and `redis-benchmark` SET / GET of a value of the same size with the same pipelining
 (one connection; pipeline = the loader's chunk for SET, 64 for GET), so every figure is
-also a ratio to Redis on the same machine at the same moment.
+also a ratio to Redis on the same machine at about the same moment: SET right before
+and right after the load (their mean), GET alternating with our batched reads (medians).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from feature_store.keys import KeySpace
 from feature_store.records import HEADER_SIZE, RECORD_SIZE
 from feature_store.redis_store import RedisHistoryStore
 from model.data.log import BehaviourLog
+
+
+READ_ROUNDS = 3  # batched reads and redis-benchmark GET alternate this many times
 
 
 @dataclass(frozen=True)
@@ -126,27 +130,45 @@ def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print)
         client = redis.Redis.from_url(server.url)
         try:
             details["redis_version"] = client.info("server")["redis_version"]
+            value_size = HEADER_SIZE + RECORD_SIZE * config.history
+            n_rb = config.redis_benchmark_requests
+
+            def rb(test: str, pipeline: int, requests: int) -> float | None:
+                if bench_bin is None:
+                    return None
+                return redis_benchmark_rps(bench_bin, server.port, test, value_size, pipeline, requests)
+
+            if bench_bin is None:
+                log("[bench store] no redis-benchmark binary: ratios are null")
             log(f"[bench store] synthetic log: {config.users:,} users x {config.history} behaviours")
             blog = synthetic_store_log(config.users, config.history, config.items, config.categories, config.seed)
+            # Redis's own SET rate right before and right after our load (a noisy machine drifts)
+            set_before = rb("set", config.chunk_users, n_rb)
             store = RedisHistoryStore.from_url(server.url, socket_timeout=30.0)
             used0 = _used_memory(client)
             report = store.bulk_load(blog, max_history=config.history, chunk_users=config.chunk_users, progress=progress)
             del blog
             used1 = _used_memory(client)
-            value_size = HEADER_SIZE + RECORD_SIZE * config.history
-            log(f"[bench store] loaded in {report.seconds:.1f}s; reads ...")
+            set_after = rb("set", config.chunk_users, n_rb)
+            log(f"[bench store] loaded in {report.seconds:.1f}s; reads, interleaved with redis-benchmark GET ...")
 
             async def reads_and_appends():
                 reader = RedisHistoryStore.from_url(server.url, socket_timeout=30.0)
                 try:
                     r1 = await _read_rate(reader, config.users, 1, config.batch1_reads, config.seed + 1)
-                    r64 = await _read_rate(reader, config.users, config.read_batch, config.batch64_reads, config.seed + 2)
-                    ap = await _append_rate(reader, config.users, config.append_events, config.append_batch, config.seed + 3)
-                    return r1, r64, ap
+                    ours, theirs = [], []
+                    for k in range(READ_ROUNDS):  # ours, Redis's, ours, ...: the same moments for both
+                        ours.append(await _read_rate(reader, config.users, config.read_batch,
+                                                     max(config.batch64_reads // READ_ROUNDS, 1), config.seed + 2 + k))
+                        theirs.append(rb("get", config.read_batch, max(n_rb // READ_ROUNDS, 1000)))
+                    get1 = rb("get", 1, max(n_rb // 5, 1000))
+                    ap = await _append_rate(reader, config.users, config.append_events, config.append_batch, config.seed + 9)
+                    return r1, ours, theirs, get1, ap
                 finally:
                     await reader.close()
 
-            batch1, batch64, append = asyncio.run(reads_and_appends())
+            batch1, ours64, theirs64, get1_rps, append = asyncio.run(reads_and_appends())
+            batch64 = float(np.median(ours64))
             # memory of the ads and fences, measured by deleting them: the rest is users
             keys = KeySpace(version=report.version)
             before = _used_memory(client)
@@ -161,15 +183,8 @@ def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print)
                     client.delete(*pending)
             not_users = before - _used_memory(client)
             bytes_per_user = (used1 - used0 - not_users) / report.users
-            log("[bench store] redis-benchmark ...")
-            set_rps = get_rps = get1_rps = None
-            if bench_bin is not None:
-                n = config.redis_benchmark_requests
-                set_rps = redis_benchmark_rps(bench_bin, server.port, "set", value_size, config.chunk_users, n)
-                get_rps = redis_benchmark_rps(bench_bin, server.port, "get", value_size, config.read_batch, n)
-                get1_rps = redis_benchmark_rps(bench_bin, server.port, "get", value_size, 1, max(n // 5, 1000))
-            else:
-                log("[bench store] no redis-benchmark binary: ratios are null")
+            set_rps = (set_before + set_after) / 2 if bench_bin is not None else None
+            get_rps = float(np.median(theirs64)) if bench_bin is not None else None
         finally:
             client.close()
             server.stop(save=False)
@@ -192,8 +207,9 @@ def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print)
         },
     }
     details.update(
-        redis_benchmark={"set_rps_P%d" % config.chunk_users: set_rps, "get_rps_P%d" % config.read_batch: get_rps,
-                         "get_rps_P1": get1_rps},
+        redis_benchmark={"set_rps_P%d_before_after" % config.chunk_users: [set_before, set_after],
+                         "get_rps_P%d_rounds" % config.read_batch: theirs64, "get_rps_P1": get1_rps},
+        batch64_users_per_s_rounds=[round(x) for x in ours64],
         batch1_get_ratio=round(batch1 / get1_rps, 3) if get1_rps else None,
         load_seconds=round(report.seconds, 2), load_prepare_seconds=report.prepare_seconds,
         load_write_seconds=report.write_seconds,
