@@ -69,7 +69,7 @@ class LoadReport:
     ads: int = 0  # ad keys written
     resumed_from: int = 0  # users already written by an earlier, killed run of this load
     merged_users: int = 0  # users whose appends arrived during the load and were merged
-    prepare_seconds: float = 0.0  # grouping the log, ads, fingerprint (no Redis)
+    prepare_seconds: float = 0.0  # grouping the log and the ads (no Redis; the data's hash runs on)
     write_seconds: float = 0.0  # writing the user and ad keys
 
     @property
@@ -82,13 +82,34 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class GroupedHistories:
-    """Every user's kept events, as index arrays into the log (no per-user objects)."""
+    """Every user's kept events, as index arrays into the log (no per-user objects).
+
+    The log rows of users a..b (`rows_of(a, b)`) are computed per chunk, never for the
+    whole log at once: a 50M-row log would need several 400 MB temporaries otherwise.
+    """
 
     user_id: np.ndarray  # (U,) int64, sorted; includes users with 0 records
     counts: np.ndarray  # (U,) int64 records kept per user
-    rows: np.ndarray  # (R,) int64 log row of each kept record: grouped by user, newest first
+    last: np.ndarray  # (U,) int64 position of the user's newest behaviour in the (user, time) order
+    order: np.ndarray | None  # (n,) log row at each position of that order; None: the log is in it
     profiles: np.ndarray  # (U, P) int64 raw profile ids (-1 = none)
     profile_fields: tuple[str, ...]
+
+    @property
+    def events(self) -> int:
+        return int(self.counts.sum())
+
+    def rows_of(self, a: int, b: int) -> np.ndarray:
+        """Log rows of the kept records of users a..b-1: grouped by user, newest first."""
+        counts = self.counts[a:b]
+        first = np.cumsum(counts) - counts
+        pos = np.repeat(self.last[a:b] + first, counts) - np.arange(int(counts.sum()), dtype=np.int64)
+        return pos if self.order is None else self.order[pos]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Every kept record's log row (all users; tests and small logs)."""
+        return self.rows_of(0, self.user_id.size)
 
 
 def _already_in_order(uid: np.ndarray, ts: np.ndarray) -> bool:
@@ -154,11 +175,6 @@ def group_histories(
     ends = np.r_[starts[1:], n].astype(np.int64) if n else np.empty(0, np.int64)
     users = uid_sorted[starts]
     kept = np.minimum(ends - starts, max_history)
-    first_out = np.cumsum(kept) - kept
-    # record r of user i (0 = newest) is row ends[i] - 1 - (r - first_out[i]) of the sorted log
-    rows = np.repeat(ends - 1 + first_out, kept) - np.arange(int(kept.sum()), dtype=np.int64)
-    if order is not None:
-        rows = order[rows]
 
     fields = log.profile_fields if profile_fields is None else tuple(profile_fields)
     missing = [f for f in fields if f not in log.profile_fields]
@@ -175,13 +191,16 @@ def group_histories(
     if log.profiles is not None and log.profiles.user_id.size:
         all_users = np.union1d(all_users, np.asarray(log.profiles.user_id, dtype=np.int64))
     counts = np.zeros(all_users.size, dtype=np.int64)
-    counts[np.searchsorted(all_users, users)] = kept
+    last = np.zeros(all_users.size, dtype=np.int64)
+    at = np.searchsorted(all_users, users)
+    counts[at] = kept
+    last[at] = ends - 1
     if fields:
         looked_up = log.profiles.lookup(all_users)
         profiles = np.stack([looked_up[f] for f in fields], axis=1).astype(np.int64)
     else:
         profiles = np.empty((all_users.size, 0), dtype=np.int64)
-    return GroupedHistories(all_users, counts, rows, profiles, fields)
+    return GroupedHistories(all_users, counts, last, order, profiles, fields)
 
 
 def group_ads(log: BehaviourLog) -> tuple[np.ndarray, np.ndarray]:
@@ -297,16 +316,20 @@ def retire_version(client, namespace: str, version: str, successor: str) -> int:
     return delete_version(client, KeySpace(namespace=namespace, version=version))
 
 
-def _claim(client, namespace: str, fingerprint: str, resume: bool, stale_after_s: float) -> tuple[str, dict]:
+def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: float) -> tuple[str, dict]:
     """(version, state): an unfinished load of the same data to resume, else a fresh version.
 
-    Unfinished loads of other data whose progress is older than `stale_after_s` are dead
-    and removed; younger ones may still be running and are left alone.
+    `fingerprint(wait)` names this load's data (waiting for it only when there is an
+    unfinished load to compare with). Unfinished loads of other data whose progress is
+    older than `stale_after_s` are dead and removed; younger ones may still be running and
+    are left alone. A load killed before its fingerprint was recorded cannot be resumed.
     """
     now = time.time()
     current = _current(client, namespace)
     found: tuple[str, dict] | None = None
-    for raw_version, raw_state in sorted(client.hgetall(loading_key(namespace)).items()):
+    entries = client.hgetall(loading_key(namespace))
+    mine = fingerprint(wait=bool(entries))
+    for raw_version, raw_state in sorted(entries.items()):
         version = raw_version.decode()
         try:
             state = json.loads(raw_state)
@@ -314,7 +337,7 @@ def _claim(client, namespace: str, fingerprint: str, resume: bool, stale_after_s
             state = {}
         if version == current:
             client.hdel(loading_key(namespace), version)
-        elif resume and found is None and state.get("fingerprint") == fingerprint:
+        elif resume and found is None and mine is not None and state.get("fingerprint") == mine:
             found = version, state
         elif now - float(state.get("heartbeat", 0)) > stale_after_s:
             logger.warning("removing the unfinished load of data version %s of %s (no progress for %.0f s)",
@@ -323,7 +346,7 @@ def _claim(client, namespace: str, fingerprint: str, resume: bool, stale_after_s
     if found is not None:
         return found
     version = str(client.incr(seq_key(namespace)))
-    state = {"fingerprint": fingerprint, "users_done": 0, "heartbeat": now, "started_at": now}
+    state = {"fingerprint": mine, "users_done": 0, "heartbeat": now, "started_at": now}
     client.hset(loading_key(namespace), version, json.dumps(state))
     return version, state
 
@@ -383,25 +406,31 @@ def load_log(
     if user_ttl_s < 0 or id_ttl_s < 0 or id_window < 1:
         raise ValueError("user_ttl_s and id_ttl_s must be >= 0 and id_window >= 1")
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:  # numpy, Arrow and hashlib release the GIL: use the cores
-        log_fingerprint = pool.submit(log.fingerprint)
-        ads = pool.submit(group_ads, log)
-        grouped = group_histories(log, max_history, profile_fields)
-        ad_ids, ad_values = ads.result()
-        log_hash = log_fingerprint.result()
+    # numpy, Arrow and hashlib release the GIL: the ads and the data's hash use the other core.
+    # The hash is only needed to match an unfinished load, so it may finish during the writes.
+    pool = ThreadPoolExecutor(2)
+    log_hash = pool.submit(log.fingerprint)
+    ads = pool.submit(group_ads, log)
+    pool.shutdown(wait=False)
+    grouped = group_histories(log, max_history, profile_fields)
+    ad_ids, ad_values = ads.result()
     if grouped.user_id.size == 0:
         raise ValueError(f"behaviour log {log.name!r} has no users: nothing to load (the current data stays)")
     settings = {
         "max_history": int(max_history), "profile_fields": list(grouped.profile_fields), "chunk_users": chunk_users,
         "user_ttl_s": int(user_ttl_s), "id_window": int(id_window), "id_ttl_s": int(id_ttl_s),
     }
-    fingerprint = load_fingerprint(log_hash, grouped, settings)
+
+    def fingerprint(wait: bool = True) -> str | None:
+        if not wait and not log_hash.done():
+            return None
+        return load_fingerprint(log_hash.result(), grouped, settings)
+
     t_prepared = time.perf_counter()
     version, state = _claim(client, namespace, fingerprint, resume, stale_after_s)
     keys = KeySpace(namespace=namespace, version=version)
     fence = Fence("L", None, int(max_history), len(grouped.profile_fields), int(user_ttl_s), int(id_window), int(id_ttl_s))
     columns = [np.asarray(c, dtype=np.int64) for c in (log.item_id, log.cate_id, log.timestamp)]
-    record_end = np.cumsum(grouped.counts)
     n_users = grouped.user_id.size
     start = min(int(state.get("users_done", 0)), n_users) // chunk_users * chunk_users
     if start:
@@ -421,9 +450,7 @@ def load_log(
             with bar:
                 for a in range(start, n_users, chunk_users):
                     b = min(a + chunk_users, n_users)
-                    r0 = int(record_end[a - 1]) if a else 0
-                    r1 = int(record_end[b - 1])
-                    rows = grouped.rows[r0:r1]
+                    rows = grouped.rows_of(a, b)
                     words = np.empty((rows.size, 3), dtype=np.int64)  # item_id, cate_id, timestamp
                     for j, col in enumerate(columns):
                         words[:, j] = col[rows]
@@ -431,6 +458,8 @@ def load_log(
                     total_bytes += len(data)
                     user_keys = keys.users(grouped.user_id[a:b].tolist())
                     state.update(users_done=b, heartbeat=time.time())  # the resume point, and liveness
+                    if state.get("fingerprint") is None:
+                        state["fingerprint"] = fingerprint(wait=False)
                     if writer is not None:  # this chunk in flight (progress recorded after it), the previous confirmed
                         progress = format_command("HSET", loading_key(namespace), version, json.dumps(state))
                         writer.send(user_keys, data, offsets.tolist(), ex=user_ttl_s, then=progress)
@@ -443,7 +472,7 @@ def load_log(
         finally:
             if writer is not None:
                 writer.close()
-        state.update(users_done=n_users, heartbeat=time.time())
+        state.update(users_done=n_users, heartbeat=time.time(), fingerprint=fingerprint())
         client.hset(loading_key(namespace), version, json.dumps(state))
         ad_size = 8 + 8 * len(AD_FIELDS)
         for a in range(0, ad_ids.size, AD_CHUNK):
@@ -457,12 +486,12 @@ def load_log(
             "max_history": int(max_history),
             "users": int(n_users),
             "ads": int(ad_ids.size),
-            "events": int(grouped.rows.size),
+            "events": grouped.events,
             "user_ttl_s": int(user_ttl_s),
             "event_id_window": int(id_window),
             "event_id_ttl_s": int(id_ttl_s),
             "source": log.name,
-            "fingerprint": fingerprint,
+            "fingerprint": state["fingerprint"],
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         t_written = time.perf_counter()
@@ -492,7 +521,7 @@ def load_log(
         version=version,
         previous_version=previous,
         users=int(n_users),
-        events=int(grouped.rows.size),
+        events=grouped.events,
         log_events=len(log),
         bytes=total_bytes,
         seconds=time.perf_counter() - t0,

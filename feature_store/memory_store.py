@@ -115,6 +115,6 @@ class InMemoryHistoryStore(HistoryStore):
         previous, self._version = self._version, self._version + 1
         return LoadReport(
             namespace="memory", version=str(self._version), previous_version=str(previous) if previous else None,
-            users=len(users), events=int(g.rows.size), log_events=len(log), bytes=0, seconds=0.0, deleted_keys=0,
+            users=len(users), events=g.events, log_events=len(log), bytes=0, seconds=0.0, deleted_keys=0,
             ads=len(self._ads),
         )
