@@ -230,6 +230,17 @@ def group_ads(log: BehaviourLog) -> tuple[np.ndarray, np.ndarray]:
     return ads, out[:, None]
 
 
+def _data_hash(log: BehaviourLog) -> str:
+    """SHA-256 of the log's columns, hashed in place (no copies: hashlib releases the GIL)."""
+    h = hashlib.sha256()
+    for col in (log.user_id, log.item_id, log.cate_id, log.timestamp, log.label, log.is_behaviour):
+        if col is not None:
+            arr = np.ascontiguousarray(col)
+            h.update(str(arr.dtype).encode())
+            h.update(arr.data)
+    return h.hexdigest()
+
+
 def load_fingerprint(log_fingerprint: str, grouped: GroupedHistories, settings: dict) -> str:
     """Names the data and options of a load: a killed load is resumed only by an identical one."""
     h = hashlib.sha256(log_fingerprint.encode())
@@ -409,7 +420,7 @@ def load_log(
     # numpy, Arrow and hashlib release the GIL: the ads and the data's hash use the other core.
     # The hash is only needed to match an unfinished load, so it may finish during the writes.
     pool = ThreadPoolExecutor(2)
-    log_hash = pool.submit(log.fingerprint)
+    log_hash = pool.submit(_data_hash, log)
     ads = pool.submit(group_ads, log)
     pool.shutdown(wait=False)
     grouped = group_histories(log, max_history, profile_fields)
