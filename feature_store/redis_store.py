@@ -39,7 +39,7 @@ from feature_store.loader import (
     create_empty_version,
     load_log,
 )
-from feature_store.records import CorruptValueError, UserHistory, decode_ads, decode_user
+from feature_store.records import CorruptValueError, UserHistory, decode_ads, decode_users
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,36 @@ class RedisHistoryStore(HistoryStore):
             return [await self._redis.get(keys[0])]
         if self.cluster:
             return await self._redis.mget_nonatomic(keys)  # one MGET per slot, pipelined per node
-        return await self._redis.mget(keys)
+        return await self._mget_packed(keys)
+
+    async def _mget_packed(self, keys: list[str]) -> list[bytes | None]:
+        """MGET formatted here: redis-py's packer costs ~20% of a 64-user read.
+
+        Same pool, timeouts and reply parser as the client; one retry on a fresh
+        connection when a pooled one turns out broken (a restarted Redis), as the
+        client's own retry policy does.
+        """
+        parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)]
+        for key in keys:
+            k = key.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(k), k))
+        packed = b"".join(parts)
+        pool = self._redis.connection_pool
+        for attempt in (0, 1):
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(packed)
+                return await conn.read_response()
+            except (redis.ConnectionError, OSError):
+                await conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                await conn.disconnect()  # a timeout or a cancelled request: the reply is unread
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     async def _fetch(self, user_ids: list[int]) -> list[bytes | None]:
         if self._keys is None:
@@ -177,15 +206,6 @@ class RedisHistoryStore(HistoryStore):
         metrics.CORRUPT_VALUES.labels(kind).inc(n)
         if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
             logger.warning("%s: %s (served as unknown; %d corrupt values so far)", what, error, self.decode_errors)
-
-    def _decode(self, value: bytes | None, user_id: int) -> UserHistory | None:
-        if value is None:
-            return None
-        try:
-            return decode_user(value)
-        except CorruptValueError as e:
-            self._corrupt("user", f"user {user_id}", e)
-            return None
 
     async def get_histories(self, user_ids: Sequence[int]) -> list[UserHistory | None]:
         ids = [int(u) for u in user_ids]
@@ -202,7 +222,12 @@ class RedisHistoryStore(HistoryStore):
                     values = await self._fetch(ids)
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
-        return [self._decode(v, u) for v, u in zip(values, ids)]
+        out = decode_users(values)
+        for i, h in enumerate(out):
+            if h.__class__ is CorruptValueError:
+                self._corrupt("user", f"user {ids[i]}", h)
+                out[i] = None
+        return out
 
     async def _version_now(self) -> None:
         if time.monotonic() - self._checked_at >= self.version_refresh_s:

@@ -152,3 +152,22 @@ def test_fence_text_is_pinned():
     tags = slot_tags()
     assert len(tags) == 16384 and all(key_slot(t.encode()) == s for s, t in enumerate(tags))
     assert slot_tag(0) == tags[0]
+
+
+def test_batch_decode_equals_one_by_one_and_returns_errors():
+    from feature_store.records import decode_users
+
+    good = bytes.fromhex(GOLDEN_HEX)
+    no_profile = encode_user(make_records([1, 2], [3, 4], [5, 6]))
+    values = [good, None, no_profile, good[:-1], b"XINU" + good[4:], encode_user(make_records([], [], []))]
+    out = decode_users(values)
+    assert out[1] is None
+    for i in (0, 2, 5):
+        want = decode_user(values[i])
+        np.testing.assert_array_equal(out[i].records, want.records)
+        np.testing.assert_array_equal(out[i].profile, want.profile)
+        assert out[i].records.base is values[i] and not out[i].records.flags.writeable
+    assert isinstance(out[3], CorruptValueError) and "truncated" in str(out[3])
+    assert isinstance(out[4], CorruptValueError) and "magic" in str(out[4])
+    assert out[2].profile.size == 0
+    assert out[0].profile.tolist() == [1, -1] and len(out[0]) == 2
