@@ -1,25 +1,64 @@
 """The feature store as the service and the CLI see it: a tiny interface, one file per backend.
 
-The service only needs `get_histories`, `ping` and `close` (async, on its event loop);
-the CLI needs `bulk_load` (sync, a batch job). Redis is the backend today
-(feature_store/redis_store.py); anything that fulfils this interface can replace it.
+The service needs `get_histories`, `get_ad_features`, `append_events`, `ping` and
+`close` (async, on its event loop); the CLI needs `bulk_load` (sync, a batch job) and
+`stats`. Redis is the backend we ship (feature_store/redis_store.py);
+feature_store/memory_store.py is a plain in-process one (tests, experiments); anything
+that fulfils this interface can replace them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from feature_store.records import UserHistory
 
 if TYPE_CHECKING:
+    from feature_store.events import AppendReport, EventBatch
     from feature_store.loader import LoadReport
     from model.data.log import BehaviourLog
 
 
 class StoreUnavailableError(RuntimeError):
     """The store cannot be reached (connection refused, timeout); the message says where."""
+
+
+@dataclass(frozen=True)
+class AdFeatures:
+    """Features of N requested ads: `values[:, j]` is field `fields[j]`; -1 where not `found`."""
+
+    fields: tuple[str, ...]
+    found: np.ndarray  # (N,) bool
+    values: np.ndarray  # (N, F) int64
+
+    def column(self, name: str) -> np.ndarray:
+        return self.values[:, self.fields.index(name)]
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """What `din store stats` prints: size and shape of the live data version."""
+
+    namespace: str
+    version: str | None
+    users: int  # user keys of the live version
+    ads: int
+    keys: int  # every key in the database(s), all versions and namespaces
+    version_keys: dict[str, int]  # keys of the live version by kind: users, event_ids, pending, ads, fences
+    bytes_per_user: float  # Redis memory per user key (MEMORY USAGE, sampled)
+    value_bytes_per_user: float  # the packed value alone (STRLEN, sampled)
+    memory_used: int  # bytes (INFO used_memory, summed over primaries)
+    versions: list[str] = field(default_factory=list)  # data versions present (have a meta)
+    loading: list[str] = field(default_factory=list)  # unfinished loads
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 class HistoryStore(ABC):
@@ -49,6 +88,19 @@ class HistoryStore(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot list its users")
 
     @abstractmethod
+    async def get_ad_features(self, ad_ids: np.ndarray) -> AdFeatures:
+        """Features (category id, ...) of each ad, in request order, in one round trip."""
+
+    @abstractmethod
+    async def append_events(self, events: "EventBatch") -> "AppendReport":
+        """Append behaviours to their users' histories (atomic per user, newest first,
+        bounded, idempotent per event_id); return only once the store holds them."""
+
+    @abstractmethod
+    async def stats(self) -> StoreStats:
+        """Users, keys, memory and data version of the live data."""
+
+    @abstractmethod
     async def ping(self) -> None:
         """Return when the store answers; raise StoreUnavailableError otherwise."""
 
@@ -65,6 +117,7 @@ class HistoryStore(ABC):
         keep_old: bool = False,
         progress: bool = False,
         profile_fields: Sequence[str] | None = None,
+        user_ttl_s: int = 0,
     ) -> "LoadReport":
         """Write every user of `log` into a new data version and switch readers to it.
 

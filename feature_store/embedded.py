@@ -101,6 +101,7 @@ class EmbeddedRedis:
         persist: bool = True,
         startup_timeout_s: float = 10.0,
         stop_timeout_s: float = 120.0,
+        extra_args: tuple[str, ...] = (),
     ):
         self.data_dir = Path(data_dir)
         self.port = port
@@ -108,6 +109,7 @@ class EmbeddedRedis:
         self.persist = persist
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.extra_args = tuple(extra_args)  # e.g. ("--cluster-enabled", "yes") for a test cluster node
         self.host = "127.0.0.1"
         self._proc: subprocess.Popen | None = None
 
@@ -163,6 +165,7 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir.resolve()), "--dbfilename", DUMP_FILE,
             "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--logfile", str(self.log_path.resolve()),
+            *self.extra_args,
         ]  # fmt: skip
         self.log_path.write_text("")  # the tail in an error message is this run's
         self._proc = subprocess.Popen(

@@ -2,8 +2,14 @@
 
     {ns}:current               -> the live data version (a string); switched by one SET
     {ns}:seq                   -> INCR counter that hands out new data versions
+    {ns}:loading               -> HASH version -> JSON state of an unfinished bulk load
     {ns}:v{version}:meta       -> JSON: profile_fields, max_history, users, created_at, ...
     {ns}:v{version}:u:{<uid>}  -> one user's packed value (feature_store/records.py)
+    {ns}:v{version}:e:{<uid>}  -> LIST: the user's most recent event ids (idempotent appends)
+    {ns}:v{version}:p:{<uid>}  -> LIST: events appended while this version is still loading
+    {ns}:v{version}:q:{<tag>}  -> SET: users of one slot that have such parked events
+    {ns}:v{version}:f:{<tag>}  -> the version's fence for one cluster slot (feature_store/fences.py)
+    {ns}:v{version}:a:{<ad>}   -> one ad's packed features (category id, ...)
 
 A bulk load writes every key of a new version first and flips `{ns}:current` last, so a
 reader never sees a half-loaded version. The literal braces around the user id are a
@@ -63,6 +69,19 @@ class KeySpace:
         return f"{self.prefix}u:"
 
     @property
+    def fence_prefix(self) -> str:
+        return f"{self.prefix}f:"
+
+    @property
+    def pending_match(self) -> str:
+        """SCAN MATCH pattern for the events parked while this version loads."""
+        return f"{self.prefix}p:*"
+
+    @property
+    def user_match(self) -> str:
+        return f"{self.user_prefix}*"
+
+    @property
     def current(self) -> str:
         return current_key(self.namespace)
 
@@ -81,3 +100,31 @@ class KeySpace:
     def users(self, user_ids: Iterable[int]) -> list[str]:
         p = self.user_prefix
         return [f"{p}{{{int(u)}}}" for u in user_ids]
+
+    def event_ids(self, user_id: int) -> str:
+        """The ring of the user's recent event ids (same slot as the user's value)."""
+        return f"{self.prefix}e:{{{int(user_id)}}}"
+
+    def pending(self, user_id: int) -> str:
+        """Events for the user that arrived while this version was loading (same slot)."""
+        return f"{self.prefix}p:{{{int(user_id)}}}"
+
+    def pending_users(self, tag: str) -> str:
+        """SET of the users with parked events in the slot of `tag` (same slot as its fence)."""
+        return f"{self.prefix}q:{{{tag}}}"
+
+    def fence(self, tag: str) -> str:
+        """The fence key whose hash tag `tag` lands in one given cluster slot."""
+        return f"{self.prefix}f:{{{tag}}}"
+
+    def ad(self, ad_id: int) -> str:
+        return f"{self.prefix}a:{{{int(ad_id)}}}"
+
+    def ads(self, ad_ids: Iterable[int]) -> list[str]:
+        p = f"{self.prefix}a:"
+        return [f"{p}{{{int(a)}}}" for a in ad_ids]
+
+
+def loading_key(namespace: str = "din") -> str:
+    """HASH of the unfinished bulk loads of `namespace`: version -> JSON state (resume, heartbeat)."""
+    return f"{check_name(namespace, 'namespace')}:loading"

@@ -1,34 +1,46 @@
 """Bulk load: a behaviour log into a new data version, then one SET switches readers to it.
 
-Order of work, so that a reader never sees a half-loaded state:
+Order of work, so that a reader never sees a half-loaded state and no live append is lost:
 1. group the log's behaviours (the trainer's rule: `behaviour_mask`) by user with one
-   vectorised sort, keep each user's newest `max_history`, newest first;
-2. INCR `{ns}:seq` for a fresh version and SET every user key of that version with
-   non-transactional pipelines, `chunk_users` users per round trip;
-3. write `{ns}:v{version}:meta`;
-4. SET `{ns}:current` to the new version (atomic; the old version comes back with GET);
-5. after a grace period (readers re-check the pointer at least that often), delete the
-   previous version's keys with SCAN + UNLINK, unless `keep_old`.
-If anything fails before step 4, the partial new version is deleted and readers keep the
-old one.
+   vectorised sort, keep each user's newest `max_history`, newest first; ad id ->
+   category of its latest event;
+2. claim a version: resume an unfinished load of the same data (`{ns}:loading`), else
+   INCR `{ns}:seq`; fence the new version "loading" (live appends for it are parked)
+   and the live version "next = new" (live appends go to both);
+3. SET every user key, `chunk_users` per round trip, recording progress after each
+   chunk (a killed load resumes there); SET the ad keys and the meta;
+4. seal the new version (fences "serving") and merge the parked appends into it;
+5. SET `{ns}:current` to the new version (atomic; the old version comes back with GET);
+6. after a grace period (readers re-check the pointer at least that often), retire the
+   previous version and delete its keys (SCAN + UNLINK), unless `keep_old`.
+If an exception stops the load before step 5, the new version is deleted and readers
+keep the old one; a load killed outright leaves its version unreferenced, to be resumed
+(same data) or removed (other data) by the next `din load`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import redis
 from tqdm import tqdm
 
-from feature_store.keys import KeySpace, current_key, seq_key
-from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_users
+from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
+from feature_store.connection import is_cluster
+from feature_store.fences import Fence, delete_fences, read_fence, slot_tags, user_fence_tag, write_fences
+from feature_store.keys import KeySpace, current_key, loading_key, seq_key
+from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_ads, encode_users
+from feature_store.resp import SetWriter, format_command
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
@@ -36,6 +48,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_HISTORY = 50
 DEFAULT_CHUNK_USERS = 1000
 DEFAULT_GRACE_S = 2.0  # > the reader's default version refresh interval (1 s)
+DEFAULT_ID_WINDOW = 128  # event ids remembered per user (a LIST that stays a compact listpack)
+DEFAULT_ID_TTL_S = 86_400  # ... for a day after the user's last append
+DEFAULT_STALE_AFTER_S = 60.0  # a load whose progress is older is dead: resumed or removed
+AD_FIELDS = ("cate_id",)
+AD_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,11 @@ class LoadReport:
     bytes: int  # total size of the user values
     seconds: float
     deleted_keys: int  # keys of the previous version removed
+    ads: int = 0  # ad keys written
+    resumed_from: int = 0  # users already written by an earlier, killed run of this load
+    merged_users: int = 0  # users whose appends arrived during the load and were merged
+    prepare_seconds: float = 0.0  # grouping the log and the ads (no Redis; the data's hash runs on)
+    write_seconds: float = 0.0  # writing the user and ad keys
 
     @property
     def users_per_s(self) -> float:
@@ -60,19 +82,48 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class GroupedHistories:
-    """Every user's kept events, as index arrays into the log (no per-user objects)."""
+    """Every user's kept events, as index arrays into the log (no per-user objects).
+
+    The log rows of users a..b (`rows_of(a, b)`) are computed per chunk, never for the
+    whole log at once: a 50M-row log would need several 400 MB temporaries otherwise.
+    """
 
     user_id: np.ndarray  # (U,) int64, sorted; includes users with 0 records
     counts: np.ndarray  # (U,) int64 records kept per user
-    rows: np.ndarray  # (R,) int64 log row of each kept record: grouped by user, newest first
+    last: np.ndarray  # (U,) int64 position of the user's newest behaviour in the (user, time) order
+    order: np.ndarray | None  # (n,) log row at each position of that order; None: the log is in it
     profiles: np.ndarray  # (U, P) int64 raw profile ids (-1 = none)
     profile_fields: tuple[str, ...]
+
+    @property
+    def events(self) -> int:
+        return int(self.counts.sum())
+
+    def rows_of(self, a: int, b: int) -> np.ndarray:
+        """Log rows of the kept records of users a..b-1: grouped by user, newest first."""
+        counts = self.counts[a:b]
+        first = np.cumsum(counts) - counts
+        pos = np.repeat(self.last[a:b] + first, counts) - np.arange(int(counts.sum()), dtype=np.int64)
+        return pos if self.order is None else self.order[pos]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Every kept record's log row (all users; tests and small logs)."""
+        return self.rows_of(0, self.user_id.size)
+
+
+def _already_in_order(uid: np.ndarray, ts: np.ndarray) -> bool:
+    """Grouped by ascending user, and in time order within each user."""
+    if uid.size < 2:
+        return True
+    if not (uid[1:] >= uid[:-1]).all():
+        return False
+    return bool(((uid[1:] != uid[:-1]) | (ts[1:] >= ts[:-1])).all())
 
 
 def _user_time_order(uid: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """Row order by user, then time (stable): one lexsort, skipped when already in order."""
-    same_user = uid[1:] == uid[:-1]
-    if (uid[1:] >= uid[:-1]).all() and (~same_user | (ts[1:] >= ts[:-1])).all():
+    if _already_in_order(uid, ts):
         return np.arange(uid.size, dtype=np.int64)  # e.g. a log written by sorted_by_user_time()
     return np.lexsort((ts, uid))
 
@@ -110,18 +161,20 @@ def group_histories(
     uid_all = np.asarray(log.user_id, dtype=np.int64)
     mask = behaviour_mask(log)
     everything = bool(mask.all())
-    beh_rows = np.arange(uid_all.size, dtype=np.int64) if everything else np.flatnonzero(mask)
-    uid = uid_all[beh_rows]
-    order = beh_rows[_user_time_order(uid, np.asarray(log.timestamp, dtype=np.int64)[beh_rows])]
-    uid_sorted = uid_all[order]
+    ts_all = np.asarray(log.timestamp, dtype=np.int64)
+    if everything and _already_in_order(uid_all, ts_all):  # e.g. sorted_by_user_time(): no gathers
+        order = None
+        uid_sorted = uid_all
+    else:
+        beh_rows = np.arange(uid_all.size, dtype=np.int64) if everything else np.flatnonzero(mask)
+        uid = uid_all[beh_rows]
+        order = beh_rows[_user_time_order(uid, ts_all[beh_rows])]
+        uid_sorted = uid_all[order]
     n = uid_sorted.size
     starts = np.flatnonzero(np.r_[True, uid_sorted[1:] != uid_sorted[:-1]]) if n else np.empty(0, np.int64)
     ends = np.r_[starts[1:], n].astype(np.int64) if n else np.empty(0, np.int64)
     users = uid_sorted[starts]
     kept = np.minimum(ends - starts, max_history)
-    first_out = np.cumsum(kept) - kept
-    rank = np.arange(int(kept.sum()), dtype=np.int64) - np.repeat(first_out, kept)  # 0 = newest
-    rows = order[np.repeat(ends - 1, kept) - rank]
 
     fields = log.profile_fields if profile_fields is None else tuple(profile_fields)
     missing = [f for f in fields if f not in log.profile_fields]
@@ -138,20 +191,89 @@ def group_histories(
     if log.profiles is not None and log.profiles.user_id.size:
         all_users = np.union1d(all_users, np.asarray(log.profiles.user_id, dtype=np.int64))
     counts = np.zeros(all_users.size, dtype=np.int64)
-    counts[np.searchsorted(all_users, users)] = kept
+    last = np.zeros(all_users.size, dtype=np.int64)
+    at = np.searchsorted(all_users, users)
+    counts[at] = kept
+    last[at] = ends - 1
     if fields:
         looked_up = log.profiles.lookup(all_users)
         profiles = np.stack([looked_up[f] for f in fields], axis=1).astype(np.int64)
     else:
         profiles = np.empty((all_users.size, 0), dtype=np.int64)
-    return GroupedHistories(all_users, counts, rows, profiles, fields)
+    return GroupedHistories(all_users, counts, last, order, profiles, fields)
 
 
-def delete_version(client: redis.Redis, keys: KeySpace, batch: int = 1000) -> int:
-    """UNLINK every key of one data version (SCAN by its prefix); returns how many."""
+def group_ads(log: BehaviourLog) -> tuple[np.ndarray, np.ndarray]:
+    """(ad ids sorted, (A, 1) category ids): each ad's category as of its latest event.
+
+    Hash-grouped by (ad, category) in Arrow first (no sort of the whole log); only ads
+    seen with more than one category are resolved row by row (latest timestamp, then
+    the later row).
+    """
+    item = np.asarray(log.item_id, dtype=np.int64)
+    cate = np.asarray(log.cate_id, dtype=np.int64)
+    if item.size == 0:
+        return np.empty(0, np.int64), np.empty((0, 1), np.int64)
+    pairs = pa.table({"item_id": item, "cate_id": cate}).group_by(["item_id", "cate_id"]).aggregate([])
+    p_item = pairs.column("item_id").to_numpy()
+    p_cate = pairs.column("cate_id").to_numpy()
+    order = np.argsort(p_item, kind="stable")
+    p_item, p_cate = p_item[order], p_cate[order]
+    ads, first, counts = np.unique(p_item, return_index=True, return_counts=True)
+    out = p_cate[first].copy()
+    conflicted = ads[counts > 1]
+    if conflicted.size:
+        rows = np.flatnonzero(np.isin(item, conflicted))
+        rows = rows[np.lexsort((rows, np.asarray(log.timestamp)[rows], item[rows]))]
+        last = np.r_[item[rows][1:] != item[rows][:-1], True]
+        out[np.searchsorted(ads, item[rows][last])] = cate[rows][last]
+    return ads, out[:, None]
+
+
+def _data_hash(log: BehaviourLog) -> str:
+    """SHA-256 of the log's columns, hashed in place (no copies: hashlib releases the GIL)."""
+    h = hashlib.sha256()
+    for col in (log.user_id, log.item_id, log.cate_id, log.timestamp, log.label, log.is_behaviour):
+        if col is not None:
+            arr = np.ascontiguousarray(col)
+            h.update(str(arr.dtype).encode())
+            h.update(arr.data)
+    return h.hexdigest()
+
+
+def load_fingerprint(log_fingerprint: str, grouped: GroupedHistories, settings: dict) -> str:
+    """Names the data and options of a load: a killed load is resumed only by an identical one."""
+    h = hashlib.sha256(log_fingerprint.encode())
+    h.update(np.ascontiguousarray(grouped.profiles).tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- raw writes
+def set_values(client, keys: Sequence[str], data: bytes, offsets: Sequence[int], ex: int = 0) -> None:
+    """SET keys[i] = data[offsets[i]:offsets[i+1]] (EX `ex` if > 0), one round trip on a single Redis.
+
+    On a single Redis the commands go out as one RESP buffer (feature_store/resp.py); a
+    cluster goes through redis-py's cluster pipeline, which splits the commands per node.
+    """
+    view = memoryview(data)
+    if is_cluster(client):
+        pipe = client.pipeline(transaction=False)
+        for i, key in enumerate(keys):
+            value = view[offsets[i] : offsets[i + 1]].tobytes()
+            pipe.set(key, value, ex=ex) if ex > 0 else pipe.set(key, value)
+        pipe.execute()
+        return
+    with SetWriter(client) as writer:
+        writer.send(keys, data, offsets, ex)
+
+
+def _delete_matching(client, pattern: str, skip_prefix: bytes | None = None, batch: int = 1000) -> int:
     deleted = 0
     pending: list[bytes] = []
-    for key in client.scan_iter(match=keys.match_all, count=batch):
+    for key in client.scan_iter(match=pattern, count=batch):
+        if skip_prefix is not None and key.startswith(skip_prefix):
+            continue
         pending.append(key)
         if len(pending) >= batch:
             deleted += client.unlink(*pending)
@@ -161,19 +283,115 @@ def delete_version(client: redis.Redis, keys: KeySpace, batch: int = 1000) -> in
     return deleted
 
 
-def _abandon(client: redis.Redis, keys: KeySpace) -> None:
-    """Delete a failed load's keys, unless the switch happened after all (a lost reply)."""
-    try:
-        current = client.get(keys.current)
-        if current is not None and current.decode() == keys.version:
-            return
-        delete_version(client, keys)
-    except redis.RedisError:  # the store is gone; the orphan version is never current
-        logger.warning("could not remove the partial data version %s of %s", keys.version, keys.namespace)
+def delete_version(client, keys: KeySpace, batch: int = 1000) -> int:
+    """UNLINK every key of one data version (SCAN by its prefix, fences last); returns how many."""
+    deleted = _delete_matching(client, keys.match_all, skip_prefix=keys.fence_prefix.encode(), batch=batch)
+    return deleted + delete_fences(client, keys)
+
+
+def _current(client, namespace: str) -> str | None:
+    raw = client.get(current_key(namespace))
+    return raw.decode() if raw is not None else None
+
+
+def _redirect(client, namespace: str, version: str | None, state: str, nxt: str | None = None,
+              only_if_next: str | None = None) -> None:
+    """Set every fence of `version` to `state` (keeping its settings), if it has fences."""
+    if version is None:
+        return
+    keys = KeySpace(namespace=namespace, version=version)
+    fence = read_fence(client, keys)
+    if fence is None or (only_if_next is not None and fence.next != only_if_next):
+        return
+    write_fences(client, keys, fence.to(state, nxt))
+
+
+def abandon_version(client, namespace: str, version: str) -> int:
+    """Remove an unfinished load's version, and stop sending live appends to it; returns keys deleted."""
+    current = _current(client, namespace)
+    if current == version:  # it was switched to after all (a lost reply): it is the live one
+        client.hdel(loading_key(namespace), version)
+        return 0
+    _redirect(client, namespace, current, "S", only_if_next=version)
+    keys = KeySpace(namespace=namespace, version=version)
+    if current is not None and read_fence(client, keys) is not None:
+        write_fences(client, keys, read_fence(client, keys).to("R", current))
+    deleted = delete_version(client, keys)
+    client.hdel(loading_key(namespace), version)
+    return deleted
+
+
+def retire_version(client, namespace: str, version: str, successor: str) -> int:
+    """Point the version's appends at `successor`, then delete its keys (fences last)."""
+    _redirect(client, namespace, version, "R", successor)
+    return delete_version(client, KeySpace(namespace=namespace, version=version))
+
+
+def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: float) -> tuple[str, dict]:
+    """(version, state): an unfinished load of the same data to resume, else a fresh version.
+
+    `fingerprint(wait)` names this load's data (waiting for it only when there is an
+    unfinished load to compare with). Unfinished loads of other data whose progress is
+    older than `stale_after_s` are dead and removed; younger ones may still be running and
+    are left alone. A load killed before its fingerprint was recorded cannot be resumed.
+    """
+    now = time.time()
+    current = _current(client, namespace)
+    found: tuple[str, dict] | None = None
+    entries = client.hgetall(loading_key(namespace))
+    mine = fingerprint(wait=bool(entries))
+    for raw_version, raw_state in sorted(entries.items()):
+        version = raw_version.decode()
+        try:
+            state = json.loads(raw_state)
+        except ValueError:
+            state = {}
+        if version == current:
+            client.hdel(loading_key(namespace), version)
+        elif resume and found is None and mine is not None and state.get("fingerprint") == mine:
+            found = version, state
+        elif now - float(state.get("heartbeat", 0)) > stale_after_s:
+            logger.warning("removing the unfinished load of data version %s of %s (no progress for %.0f s)",
+                           version, namespace, now - float(state.get("heartbeat", 0)))
+            abandon_version(client, namespace, version)
+    if found is not None:
+        return found
+    version = str(client.incr(seq_key(namespace)))
+    state = {"fingerprint": mine, "users_done": 0, "heartbeat": now, "started_at": now}
+    client.hset(loading_key(namespace), version, json.dumps(state))
+    return version, state
+
+
+def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
+    """Apply the events parked while `keys.version` was loading (it must be sealed); returns users.
+
+    The users come from the per-slot sets the script fills while parking (one SMEMBERS
+    per slot, pipelined), not from a SCAN of the whole keyspace.
+    """
+    tags = slot_tags()
+    pipe = client.pipeline(transaction=False)
+    for tag in tags:
+        pipe.smembers(keys.pending_users(tag))
+    users = sorted({int(u) for members in pipe.execute() for u in members})
+    if not users:
+        return 0
+    client.script_load(APPEND_LUA)
+    for a in range(0, len(users), batch):
+        pipe = client.pipeline(transaction=False)
+        for uid in users[a : a + batch]:
+            tag = user_fence_tag(uid)
+            pipe.execute_command("EVALSHA", APPEND_SHA, 5, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+                                 keys.fence(tag), keys.pending_users(tag), "merge", 0, b"", PENDING_TTL_S, uid)
+        pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for tag in tags:
+        pipe.unlink(keys.pending_users(tag))
+    pipe.execute()
+    return len(users)
 
 
 def load_log(
-    client: redis.Redis,
+    client,
     log: BehaviourLog,
     *,
     namespace: str = "din",
@@ -183,69 +401,166 @@ def load_log(
     chunk_users: int = DEFAULT_CHUNK_USERS,
     grace_s: float = DEFAULT_GRACE_S,
     profile_fields: Sequence[str] | None = None,
+    user_ttl_s: int = 0,
+    id_window: int = DEFAULT_ID_WINDOW,
+    id_ttl_s: int = DEFAULT_ID_TTL_S,
+    resume: bool = True,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> LoadReport:
-    """Write `log` as a new data version of `namespace` and make it the current one."""
+    """Write `log` as a new data version of `namespace` and make it the current one.
+
+    `user_ttl_s` > 0: a user's keys expire that long after the load or their last live
+    append. `resume`: continue an unfinished (killed) load of the same data and options.
+    """
     if chunk_users < 1:
         raise ValueError(f"chunk_users must be at least 1, got {chunk_users}")
+    if user_ttl_s < 0 or id_ttl_s < 0 or id_window < 1:
+        raise ValueError("user_ttl_s and id_ttl_s must be >= 0 and id_window >= 1")
     t0 = time.perf_counter()
+    # numpy, Arrow and hashlib release the GIL: the ads and the data's hash use the other core.
+    # The hash is only needed to match an unfinished load, so it may finish during the writes.
+    pool = ThreadPoolExecutor(2)
+    log_hash = pool.submit(_data_hash, log)
+    ads = pool.submit(group_ads, log)
+    pool.shutdown(wait=False)
     grouped = group_histories(log, max_history, profile_fields)
+    ad_ids, ad_values = ads.result()
     if grouped.user_id.size == 0:
         raise ValueError(f"behaviour log {log.name!r} has no users: nothing to load (the current data stays)")
-    version = str(client.incr(seq_key(namespace)))
+    settings = {
+        "max_history": int(max_history), "profile_fields": list(grouped.profile_fields), "chunk_users": chunk_users,
+        "user_ttl_s": int(user_ttl_s), "id_window": int(id_window), "id_ttl_s": int(id_ttl_s),
+    }
+
+    def fingerprint(wait: bool = True) -> str | None:
+        if not wait and not log_hash.done():
+            return None
+        return load_fingerprint(log_hash.result(), grouped, settings)
+
+    t_prepared = time.perf_counter()
+    version, state = _claim(client, namespace, fingerprint, resume, stale_after_s)
     keys = KeySpace(namespace=namespace, version=version)
+    fence = Fence("L", None, int(max_history), len(grouped.profile_fields), int(user_ttl_s), int(id_window), int(id_ttl_s))
     columns = [np.asarray(c, dtype=np.int64) for c in (log.item_id, log.cate_id, log.timestamp)]
-    record_end = np.cumsum(grouped.counts)
     n_users = grouped.user_id.size
+    start = min(int(state.get("users_done", 0)), n_users) // chunk_users * chunk_users
+    if start:
+        logger.info("resuming the load of data version %s at user %d of %d", version, start, n_users)
     total_bytes = 0
+    switched = False
     bar = tqdm(
-        total=n_users, unit="users", unit_scale=True, file=sys.stderr, disable=not progress,
+        total=n_users, initial=start, unit="users", unit_scale=True, file=sys.stderr, disable=not progress,
         desc=f"load {namespace} v{version}", dynamic_ncols=True,
     )
     try:
-        with bar:
-            for a in range(0, n_users, chunk_users):
-                b = min(a + chunk_users, n_users)
-                r0 = int(record_end[a - 1]) if a else 0
-                r1 = int(record_end[b - 1]) if b else 0
-                rows = grouped.rows[r0:r1]
-                words = np.empty((rows.size, 3), dtype=np.int64)  # item_id, cate_id, timestamp
-                for j, col in enumerate(columns):
-                    words[:, j] = col[rows]
-                data, offsets = encode_users(grouped.counts[a:b], words, grouped.profiles[a:b])
-                total_bytes += len(data)
-                bounds = offsets.tolist()
-                pipe = client.pipeline(transaction=False)
-                for i, key in enumerate(keys.users(grouped.user_id[a:b].tolist())):
-                    pipe.execute_command("SET", key, data[bounds[i] : bounds[i + 1]])  # (.set() is slower)
-                pipe.execute()
-                bar.update(b - a)
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "profile_fields": list(grouped.profile_fields),
-                "max_history": int(max_history),
-                "users": int(n_users),
-                "events": int(grouped.rows.size),
-                "source": log.name,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            client.set(keys.meta, json.dumps(meta))
-            previous = client.set(current_key(namespace), version, get=True)
+        write_fences(client, keys, fence)
+        previous_live = _current(client, namespace)
+        _redirect(client, namespace, previous_live, "N", version)
+        writer = None if is_cluster(client) else SetWriter(client)
+        try:
+            with bar:
+                for a in range(start, n_users, chunk_users):
+                    b = min(a + chunk_users, n_users)
+                    rows = grouped.rows_of(a, b)
+                    words = np.empty((rows.size, 3), dtype=np.int64)  # item_id, cate_id, timestamp
+                    for j, col in enumerate(columns):
+                        words[:, j] = col[rows]
+                    data, offsets = encode_users(grouped.counts[a:b], words, grouped.profiles[a:b])
+                    total_bytes += len(data)
+                    user_keys = keys.users(grouped.user_id[a:b].tolist())
+                    state.update(users_done=b, heartbeat=time.time())  # the resume point, and liveness
+                    if state.get("fingerprint") is None:
+                        state["fingerprint"] = fingerprint(wait=False)
+                    if writer is not None:  # this chunk in flight (progress recorded after it), the previous confirmed
+                        progress = format_command("HSET", loading_key(namespace), version, json.dumps(state))
+                        writer.send(user_keys, data, offsets.tolist(), ex=user_ttl_s, then=progress)
+                    else:
+                        set_values(client, user_keys, data, offsets.tolist(), ex=user_ttl_s)
+                        client.hset(loading_key(namespace), version, json.dumps(state))
+                    bar.update(b - a)
+            if writer is not None:
+                writer.flush()
+        finally:
+            if writer is not None:
+                writer.close()
+        state.update(users_done=n_users, heartbeat=time.time(), fingerprint=fingerprint())
+        client.hset(loading_key(namespace), version, json.dumps(state))
+        ad_size = 8 + 8 * len(AD_FIELDS)
+        for a in range(0, ad_ids.size, AD_CHUNK):
+            b = min(a + AD_CHUNK, ad_ids.size)
+            set_values(client, keys.ads(ad_ids[a:b].tolist()), encode_ads(ad_values[a:b]),
+                       range(0, (b - a + 1) * ad_size, ad_size))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "profile_fields": list(grouped.profile_fields),
+            "ad_fields": list(AD_FIELDS),
+            "max_history": int(max_history),
+            "users": int(n_users),
+            "ads": int(ad_ids.size),
+            "events": grouped.events,
+            "user_ttl_s": int(user_ttl_s),
+            "event_id_window": int(id_window),
+            "event_id_ttl_s": int(id_ttl_s),
+            "source": log.name,
+            "fingerprint": state["fingerprint"],
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        t_written = time.perf_counter()
+        client.set(keys.meta, json.dumps(meta))
+        write_fences(client, keys, fence.to("S"))  # seal: from here appends apply directly ...
+        merged = merge_pending(client, keys)  # ... and those parked before are merged
+        previous = client.set(current_key(namespace), version, get=True)
+        switched = True
+        client.hdel(loading_key(namespace), version)
     except BaseException:
-        _abandon(client, keys)
+        if not switched:
+            try:
+                abandon_version(client, namespace, version)
+            except redis.RedisError:  # the store is gone; the orphan is never current
+                logger.warning("could not remove the partial data version %s of %s", version, namespace)
         raise
     previous = previous.decode() if isinstance(previous, bytes) else previous
     deleted = 0
-    if previous is not None and previous != version and not keep_old:
-        time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
-        deleted = delete_version(client, KeySpace(namespace=namespace, version=previous))
+    if previous is not None and previous != version:
+        if previous != previous_live:  # another load switched meanwhile: it gets our appends too
+            _redirect(client, namespace, previous, "N", version)
+        if not keep_old:
+            time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
+            deleted = retire_version(client, namespace, previous, version)
     return LoadReport(
         namespace=namespace,
         version=version,
         previous_version=previous,
         users=int(n_users),
-        events=int(grouped.rows.size),
+        events=grouped.events,
         log_events=len(log),
         bytes=total_bytes,
         seconds=time.perf_counter() - t0,
         deleted_keys=deleted,
+        ads=int(ad_ids.size),
+        resumed_from=start,
+        merged_users=merged,
+        prepare_seconds=round(t_prepared - t0, 3),
+        write_seconds=round(t_written - t_prepared, 3),
     )
+
+
+def create_empty_version(client, namespace: str, fence: Fence) -> str:
+    """A serving version with no users (the first live event into an empty store creates it).
+
+    Returns the current version: ours, or the one another process made current first.
+    """
+    version = str(client.incr(seq_key(namespace)))
+    keys = KeySpace(namespace=namespace, version=version)
+    write_fences(client, keys, fence.to("S"))
+    meta = {
+        "format_version": FORMAT_VERSION, "profile_fields": [], "ad_fields": list(AD_FIELDS),
+        "max_history": fence.max_history, "users": 0, "ads": 0, "events": 0, "user_ttl_s": fence.user_ttl_s,
+        "event_id_window": fence.id_window, "event_id_ttl_s": fence.id_ttl_s, "source": "live events",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    client.set(keys.meta, json.dumps(meta))
+    if client.set(current_key(namespace), version, nx=True):
+        return version
+    delete_version(client, keys)
+    return _current(client, namespace)

@@ -126,6 +126,45 @@ def decode_user(value: bytes) -> UserHistory:
     return UserHistory(profile=profile, records=records)
 
 
+_PREFIX = MAGIC + bytes([FORMAT_VERSION])
+_NO_PROFILE = np.empty(0, dtype="<i8")
+_NO_PROFILE.flags.writeable = False
+
+
+def _history(profile: np.ndarray, records: np.ndarray) -> UserHistory:
+    """A UserHistory without the frozen dataclass's __init__ (the read path makes one per user)."""
+    h = object.__new__(UserHistory)
+    object.__setattr__(h, "profile", profile)
+    object.__setattr__(h, "records", records)
+    return h
+
+
+def decode_users(values: "list[bytes | None]") -> "list[UserHistory | CorruptValueError | None]":
+    """`decode_user` for a batch (an MGET reply), ~4x faster per value: None stays None, a
+    value that is not valid comes back as its CorruptValueError (not raised)."""
+    out: list = []
+    append = out.append
+    frombuffer = np.frombuffer
+    for v in values:
+        if v is None:
+            append(None)
+            continue
+        if v.startswith(_PREFIX):
+            p = v[5]
+            head = HEADER_SIZE + 8 * p
+            n = len(v)
+            if n >= head and not (n - head) % RECORD_SIZE:
+                profile = frombuffer(v, "<i8", p, HEADER_SIZE) if p else _NO_PROFILE
+                append(_history(profile, frombuffer(v, RECORD_DTYPE, -1, head)))
+                continue
+        try:
+            decode_user(v)  # for its message
+            append(CorruptValueError("user value failed the batch checks"))  # (unreachable in practice)
+        except CorruptValueError as e:
+            append(e)
+    return out
+
+
 def encode_users(
     counts: np.ndarray, record_words: np.ndarray, profiles: np.ndarray
 ) -> tuple[bytes, np.ndarray]:
@@ -159,3 +198,53 @@ def encode_users(
     out[is_record] = record_words
     offsets = np.concatenate(([0], word_end)) * 8
     return out.tobytes(), offsets
+
+
+# ---------------------------------------------------------------------------------------
+# Ad features: one small value per ad id, the fields named by the version's meta
+# (`ad_fields`, cate_id first).
+#
+#     offset  size   field
+#     0       4      magic b"DINA"
+#     4       1      format version (u8, = FORMAT_VERSION)
+#     5       1      n_fields (u8): number of int64 fields that follow
+#     6       2      reserved (u16 little-endian, = 0)
+#     8       8*F    field values (int64 LE), in the order of the meta's ad_fields
+AD_MAGIC = b"DINA"
+
+
+def ad_header_bytes(n_fields: int) -> bytes:
+    if not 1 <= n_fields <= MAX_PROFILE_FIELDS:
+        raise ValueError(f"n_fields must be in 1..{MAX_PROFILE_FIELDS}, got {n_fields}")
+    header = np.zeros((), dtype=HEADER_DTYPE)
+    header["magic"] = AD_MAGIC
+    header["version"] = FORMAT_VERSION
+    header["n_profile"] = n_fields
+    return header.tobytes()
+
+
+def encode_ads(fields: np.ndarray) -> bytes:
+    """(A, F) int64 field values -> A fixed-size values laid end to end (each 8 + 8*F bytes)."""
+    fields = np.asarray(fields, dtype="<i8")
+    if fields.ndim != 2:
+        raise ValueError(f"ad fields must be 2-D (ads, fields), got shape {fields.shape}")
+    words = np.empty((fields.shape[0], 1 + fields.shape[1]), dtype="<i8")
+    words[:, 0] = np.frombuffer(ad_header_bytes(fields.shape[1]), dtype="<i8")[0]
+    words[:, 1:] = fields
+    return words.tobytes()
+
+
+def decode_ads(values: "list[bytes | None]", n_fields: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(found (N,) bool, fields (N, F) int64 with -1 where not found, corrupt count), vectorised.
+
+    A value that is not an ad value with `n_fields` fields counts as corrupt and not found.
+    """
+    size = 8 + 8 * n_fields
+    header = ad_header_bytes(n_fields)
+    found = np.fromiter((v is not None and len(v) == size and v[:8] == header for v in values), dtype=bool, count=len(values))
+    corrupt = int(sum(v is not None for v in values)) - int(found.sum())
+    out = np.full((len(values), n_fields), -1, dtype=np.int64)
+    if found.any():
+        joined = b"".join(v for v, ok in zip(values, found.tolist()) if ok)
+        out[found] = np.frombuffer(joined, dtype="<i8").reshape(-1, 1 + n_fields)[:, 1:]
+    return found, out, corrupt

@@ -1,74 +1,83 @@
 """The Redis backend of the history store: one round trip per batch of users.
 
 Reads go through redis.asyncio on the service's event loop: GET for one user, MGET for a
-batch, the keys of the data version that `{ns}:current` names. The version is re-read
-lazily at most every `version_refresh_s` seconds (and on a miss, at most every
-`miss_refresh_s`), so a new bulk load is picked up without a restart and a reader never
-uses a version older than that; the loader waits longer than this before deleting the
-old version. Bulk loads use a plain synchronous client (feature_store/loader.py).
+batch (split per slot on a Redis Cluster), the keys of the data version that
+`{ns}:current` names. The version is re-read lazily at most every `version_refresh_s`
+seconds (and on a miss, at most every `miss_refresh_s`), so a new bulk load is picked up
+without a restart and a reader never uses a version older than that; the loader waits
+longer than this before deleting the old version. Live appends run the Lua script of
+feature_store/append_script.py per user, steered by the version's fences
+(feature_store/fences.py). Bulk loads use a plain synchronous client (loader.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
 
-from feature_store.base import HistoryStore, StoreUnavailableError
-from feature_store.keys import KeySpace, check_name, current_key
-from feature_store.loader import DEFAULT_CHUNK_USERS, DEFAULT_MAX_HISTORY, LoadReport, load_log
-from feature_store.records import CorruptValueError, UserHistory, decode_user
+from feature_store import metrics
+from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
+from feature_store.base import AdFeatures, HistoryStore, StoreStats, StoreUnavailableError
+from feature_store.connection import RedisAddress, async_client, redacted_url, sync_client
+from feature_store.events import AppendReport, EventBatch
+from feature_store.fences import Fence, user_fence_tag
+from feature_store.keys import KeySpace, check_name, current_key, loading_key
+from feature_store.loader import (
+    AD_FIELDS,
+    DEFAULT_CHUNK_USERS,
+    DEFAULT_ID_TTL_S,
+    DEFAULT_ID_WINDOW,
+    DEFAULT_MAX_HISTORY,
+    LoadReport,
+    create_empty_version,
+    load_log,
+)
+from feature_store.records import CorruptValueError, UserHistory, decode_ads, decode_users
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+MAX_APPEND_HOPS = 6  # version redirects one append may follow (normally 1, 2 during a load)
+STATS_SAMPLE = 1000  # user keys whose MEMORY USAGE / STRLEN `stats` averages
+
+__all__ = ["RedisHistoryStore", "redacted_url"]
 
 
-def redacted_url(url: str) -> str:
-    """The URL without its password (user-info or `?password=`), fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None and "password" not in parts.query.lower():
-        return url
-    if parts.password is not None:
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    if "password" in parts.query.lower():
-        query = "&".join(
-            f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
-            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
-        )
-        parts = parts._replace(query=query)
-    return urlunsplit(parts)
+class StoreError(RuntimeError):
+    """The store answered, but cannot do what was asked; the message says what to do."""
 
 
 class RedisHistoryStore(HistoryStore):
-    """Histories of one namespace in one Redis (standalone; Cluster comes later)."""
+    """Histories and ad features of one namespace in one Redis or one Redis Cluster."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | aioredis.RedisCluster,
         *,
         url: str,
         namespace: str = "din",
         version_refresh_s: float = 1.0,
         miss_refresh_s: float = 0.1,
+        cluster: bool | None = None,
     ):
         self._redis = client
         self._url = url
+        self._address = RedisAddress.parse(url, cluster)
+        self.cluster = isinstance(client, aioredis.RedisCluster)
         self.namespace = check_name(namespace, "namespace")
         self.version_refresh_s = version_refresh_s
         self.miss_refresh_s = miss_refresh_s
-        self.decode_errors = 0  # values that failed to decode (served as unknown users)
+        self.decode_errors = 0  # values that failed to decode (served as unknown users / ads)
+        self.repaired_values = 0  # corrupt user values replaced by a live append
         self._keys: KeySpace | None = None
         self._meta: dict = {}
         self._checked_at = float("-inf")  # time.monotonic() of the last pointer read
@@ -79,6 +88,7 @@ class RedisHistoryStore(HistoryStore):
         url: str,
         namespace: str = "din",
         *,
+        cluster: bool | None = None,
         socket_timeout: float = 0.5,
         socket_connect_timeout: float = 0.5,
         max_connections: int | None = None,
@@ -89,25 +99,22 @@ class RedisHistoryStore(HistoryStore):
         version_refresh_s: float = 1.0,
         miss_refresh_s: float = 0.1,
     ) -> "RedisHistoryStore":
-        """A store for `url` (redis://, rediss:// for TLS, unix://; a password in the URL); connects on first use.
+        """A store for `url` (redis://, rediss:// for TLS, unix://, redis+cluster://; a password in
+        the URL); connects on first use.
 
-        Timeouts are short, and `retries` retries with exponential backoff (starting at
-        `retry_backoff_s`, at most `retry_backoff_cap_s`; 0: at once) follow a connection
-        error or timeout: a pooled connection broken by a Redis restart reconnects on the
-        retry (redis-py 8 speaks RESP3 and sets no retry policy of its own worth relying on).
-        A connection idle for `health_check_interval` seconds is PINGed before use (0: never).
+        `cluster=True` uses the cluster client for a plain redis:// URL (REDIS_CLUSTER). Timeouts
+        are short, and `retries` retries with exponential backoff follow a connection error or
+        timeout (see `feature_store.connection.async_client`). A connection idle for
+        `health_check_interval` seconds is PINGed before use (0: never).
         """
-        backoff = ExponentialBackoff(cap=retry_backoff_cap_s, base=retry_backoff_s) if retry_backoff_s > 0 else NoBackoff()
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            max_connections=max_connections,
-            retry=Retry(backoff, retries),
-            health_check_interval=health_check_interval,
+        address = RedisAddress.parse(url, cluster)
+        client = async_client(
+            address, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+            max_connections=max_connections, retries=retries, retry_backoff_s=retry_backoff_s,
+            retry_backoff_cap_s=retry_backoff_cap_s, health_check_interval=health_check_interval,
         )
         return cls(
-            client, url=url, namespace=namespace,
+            client, url=url, namespace=namespace, cluster=cluster,
             version_refresh_s=version_refresh_s, miss_refresh_s=miss_refresh_s,
         )
 
@@ -160,23 +167,52 @@ class RedisHistoryStore(HistoryStore):
         return version
 
     # ---------------------------------------------------------------------- reads
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        if len(keys) == 1:
+            return [await self._redis.get(keys[0])]
+        if self.cluster:
+            return await self._redis.mget_nonatomic(keys)  # one MGET per slot, pipelined per node
+        return await self._mget_packed(keys)
+
+    async def _mget_packed(self, keys: list[str]) -> list[bytes | None]:
+        """MGET formatted here: redis-py's packer costs ~20% of a 64-user read.
+
+        Same pool, timeouts and reply parser as the client; one retry on a fresh
+        connection when a pooled one turns out broken (a restarted Redis), as the
+        client's own retry policy does.
+        """
+        parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)]
+        for key in keys:
+            k = key.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(k), k))
+        packed = b"".join(parts)
+        pool = self._redis.connection_pool
+        for attempt in (0, 1):
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(packed)
+                return await conn.read_response()
+            except (redis.ConnectionError, OSError):
+                await conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                await conn.disconnect()  # a timeout or a cancelled request: the reply is unread
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
     async def _fetch(self, user_ids: list[int]) -> list[bytes | None]:
         if self._keys is None:
             return [None] * len(user_ids)
-        if len(user_ids) == 1:
-            return [await self._redis.get(self._keys.user(user_ids[0]))]
-        return await self._redis.mget(self._keys.users(user_ids))
+        return await self._mget(self._keys.users(user_ids))
 
-    def _decode(self, value: bytes | None, user_id: int) -> UserHistory | None:
-        if value is None:
-            return None
-        try:
-            return decode_user(value)
-        except CorruptValueError as e:
-            self.decode_errors += 1
-            if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
-                logger.warning("user %d: %s (served as an unknown user; %d so far)", user_id, e, self.decode_errors)
-            return None
+    def _corrupt(self, kind: str, what: str, error: object, n: int = 1) -> None:
+        self.decode_errors += n
+        metrics.CORRUPT_VALUES.labels(kind).inc(n)
+        if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
+            logger.warning("%s: %s (served as unknown; %d corrupt values so far)", what, error, self.decode_errors)
 
     async def get_histories(self, user_ids: Sequence[int]) -> list[UserHistory | None]:
         ids = [int(u) for u in user_ids]
@@ -193,7 +229,178 @@ class RedisHistoryStore(HistoryStore):
                     values = await self._fetch(ids)
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
-        return [self._decode(v, u) for v, u in zip(values, ids)]
+        out = decode_users(values)
+        for i, h in enumerate(out):
+            if h.__class__ is CorruptValueError:
+                self._corrupt("user", f"user {ids[i]}", h)
+                out[i] = None
+        return out
+
+    async def _version_now(self) -> None:
+        if time.monotonic() - self._checked_at >= self.version_refresh_s:
+            await self.refresh_version()
+
+    async def get_ad_features(self, ad_ids) -> AdFeatures:
+        """Category id (and any other ad field) per ad, -1 / not found for unknown ads; one MGET."""
+        ids = np.asarray(ad_ids, dtype=np.int64)
+        try:
+            await self._version_now()
+            fields = tuple(self._meta.get("ad_fields", AD_FIELDS))
+            if self._keys is None or ids.size == 0:
+                return AdFeatures(fields, np.zeros(ids.size, bool), np.full((ids.size, len(fields)), -1, np.int64))
+            values = await self._mget(self._keys.ads(ids.tolist()))
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+        found, out, corrupt = decode_ads(values, len(fields))
+        if corrupt:
+            self._corrupt("ad", f"{corrupt} ad value(s) of data version {self.version}", "not an ad value of this layout", corrupt)
+        return AdFeatures(fields, found, out)
+
+    # ---------------------------------------------------------------------- live appends
+    async def _append_version(self) -> str:
+        await self._version_now()
+        if self._keys is None:
+            await self.refresh_version()
+        if self._keys is None:  # nothing loaded yet: the first event creates an empty version
+            fence = Fence("S", None, DEFAULT_MAX_HISTORY, 0, 0, DEFAULT_ID_WINDOW, DEFAULT_ID_TTL_S)
+            await asyncio.to_thread(self._create_empty_version, fence)
+            await self.refresh_version()
+        return self.version
+
+    def _create_empty_version(self, fence: Fence) -> str:
+        client = sync_client(self._address, socket_timeout=5.0)
+        try:
+            return create_empty_version(client, self.namespace, fence)
+        finally:
+            client.close()
+
+    async def _run_appends(self, groups, todo: list[tuple[int, str]]) -> list:
+        for attempt in (0, 1):
+            pipe = self._redis.pipeline(transaction=False)
+            for i, version in todo:
+                uid, blob, ids = groups[i]
+                keys = KeySpace(namespace=self.namespace, version=version)
+                tag = user_fence_tag(uid)
+                pipe.execute_command(  # (a cluster pipeline routes EVALSHA by its keys)
+                    "EVALSHA", APPEND_SHA, 5, keys.user(uid), keys.event_ids(uid), keys.pending(uid),
+                    keys.fence(tag), keys.pending_users(tag), "append", len(ids), blob, *ids, PENDING_TTL_S, uid,
+                )
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                await self._redis.script_load(APPEND_LUA)  # (every primary, on a cluster)
+                continue  # safe to re-run: appends are idempotent per event id
+            for r in replies:
+                if isinstance(r, redis.ResponseError):  # e.g. OOM: Redis is up but takes no writes
+                    raise StoreError(f"Redis at {self.url} refused the append: {r}")
+                if isinstance(r, Exception):
+                    raise r
+            return replies
+        raise AssertionError("unreachable")
+
+    async def append_events(self, events: EventBatch) -> AppendReport:
+        """Append live behaviours; returns once Redis has run every user's script.
+
+        Each user's events go through one script call on the live version; a fence may
+        send them on to the version being loaded (state N) or to the successor of a
+        retired one (R), or report the version gone (stale: re-read the pointer).
+        """
+        groups = events.by_user()
+        try:
+            version = await self._append_version()
+            if not groups:
+                return AppendReport(0, 0, 0, 0, version)
+            first: dict[int, tuple[int, int]] = {}
+            todo = [(i, version) for i in range(len(groups))]
+            seen = set(todo)
+            for _ in range(MAX_APPEND_HOPS):
+                if not todo:
+                    break
+                replies = await self._run_appends(groups, todo)
+                after: list[tuple[int, str]] = []
+                refreshed: str | None = None
+                for (i, v), reply in zip(todo, replies):
+                    status, nxt = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[:2])
+                    target = None
+                    if status == "stale":
+                        if refreshed is None:
+                            refreshed = await self.refresh_version() or ""
+                        if refreshed in ("", v):
+                            raise StoreError(
+                                f"data version {v} of {self.namespace!r} has no fences (loaded by an older "
+                                f"`din load`?): run `din load` again before sending events"
+                            )
+                        target = refreshed
+                    elif status == "retired":
+                        target = nxt
+                    else:
+                        if status == "repaired":
+                            self.repaired_values += 1
+                            logger.warning("user %d: corrupt value replaced by a fresh history on append", groups[i][0])
+                        first.setdefault(i, (int(reply[2]), int(reply[3])))
+                        target = nxt if nxt != "-" else None
+                    if target is not None and (i, target) not in seen:
+                        seen.add((i, target))
+                        after.append((i, target))
+                todo = after
+            if todo:
+                raise StoreError(f"appends kept being redirected between data versions ({sorted(set(v for _, v in todo))})")
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+        applied = sum(a for a, _ in first.values())
+        dups = sum(d for _, d in first.values())
+        metrics.EVENTS_APPLIED.inc(applied)
+        metrics.EVENTS_DUPLICATE.inc(dups)
+        return AppendReport(len(events), applied, dups, len(groups), self.version or version)
+
+    # ---------------------------------------------------------------------- stats
+    async def _sum_over_nodes(self, value) -> float:
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+            return float(sum(value.values()))
+        return float(value)
+
+    async def stats(self) -> StoreStats:
+        """Scans the live version's keys (seconds for millions of users): a CLI command, not a hot path."""
+        try:
+            await self.refresh_version()
+            keys = self._keys
+            kinds = {"u": "users", "e": "event_ids", "p": "pending", "q": "pending_sets", "a": "ads", "f": "fences"}
+            counts = {name: 0 for name in kinds.values()}
+            sample: list[bytes] = []
+            if keys is not None:
+                start = len(keys.prefix)
+                async for key in self._redis.scan_iter(match=keys.match_all, count=5000):
+                    kind = kinds.get(key[start : start + 1].decode(errors="replace"))
+                    if kind is not None and key[start + 1 : start + 2] == b":":
+                        counts[kind] += 1
+                        if kind == "users" and len(sample) < STATS_SAMPLE:
+                            sample.append(key)
+            memory = strlen = 0.0
+            if sample:
+                pipe = self._redis.pipeline(transaction=False)
+                for key in sample:
+                    pipe.memory_usage(key, samples=0)
+                    pipe.strlen(key)
+                replies = await pipe.execute()
+                memory = float(np.mean([r or 0 for r in replies[0::2]]))
+                strlen = float(np.mean(replies[1::2]))
+            info = await self._redis.info("memory")
+            if self.cluster:
+                used = sum(v["used_memory"] for v in info.values()) if "used_memory" not in info else info["used_memory"]
+            else:
+                used = info["used_memory"]
+            total_keys = int(await self._sum_over_nodes(await self._redis.dbsize()))
+            versions = []
+            async for key in self._redis.scan_iter(match=f"{self.namespace}:v*:meta", count=5000):
+                versions.append(key.decode().split(":")[1][1:])
+            loading = sorted(k.decode() for k in (await self._redis.hkeys(loading_key(self.namespace))))
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+        return StoreStats(
+            namespace=self.namespace, version=self.version, users=counts["users"], ads=counts["ads"],
+            keys=total_keys, version_keys=counts, bytes_per_user=round(memory, 1),
+            value_bytes_per_user=round(strlen, 1), memory_used=int(used),
+            versions=sorted(versions, key=lambda v: (len(v), v)), loading=loading, meta=self.meta,
+        )
 
     async def scan_user_ids(self, limit: int, *, max_scanned: int = 20_000) -> list[int]:
         """Up to `limit` user ids of the current data version, in SCAN order; bounded work.
@@ -247,21 +454,30 @@ class RedisHistoryStore(HistoryStore):
         chunk_users: int = DEFAULT_CHUNK_USERS,
         grace_s: float | None = None,
         profile_fields: Sequence[str] | None = None,
+        user_ttl_s: int = 0,
+        id_window: int = DEFAULT_ID_WINDOW,
+        id_ttl_s: int = DEFAULT_ID_TTL_S,
+        resume: bool = True,
+        stale_after_s: float | None = None,
     ) -> LoadReport:
         """Load `log` into a new data version and switch to it (sync; see loader.py).
 
         `grace_s` (default: twice `version_refresh_s`) is how long the old version stays
         after the switch, so readers that have not re-checked the pointer still find it.
         `profile_fields` picks and orders the stored profile ids (a bundle's spec); None =
-        all of the log's.
+        all of the log's. `user_ttl_s` > 0 expires users that long after their last
+        behaviour arrived (load or live append). `resume` continues a killed load of the
+        same data.
         """
         grace = 2 * self.version_refresh_s if grace_s is None else grace_s
-        client = redis.Redis.from_url(self._url, socket_timeout=60.0, socket_connect_timeout=5.0)
+        client = sync_client(self._address)
+        extra = {} if stale_after_s is None else {"stale_after_s": stale_after_s}
         try:
             return load_log(
                 client, log, namespace=self.namespace, max_history=max_history,
                 keep_old=keep_old, progress=progress, chunk_users=chunk_users, grace_s=grace,
-                profile_fields=profile_fields,
+                profile_fields=profile_fields, user_ttl_s=user_ttl_s, id_window=id_window,
+                id_ttl_s=id_ttl_s, resume=resume, **extra,
             )
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
+from feature_store.ad_cache import AdFeatureCache
 from service.body_limit import BodySizeLimitMiddleware
 from service.hot_reload import ModelReloader, check_servable, load_scorer, resolve_bundle
 from service.metrics import ServiceMetrics
@@ -45,6 +46,7 @@ def _connect_store(settings: Settings):
     store = RedisHistoryStore.from_url(
         settings.redis_url,
         namespace=settings.redis_namespace,
+        cluster=settings.redis_cluster or None,
         socket_timeout=settings.store_read_timeout_ms / 1000,
         socket_connect_timeout=settings.store_connect_timeout_ms / 1000,
         max_connections=settings.store_max_connections,
@@ -126,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics,
         )
         app.state.store = store
+        app.state.ad_cache = AdFeatureCache(settings.ad_cache_size, settings.ad_cache_ttl_s)
         app.state.scorer = scorer
         app.state.reloader = ModelReloader(app.state, settings, metrics)
         log.info("ready: model %s, store %s", scorer.model_version, "redis" if store else "none")

@@ -30,6 +30,10 @@ RedisUrlOpt = Annotated[
     Optional[str],
     typer.Option("--redis-url", envvar="REDIS_URL", help="External Redis; default: the embedded one."),
 ]
+RedisClusterOpt = Annotated[
+    bool,
+    typer.Option("--redis-cluster", envvar="REDIS_CLUSTER", help="Use the Redis Cluster client (or a redis+cluster:// URL)."),
+]
 DataOpt = Annotated[
     str,
     typer.Option("--data", help="synthetic | events:PATH | movielens:PATH | amazon:PATH"),
@@ -196,7 +200,7 @@ def prepare(
         typer.echo(f"{report.out}: {report.rows} events of {report.users} users sorted in {report.seconds:.1f}s ({report.partitions} partition(s))")
 
 
-bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: one run each; JSON with --json.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -253,24 +257,55 @@ def bench_train_memory(
 
 @app.command()
 def load(
-    bundle: Annotated[Path, typer.Option(help="Model bundle (or a directory of bundles).")],
     data: DataOpt = "synthetic",
+    bundle: Annotated[
+        Optional[Path], typer.Option(help="Model bundle (or a directory of bundles): its max history and profile fields.")
+    ] = None,
     redis_url: RedisUrlOpt = None,
+    redis_cluster: RedisClusterOpt = False,
     namespace: Annotated[str, typer.Option(help="Key namespace in Redis.")] = "din",
+    max_history: Annotated[
+        Optional[int], typer.Option(min=1, help="Behaviours kept per user (default: the bundle's, else 50).")
+    ] = None,
+    user_ttl: Annotated[
+        int, typer.Option(min=0, help="Seconds a user without new behaviours is kept (0: forever).")
+    ] = 0,
+    keep_old: Annotated[bool, typer.Option(help="Keep the previous data version after the switch.")] = False,
+    grace: Annotated[
+        float, typer.Option(min=0, help="Seconds the previous version stays after the switch, for readers.")
+    ] = 2.0,
+    resume: Annotated[bool, typer.Option(help="Continue a killed load of the same data where it stopped.")] = True,
+    chunk_users: Annotated[int, typer.Option(min=1, help="Users per Redis round trip.")] = 1000,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the load report as JSON on stdout.")] = False,
 ) -> None:
-    """Load users' behaviour histories into Redis (a new data version, switched atomically)."""
+    """Load users' histories and ad features into Redis (a new data version, switched atomically)."""
     _setup_logging()
     from feature_store.embedded import resolve_redis
     from feature_store.redis_store import RedisHistoryStore
 
-    b = _load_bundle(bundle)
+    profile_fields = None
+    history = max_history or 50
+    if bundle is not None:
+        b = _load_bundle(bundle)
+        profile_fields = b.spec.profile_fields
+        history = max_history or b.spec.max_history
     log = _load_log(data)
     with resolve_redis(redis_url, DIN_HOME / "redis") as url:
-        store = RedisHistoryStore.from_url(url, namespace=namespace)
-        report = store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)
+        store = RedisHistoryStore.from_url(url, namespace=namespace, cluster=redis_cluster or None)
+        try:
+            report = store.bulk_load(
+                log, max_history=history, profile_fields=profile_fields, keep_old=keep_old, grace_s=grace,
+                user_ttl_s=user_ttl, resume=resume, chunk_users=chunk_users, progress=not json_output,
+            )
+        except ValueError as e:
+            _fail(str(e))
+    if json_output:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    resumed = f" (resumed at user {report.resumed_from})" if report.resumed_from else ""
     typer.echo(
-        f"loaded {report.users} users, {report.events} behaviours into data version "
-        f"{report.version} in {report.seconds:.1f}s"
+        f"loaded {report.users} users, {report.events} behaviours, {report.ads} ads into data version "
+        f"{report.version} in {report.seconds:.1f}s ({report.users_per_s:,.0f} users/s){resumed}"
     )
 
 
@@ -284,6 +319,99 @@ def _settings_or_fail(**overrides):
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         _fail(settings_error_message(e))
+
+
+@app.command()
+def events(
+    path: Annotated[Path, typer.Argument(help="CSV or Parquet: user_id, item_id, cate_id, timestamp, event_id.")],
+    redis_url: RedisUrlOpt = None,
+    redis_cluster: RedisClusterOpt = False,
+    namespace: Annotated[str, typer.Option(help="Key namespace in Redis.")] = "din",
+    batch: Annotated[int, typer.Option(min=1, max=100_000, help="Events per Redis round trip.")] = 1000,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the totals as JSON on stdout.")] = False,
+) -> None:
+    """Append live behaviour events from a file (idempotent per event_id: a re-sent file adds nothing)."""
+    _setup_logging()
+    import asyncio
+
+    from tqdm import tqdm
+
+    from feature_store.embedded import resolve_redis
+    from feature_store.events import read_events
+    from feature_store.redis_store import RedisHistoryStore
+    from model.data.log import LogFormatError
+
+    try:
+        batch_events = read_events(path)
+    except LogFormatError as e:
+        _fail(str(e))
+
+    async def append_all(url: str) -> dict:
+        store = RedisHistoryStore.from_url(url, namespace=namespace, cluster=redis_cluster or None, socket_timeout=10.0)
+        totals = {"events": 0, "applied": 0, "duplicates": 0, "data_version": None}
+        try:
+            with tqdm(total=len(batch_events), unit="events", unit_scale=True, file=sys.stderr,
+                      disable=json_output, desc="events") as bar:
+                for a in range(0, len(batch_events), batch):
+                    report = await store.append_events(batch_events.slice(a, a + batch))
+                    for k in ("events", "applied", "duplicates"):
+                        totals[k] += getattr(report, k)
+                    totals["data_version"] = report.version
+                    bar.update(report.events)
+        finally:
+            await store.close()
+        return totals
+
+    with resolve_redis(redis_url, DIN_HOME / "redis") as url:
+        totals = asyncio.run(append_all(url))
+    if json_output:
+        typer.echo(json.dumps(totals))
+    else:
+        typer.echo(
+            f"appended {totals['applied']} of {totals['events']} events ({totals['duplicates']} duplicates) "
+            f"into data version {totals['data_version']}"
+        )
+
+
+store_app = typer.Typer(help="Inspect the feature store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("stats")
+def store_stats(
+    redis_url: RedisUrlOpt = None,
+    redis_cluster: RedisClusterOpt = False,
+    namespace: Annotated[str, typer.Option(help="Key namespace in Redis.")] = "din",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the stats as JSON on stdout.")] = False,
+) -> None:
+    """Users, keys, bytes per user, memory used and data version of the live data."""
+    _setup_logging()
+    import asyncio
+
+    from feature_store.embedded import resolve_redis
+    from feature_store.redis_store import RedisHistoryStore
+
+    async def collect(url: str):
+        store = RedisHistoryStore.from_url(url, namespace=namespace, cluster=redis_cluster or None, socket_timeout=30.0)
+        try:
+            return await store.stats()
+        finally:
+            await store.close()
+
+    with resolve_redis(redis_url, DIN_HOME / "redis") as url:
+        stats = asyncio.run(collect(url))
+    if json_output:
+        typer.echo(json.dumps(stats.to_json()))
+        return
+    rows = [
+        ("namespace", stats.namespace), ("data version", stats.version or "(nothing loaded)"),
+        ("users", f"{stats.users:,}"), ("ads", f"{stats.ads:,}"), ("keys (all)", f"{stats.keys:,}"),
+        ("bytes per user", f"{stats.bytes_per_user:,.0f} (value {stats.value_bytes_per_user:,.0f})"),
+        ("memory used", f"{stats.memory_used / 2**20:,.1f} MiB"),
+        ("versions present", ", ".join(stats.versions) or "-"), ("unfinished loads", ", ".join(stats.loading) or "-"),
+    ]
+    for name, value in rows:
+        typer.echo(f"{name:<18}{value}")
 
 
 @app.command()
@@ -430,6 +558,32 @@ def loadtest(ctx: typer.Context) -> None:
     from loadtest.run import main as run_loadtest
 
     raise typer.Exit(run_loadtest(["run", *ctx.args]))
+
+
+
+
+@bench_app.command("store")
+def bench_store(
+    users: Annotated[int, typer.Option(min=1, help="Users to bulk load.")] = 1_000_000,
+    history: Annotated[int, typer.Option(min=1, help="Behaviours per user.")] = 50,
+    items: Annotated[int, typer.Option(min=1, help="Distinct ads in the synthetic log.")] = 100_000,
+    redis_server: Annotated[
+        Optional[Path], typer.Option(help="redis-server binary to start (default: the embedded one).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Feature store throughput (load, reads, appends, memory) and its ratio to redis-benchmark."""
+    _setup_logging()
+    from feature_store.bench import StoreBenchConfig, run_store_bench
+
+    config = StoreBenchConfig(users=users, history=history, items=items, redis_server=redis_server)
+    result, details = run_store_bench(config, progress=not json_output, log=lambda m: typer.echo(m, err=True))
+    if json_output:
+        typer.echo(json.dumps(result))
+        typer.echo(json.dumps({"details": details}), err=True)
+        return
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(json.dumps(details, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ Int64 = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
 
 
 class Candidate(BaseModel):
-    """One ad from the matching stage: its raw item id and category id."""
+    """One ad from the matching stage: its raw item id and, if known, its category id.
+
+    Without `cate_id` the service looks the category up in the feature store's ad features.
+    """
 
     item_id: Int64
-    cate_id: Int64
+    cate_id: Int64 | None = None
 
 
 class RankRequest(BaseModel):
@@ -52,7 +55,7 @@ class RankRequest(BaseModel):
 
 class RankedItem(BaseModel):
     item_id: int
-    cate_id: int
+    cate_id: int | None = Field(description="The category scored with; null: the ad was sent without one and is unknown to the store.")
     ctr: float = Field(ge=0.0, le=1.0, description="Predicted click-through rate.")
     attention: list[float] | None = Field(
         default=None,
@@ -162,3 +165,37 @@ def too_large_error(field: str, limit: int, setting: str) -> dict[str, Any]:
         "type": "less_than_equal",
         "ctx": {"le": limit},
     }
+
+
+EVENT_ID_MAX = 128
+
+
+class Event(BaseModel):
+    """One behaviour (an impression that was clicked, a view...) of a user, for their history."""
+
+    user_id: Int64
+    item_id: Int64
+    cate_id: Int64
+    timestamp: Int64 = Field(description="In the unit of the loaded log; orders the history (newest first).")
+    event_id: str = Field(
+        min_length=1, max_length=EVENT_ID_MAX,
+        description="Unique per event, chosen by the sender: a retried batch with the same ids is not appended twice.",
+    )
+
+
+class EventsRequest(BaseModel):
+    events: list[Event] = Field(min_length=1, description="Behaviours to append; at most MAX_EVENTS.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"events": [{"user_id": 42, "item_id": 7, "cate_id": 3, "timestamp": 1700000000, "event_id": "c-8f1e"}]}]
+        }
+    )
+
+
+class EventsResponse(BaseModel):
+    events: int = Field(description="Events in the request.")
+    applied: int = Field(description="Appended to a history now.")
+    duplicates: int = Field(description="Already appended before (same user and event_id): not appended again.")
+    users: int
+    data_version: str = Field(description="The live data version the events went into.")

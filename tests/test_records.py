@@ -124,3 +124,50 @@ GOLDEN = bytes.fromhex(GOLDEN_HEX)
 def test_corrupt_values_raise_clear_errors(value, message):
     with pytest.raises(CorruptValueError, match=message):
         decode_user(value)
+
+
+# --------------------------------------------------------------------------- ad values, fences
+AD_GOLDEN_HEX = (
+    "44494e41" "01" "01" "0000"  # magic "DINA", version 1, one field, reserved 0
+    "0300000000000000"  # cate_id = 3
+)
+
+
+def test_ad_value_golden_bytes_and_vectorised_decode():
+    from feature_store.records import decode_ads, encode_ads
+
+    data = encode_ads(np.array([[3], [2**53 + 1]]))
+    assert data[:16].hex() == AD_GOLDEN_HEX and len(data) == 32
+    found, values, corrupt = decode_ads([data[:16], None, data[16:], b"DINA\x01\x02\x00\x00" + bytes(16), data[:15]], 1)
+    assert found.tolist() == [True, False, True, False, False]
+    assert values[:, 0].tolist() == [3, -1, 2**53 + 1, -1, -1]
+    assert corrupt == 2  # another field count, a truncated value
+
+
+def test_fence_text_is_pinned():
+    from feature_store.fences import Fence, key_slot, slot_tag, slot_tags
+
+    assert Fence("N", "8", 50, 2, 0, 128, 86400).encode() == "N 8 50 2 0 128 86400"
+    assert Fence.decode(b"S - 30 0 3600 64 60") == Fence("S", None, 30, 0, 3600, 64, 60)
+    tags = slot_tags()
+    assert len(tags) == 16384 and all(key_slot(t.encode()) == s for s, t in enumerate(tags))
+    assert slot_tag(0) == tags[0]
+
+
+def test_batch_decode_equals_one_by_one_and_returns_errors():
+    from feature_store.records import decode_users
+
+    good = bytes.fromhex(GOLDEN_HEX)
+    no_profile = encode_user(make_records([1, 2], [3, 4], [5, 6]))
+    values = [good, None, no_profile, good[:-1], b"XINU" + good[4:], encode_user(make_records([], [], []))]
+    out = decode_users(values)
+    assert out[1] is None
+    for i in (0, 2, 5):
+        want = decode_user(values[i])
+        np.testing.assert_array_equal(out[i].records, want.records)
+        np.testing.assert_array_equal(out[i].profile, want.profile)
+        assert out[i].records.base is values[i] and not out[i].records.flags.writeable
+    assert isinstance(out[3], CorruptValueError) and "truncated" in str(out[3])
+    assert isinstance(out[4], CorruptValueError) and "magic" in str(out[4])
+    assert out[2].profile.size == 0
+    assert out[0].profile.tolist() == [1, -1] and len(out[0]) == 2

@@ -211,11 +211,17 @@ def test_corrupt_value_is_counted_and_served_as_unknown(redis_url, redis_client,
 
 
 # --------------------------------------------------------------------------- versions
-def version_of_keys(client: redis.Redis) -> dict[str, int]:
+def version_of_keys(client: redis.Redis, kinds: tuple[str, ...] = ("u", "meta")) -> dict[str, int]:
+    """Keys per data version, of the given kinds (u: users, a: ads, f: fences, e, p, meta)."""
     counts: dict[str, int] = defaultdict(int)
-    for key in client.scan_iter(match="din:v*"):
-        counts[key.decode().split(":")[1]] += 1
+    for key in client.scan_iter(match="din:v*", count=5000):
+        parts = key.decode().split(":")
+        if parts[2] in kinds:
+            counts[parts[1]] += 1
     return dict(counts)
+
+
+ALL_KINDS = ("u", "a", "f", "e", "p", "meta")
 
 
 def test_second_load_switches_version_and_removes_old_keys(redis_url, redis_client, tmp_log):
@@ -231,9 +237,10 @@ def test_second_load_switches_version_and_removes_old_keys(redis_url, redis_clie
         assert old_h.records["item_id"][0] == 105 and store.version == first.version
         second = store.bulk_load(newer, grace_s=0.0)
         assert second.previous_version == first.version and second.version != first.version
-        assert second.deleted_keys == 6
+        assert second.deleted_keys == 6 + 12 + 16384  # users + meta, 12 ads, the fences
         assert redis_client.get(current_key("din")).decode() == second.version
         assert version_of_keys(redis_client) == {f"v{second.version}": 2 + 1}
+        assert version_of_keys(redis_client, ALL_KINDS) == {f"v{second.version}": 2 + 1 + 2 + 16384}
         # This reader still holds the old version (no periodic refresh due): its miss on
         # the deleted keys makes it re-read the pointer and find the new data.
         hs = await store.get_histories([1, 2, 8])
@@ -287,6 +294,7 @@ def test_failed_load_keeps_the_current_version_and_cleans_up(redis_url, redis_cl
         redis_client.config_set("maxmemory", 0)
     assert redis_client.get(current_key("din")).decode() == first.version
     assert version_of_keys(redis_client) == {f"v{first.version}": 6}  # the partial version is gone
+    assert version_of_keys(redis_client, ALL_KINDS) == {f"v{first.version}": 6 + 12 + 16384}
     hs, _ = run(read(redis_url, [1]))
     assert hs[0].records["item_id"][0] == 105
 

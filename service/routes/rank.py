@@ -7,6 +7,7 @@ document still shows both models (see `openapi_extra` and `REQUEST_SCHEMAS`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from feature_store.records import UserHistory
+from service.ad_features import resolve_categories
 from service.deps import ScorerDep, SettingsDep, StoreDep
 from service.explain import add_explanation, explain_limit_error
 from service.schemas import (
@@ -119,8 +121,20 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
         return validation_error_response(errors)
     request.app.state.metrics.rank_candidates.observe(n)
 
-    history, degraded = await fetch_history(request, store, req.user_id, settings.store_timeout_s)
-    ids = np.array([(c.item_id, c.cate_id) for c in req.candidates], dtype=np.int64)  # (n, 2)
+    # (n, 3): item, category (0 when not sent), 1 = category not sent: looked up in the store
+    ids = np.array([(c.item_id, c.cate_id or 0, c.cate_id is None) for c in req.candidates], dtype=np.int64)
+    missing = ids[:, 2].astype(bool)
+    if missing.any():
+        (history, degraded), (cates, unknown, ads_degraded) = await asyncio.gather(
+            fetch_history(request, store, req.user_id, settings.store_timeout_s),
+            resolve_categories(getattr(request.app.state, "ad_cache", None), store, ids[:, 0], ids[:, 1], missing,
+                               settings.store_timeout_s),
+        )
+        ids[:, 1] = np.where(unknown, -1, cates)  # -1: unknown to the model's vocabulary too
+        degraded = degraded or ads_degraded
+    else:
+        history, degraded = await fetch_history(request, store, req.user_id, settings.store_timeout_s)
+        unknown = missing
     profile_fields = store.profile_fields if (store is not None and history is not None) else ()
     inp = to_rank_input(scorer, history, profile_fields, ids[:, 0], ids[:, 1])
     (scored,) = await anyio.to_thread.run_sync(scorer.score_requests, [inp], limiter=request.app.state.scoring_limiter)
@@ -128,9 +142,11 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
     request.app.state.metrics.batch_candidates.observe(n)
 
     order = rank_order(scored.ctr, req.top_k)
+    cate_out = ids[order, 1].astype(object)
+    cate_out[unknown[order]] = None  # sent without a category, and the store has none
     ranked = [
         {"item_id": i, "cate_id": c, "ctr": p}
-        for i, c, p in zip(ids[order, 0].tolist(), ids[order, 1].tolist(), scored.ctr[order].tolist())
+        for i, c, p in zip(ids[order, 0].tolist(), cate_out.tolist(), scored.ctr[order].tolist())
     ]
     response = {
         "model_version": scorer.model_version,

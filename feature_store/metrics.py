@@ -1,0 +1,15 @@
+"""Prometheus counters of the feature store (default registry: GET /metrics shows them)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+CORRUPT_VALUES = Counter(
+    "din_store_corrupt_values",
+    "Stored values that could not be decoded and were served as unknown (kind: user or ad)",
+    ["kind"],
+)
+EVENTS_APPLIED = Counter("din_store_events_applied", "Live behaviour events appended to a user's history")
+EVENTS_DUPLICATE = Counter(
+    "din_store_events_duplicate", "Live events whose event_id the user had already seen (not appended again)"
+)
