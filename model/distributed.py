@@ -9,6 +9,7 @@ one-process "group" with no collective calls at all, so the same trainer code ru
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +76,11 @@ def distributed(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Dis
         yield DistContext(rank, world, local_rank, dev, backend)
     finally:
         if backend is not None and dist.is_initialized():
+            # DDP's wrapper sits in a reference cycle that still holds the process group when the
+            # trainer returns; collect it now, so the group is torn down here, while the interpreter
+            # is alive. Left to interpreter exit, gloo's teardown aborted the process now and then
+            # ("terminate called without an active exception", SIGABRT) after a finished run.
+            gc.collect()
             dist.destroy_process_group()
 
 
