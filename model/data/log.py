@@ -77,6 +77,20 @@ class BehaviourLog:
     def profile_fields(self) -> tuple[str, ...]:
         return tuple(self.profiles.fields) if self.profiles else ()
 
+    def behaviour_mask(self) -> np.ndarray:
+        """Which events enter a history: THE rule, shared by the trainer's samples and the feature store.
+
+        A clicked event (`label == 1`) when the log has labels, every event otherwise; never an
+        event marked `is_behaviour == False` (an impression such as a sampled negative).
+        Serving must see exactly the histories the model was trained on.
+        """
+        mask = np.ones(len(self), dtype=bool)
+        if self.label is not None:
+            mask &= np.asarray(self.label) == 1
+        if self.is_behaviour is not None:
+            mask &= np.asarray(self.is_behaviour, dtype=bool)
+        return mask
+
     def sorted_by_user_time(self) -> "BehaviourLog":
         """Events grouped by user, oldest first within a user (ties keep file order)."""
         order = np.lexsort((self.timestamp, self.user_id))
