@@ -103,11 +103,15 @@ def synth(
 @app.command()
 def train(
     data: DataOpt = "synthetic",
-    model: Annotated[str, typer.Option(help="Model type, e.g. din or base.")] = "din",
+    model: Annotated[str, typer.Option(help="lr | base | wdl | pnn | deepfm | din | din_dice.")] = "din",
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
     out: Annotated[Path, typer.Option(help="Directory the bundle is written into.")] = DEFAULT_BUNDLES,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    reg: Annotated[str, typer.Option(help="Regulariser: none | l2 | mba (mini-batch aware) | dropout (id dropout).")] = "none",
+    reg_lambda: Annotated[float, typer.Option(min=0.0, help="Lambda of --reg l2 / mba.")] = 0.0,
+    id_dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Drop probability of --reg dropout.")] = 0.5,
+    attention_softmax: Annotated[bool, typer.Option("--attention-softmax", help="Normalise DIN's attention with a softmax (the paper has none).")] = False,
 ) -> None:
     """Train a model, evaluate it (validation per epoch, test once) and export the ONNX bundle."""
     _setup_logging()
@@ -121,7 +125,13 @@ def train(
     if model not in MODELS:
         _fail(f"--model {model!r} is not known; choose one of: {', '.join(sorted(MODELS))}")
     _load_log(data)  # validates --data early with a clear message
-    config = TrainConfig(data=data, model=model, seed=seed, out=out)
+    try:
+        config = TrainConfig(
+            data=data, model=model, seed=seed, out=out, reg=reg, reg_lambda=reg_lambda, id_dropout=id_dropout,
+            attention_softmax=attention_softmax,
+        )
+    except ValueError as e:
+        _fail(str(e))
     if epochs is not None:
         config = replace(config, epochs=epochs)
     result = run_training(config)
