@@ -29,17 +29,35 @@ class Dice(nn.Module):
 
     def forward(self, s: Tensor, mask: Tensor | None = None) -> Tensor:
         """s (..., C), mask s.shape[:-1] bool (True = a real position) or None -> (..., C)."""
-        mean, var = self.running_mean, self.running_var  # (C,)
         if self.training:
-            flat = s.reshape(-1, s.shape[-1])  # (M, C)
-            if mask is not None:
-                if mask.shape != s.shape[:-1]:
-                    raise ValueError(f"Dice mask has shape {tuple(mask.shape)}, expected {tuple(s.shape[:-1])}")
-                flat = flat[mask.reshape(-1)]  # (M_real, C): padding excluded
-            if flat.shape[0] > 0:
-                mean, var = flat.mean(dim=0), flat.var(dim=0, unbiased=False)  # (C,)
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach(), self.momentum)
-                    self.running_var.lerp_(var.detach(), self.momentum)
-        p = torch.sigmoid((s - mean) / torch.sqrt(var + self.eps))  # (..., C)
-        return s * (p + (1.0 - p) * self.alpha)
+            mean, var = self._batch_statistics(s, mask)  # (C,), (C,)
+        else:
+            mean, var = self.running_mean, self.running_var  # (C,)
+        inv_std = torch.rsqrt(var + self.eps)  # (C,)
+        p = torch.sigmoid(torch.addcmul(-mean * inv_std, s, inv_std))  # (..., C) = sigmoid((s - E[s]) / sd)
+        # p s + (1 - p) alpha s = s (alpha + (1 - alpha) p)
+        return s * torch.addcmul(self.alpha, p, 1.0 - self.alpha)
+
+    def _batch_statistics(self, s: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-feature mean and (biased) variance over the real positions; updates the running averages.
+
+        Masked sums as matrix-vector products (no gather of the real rows): a weight of 1 per
+        real position, 0 per padded one.
+        """
+        flat = s.reshape(-1, s.shape[-1])  # (M, C)
+        if mask is None:
+            weight = torch.full((flat.shape[0],), 1.0 / max(flat.shape[0], 1), dtype=s.dtype)  # (M,)
+        else:
+            if mask.shape != s.shape[:-1]:
+                raise ValueError(f"Dice mask has shape {tuple(mask.shape)}, expected {tuple(s.shape[:-1])}")
+            m = mask.reshape(-1).to(s.dtype)  # (M,)
+            count = m.sum()
+            if count.item() == 0:  # nothing real in the batch: keep the running statistics
+                return self.running_mean, self.running_var
+            weight = m / count  # (M,)
+        mean = weight @ flat  # (C,)
+        var = weight @ (flat - mean).square()  # (C,)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach(), self.momentum)
+        return mean, var

@@ -148,6 +148,41 @@ def train(
 
 
 @app.command()
+def experiment(
+    data: DataOpt = "synthetic",
+    models: Annotated[str, typer.Option(help="Comma-separated models to compare.")] = "lr,base,wdl,pnn,deepfm,din,din_dice",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per model (0..N-1): init and batch order.")] = 3,
+    out: Annotated[Path, typer.Option(help="Directory for results.json, report.md and the figures.")] = Path("reports/experiment"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per run (the best on validation is kept).")] = 5,
+    json_output: Annotated[bool, typer.Option("--json", help="Print results.json on stdout.")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads per run (1 is fastest on a busy machine).")] = 1,
+) -> None:
+    """Compare models like the paper's Table 3: every model x seed, test once, report + figures."""
+    _setup_logging()
+    from model.experiment import ExperimentConfig, finite, run_experiment
+    from model.report import comparison_table, data_table, din_vs_base
+
+    _load_log(data)  # validates --data early with a clear message
+    import shlex
+
+    argv = sys.argv[1:]
+    command = shlex.join(["din", *argv[argv.index("experiment") :]]) if "experiment" in argv else ""
+    try:
+        config = ExperimentConfig(
+            data=data, models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs,
+            out=out, command=command, threads=threads,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    result = run_experiment(config)
+    if json_output:
+        typer.echo(json.dumps(finite(result.results), allow_nan=False))
+    else:
+        r = result.results
+        typer.echo(f"{data_table(r)}\n\n{comparison_table(r)}\n\n{din_vs_base(r)}\n\nwritten: {out / 'report.md'}")
+
+
+@app.command()
 def load(
     bundle: Annotated[Path, typer.Option(help="Model bundle (or a directory of bundles).")],
     data: DataOpt = "synthetic",
