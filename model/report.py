@@ -230,6 +230,7 @@ def plot_validation_gauc(results: dict, path: Path) -> Path:
         if curves.shape[0] > 1:
             ax.fill_between(epochs, np.nanmin(curves, 0), np.nanmax(curves, 0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("validation GAUC")
     ax.set_title(f"Validation GAUC per epoch ({results['data']})")
     ax.grid(alpha=0.3)

@@ -54,7 +54,8 @@ def test_ml100k_format(tmp_path: Path) -> None:
     np.testing.assert_array_equal(p.fields["age"], [0, 5, 6])  # 17, 53, 56
     np.testing.assert_array_equal(p.fields["gender"], [1, 0, 1])
     np.testing.assert_array_equal(p.fields["occupation"], [0, 1, 2])  # u.occupation line order
-    assert log.is_behaviour is None and log.split is None
+    assert log.is_behaviour.dtype == bool and log.is_behaviour.all()  # every rating enters histories
+    assert log.split is None
 
 
 def test_ml100k_without_occupation_file_uses_sorted_names(tmp_path: Path) -> None:
@@ -417,10 +418,12 @@ def test_movielens_samples_follow_the_paper_protocol(tmp_path: Path) -> None:
     users = [set(x.users.tolist()) for x in (s.train, s.validation, s.test)]
     assert not (users[0] & users[1] or users[0] & users[2] or users[1] & users[2])
     assert all(users)
-    # history = the user's earlier CLICKS (rating >= 4), newest first, truncated: never a
-    # later event, never another user's (so never a test user's event in training)
+    # history = the user's earlier RATED movies (liked or not), newest first, truncated: never
+    # a later event, never another user's (so never a test user's event in training)
     assert sample_histories(s) == expected_histories(log, s, 4)
     assert sum(len(h) for part in sample_histories(s) for _, h in part) > 20  # not vacuous
+    # every one of the 48 ratings is a behaviour, the disliked ones (rating < 4) too
+    assert s.behaviour_rows["item_id"].size == 48 and (log.label == 0).sum() > 5
 
 
 def test_event_log_samples_without_labels_use_every_event(tmp_path: Path) -> None:

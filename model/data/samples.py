@@ -10,11 +10,12 @@ time, newest first, truncated to `max_history`:
   follow that same popularity, so popularity alone cannot separate the classes; what
   separates them is whether the candidate fits the user's history.
 - a log with `label` (e.g. MovieLens: rating >= 4 is a click): every event is a sample
-  with its label; the history holds only the user's earlier clicks (label 1).
+  with its label; the history holds the user's earlier behaviours.
 - which events are behaviours is `BehaviourLog.behaviour_mask()` (the feature store uses
-  the same rule): with `is_behaviour` (Amazon), a sampled negative is a candidate only; it
-  never enters a history, and it gets the same history as its paired review (same user,
-  same time, and history is strictly earlier).
+  the same rule): the events marked by `is_behaviour` when the log has it (MovieLens: every
+  rating; Amazon: the reviews, so a sampled negative is a candidate only, never in a
+  history, and it gets the same history as its paired review: same user, same time, and
+  history is strictly earlier); else the clicks of a labelled log, every event otherwise.
 
 Split: when the log has a `split` column (the Amazon protocol: each user's last review is
 test, the second-to-last validation), each event goes to the split it names. Otherwise
