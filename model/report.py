@@ -104,8 +104,10 @@ def _protocol(results: dict) -> str:
         )
     if s["has_labels"]:
         samples = (
-            "every event is a sample with its label; a history holds the user's earlier behaviours "
-            "(clicks; never impressions such as sampled negatives), strictly before the target's time"
+            "every event is a sample with its label; a history holds the user's earlier behaviours, strictly "
+            f"before the target's time ({s['behaviours']:,} of the {s['events']:,} events are behaviours, by "
+            "`BehaviourLog.behaviour_mask`: every rating for MovieLens, the reviews but never a sampled negative "
+            "for Amazon, the clicks of a labelled event log)"
         )
     else:
         samples = (
@@ -130,7 +132,7 @@ def _protocol(results: dict) -> str:
             "users whose samples are all one class skipped; logloss; RelaImpr = (GAUC(model) - 0.5) / "
             "(GAUC(BaseModel) - 0.5) - 1 (paper eq. 10, whose AUC is the user-weighted one), seed i against "
             "BaseModel's seed i.",
-            f"- Machine: {m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}, Python {m['python']}. "
+            f"- Machine: {m['cpus']} CPUs, torch threads per run: {m['torch_threads']}, torch {m['torch']}, Python {m['python']}. "
             "Train time is the wall clock of the epochs (training and validation) of one seed.",
         ]
     )

@@ -110,3 +110,20 @@ def test_cli_json_is_results_json(tiny_path, tmp_path):
     assert printed["models"] == saved["models"]
     assert printed["command"].startswith("din experiment --data events:") and "--json" in printed["command"]
     assert "experiment" in proc.stderr  # the progress bar / log goes to stderr
+
+
+def test_train_cli_takes_the_regularisation_and_softmax_switches(tiny_path, tmp_path):
+    from model.bundle import load_bundle
+
+    args = ["train", "--data", f"events:{tiny_path}", "--model", "din", "--epochs", "1", "--out", str(tmp_path), "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args, "--reg", "mba", "--reg-lambda", "0.1", "--attention-softmax"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )
+    manifest = load_bundle(Path(json.loads(proc.stdout)["bundle"])).manifest
+    assert (manifest["train_config"]["reg"], manifest["train_config"]["reg_lambda"]) == ("mba", 0.1)
+    assert manifest["model_config"]["attention_softmax"] is True
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args, "--reg", "mba"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "--reg mba needs --reg-lambda > 0" in bad.stderr
