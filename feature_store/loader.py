@@ -1,7 +1,7 @@
 """Bulk load: a behaviour log into a new data version, then one SET switches readers to it.
 
 Order of work, so that a reader never sees a half-loaded state and no live append is lost:
-1. group the log's behaviours (the trainer's rule: `behaviour_mask`) by user with one
+1. group the log's behaviours (the trainer's rule: `BehaviourLog.behaviour_mask`) by user with one
    vectorised sort, keep each user's newest `max_history`, newest first; ad id ->
    category of its latest event;
 2. claim a version: resume an unfinished load of the same data (`{ns}:loading`), else
@@ -128,21 +128,6 @@ def _user_time_order(uid: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.lexsort((ts, uid))
 
 
-def behaviour_mask(log: BehaviourLog) -> np.ndarray:
-    """Which events enter a history: the same rule as the trainer's samples (model/data/samples.py).
-
-    A clicked event (`label == 1`) when the log has labels, every event otherwise; never an
-    event marked `is_behaviour == False` (an impression such as a sampled negative).
-    Serving must see exactly the histories the model was trained on.
-    """
-    mask = np.ones(len(log), dtype=bool)
-    if log.label is not None:
-        mask &= np.asarray(log.label) == 1
-    if getattr(log, "is_behaviour", None) is not None:
-        mask &= np.asarray(log.is_behaviour, dtype=bool)
-    return mask
-
-
 def group_histories(
     log: BehaviourLog,
     max_history: int = DEFAULT_MAX_HISTORY,
@@ -159,7 +144,7 @@ def group_histories(
     if max_history < 1:
         raise ValueError(f"max_history must be at least 1, got {max_history}")
     uid_all = np.asarray(log.user_id, dtype=np.int64)
-    mask = behaviour_mask(log)
+    mask = log.behaviour_mask()
     everything = bool(mask.all())
     ts_all = np.asarray(log.timestamp, dtype=np.int64)
     if everything and _already_in_order(uid_all, ts_all):  # e.g. sorted_by_user_time(): no gathers

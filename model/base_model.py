@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from model.activation import activation_factory
 from model.config import ModelConfig
 from model.contract import FeatureSpec
 from model.embedding import FieldEmbeddings
 from model.mlp import MLP
+from model.pooling import sum_pool, zero_attention
 
 
 class BaseModel(nn.Module):
@@ -23,9 +25,10 @@ class BaseModel(nn.Module):
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig = ModelConfig()):
         super().__init__()
+        self.config = config
         self.embed = FieldEmbeddings(spec, config.embedding_dim)
         d, p = self.embed.behaviour_dim, self.embed.profile_dim
-        self.mlp = MLP(p + 2 * d, config.mlp_hidden, out_dim=1)
+        self.mlp = MLP(p + 2 * d, config.mlp_hidden, out_dim=1, activation=activation_factory(config.activation))
 
     def forward(
         self,
@@ -40,11 +43,10 @@ class BaseModel(nn.Module):
         mask = self.embed.mask(hist)  # (U, T)
         v_a = self.embed.ads(cand)  # (N, D)
         # pool: v_U = sum_j e_j, once per user
-        v_u = (e * mask.unsqueeze(-1).to(e.dtype)).sum(dim=1)  # (U, D)
+        v_u = sum_pool(e, mask)  # (U, D)
         # mlp -> logit
         parts = [v_u.index_select(0, cand_user), v_a]  # (N, D), (N, D)
         if self.embed.profile_fields:
             parts.insert(0, self.embed.profile(profile).index_select(0, cand_user))  # (N, P)
         logit = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
-        attention = torch.zeros_like(mask.index_select(0, cand_user), dtype=e.dtype)  # (N, T)
-        return logit, attention
+        return logit, zero_attention(mask, cand_user)

@@ -6,13 +6,19 @@
 User-batched: each user's history is embedded once (U rows) and gathered per candidate
 with `cand_user`; the attention is per (candidate, behaviour) by definition, but its
 user-only part is computed once per user too (model/attention.py).
+
+`DINDice` is the same network with Dice instead of PReLU in both MLPs (the attention
+unit's and the CTR tower's), as the paper's "DIN with Dice".
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
+from model.activation import activation_factory
 from model.attention import LocalActivationUnit
 from model.config import ModelConfig
 from model.contract import FeatureSpec
@@ -25,10 +31,12 @@ class DIN(nn.Module):
 
     def __init__(self, spec: FeatureSpec, config: ModelConfig = ModelConfig()):
         super().__init__()
+        self.config = config
         self.embed = FieldEmbeddings(spec, config.embedding_dim)
         d, p = self.embed.behaviour_dim, self.embed.profile_dim
-        self.attention = LocalActivationUnit(d, config.attention_hidden, config.attention_softmax)
-        self.mlp = MLP(p + 2 * d, config.mlp_hidden, out_dim=1)
+        act = activation_factory(config.activation)
+        self.attention = LocalActivationUnit(d, config.attention_hidden, config.attention_softmax, activation=act)
+        self.mlp = MLP(p + 2 * d, config.mlp_hidden, out_dim=1, activation=act)
 
     def forward(
         self,
@@ -52,3 +60,10 @@ class DIN(nn.Module):
             parts.insert(0, self.embed.profile(profile).index_select(0, cand_user))  # (N, P)
         logit = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
         return logit, w
+
+
+class DINDice(DIN):
+    """DIN with Dice (paper, section 5.2) in the attention unit and the CTR MLP."""
+
+    def __init__(self, spec: FeatureSpec, config: ModelConfig = ModelConfig()):
+        super().__init__(spec, replace(config, activation="dice"))

@@ -4,6 +4,9 @@ Item and category embeddings are concatenated (the paper's `e_j` and `v_A`), so 
 behaviour and a candidate ad are vectors of the same size D = embedding_dim * fields.
 Row PAD_ROW is zero and never trained; the models still mask padding explicitly, so a
 score never depends on what the padding row holds.
+
+Every table indexed by a field's rows is an `IdTable` that knows its field: that is what
+the mini-batch aware regulariser (model/regularization.py) walks over.
 """
 
 from __future__ import annotations
@@ -16,21 +19,41 @@ from model.contract import PAD_ROW, FeatureSpec
 INIT_STD = 0.05
 
 
+class IdTable(nn.Embedding):
+    """One row per id of `field` (row PAD_ROW zero, never trained); `init_std` 0 = all zeros."""
+
+    def __init__(self, field: str, rows: int, dim: int, init_std: float = INIT_STD):
+        super().__init__(rows, dim, padding_idx=PAD_ROW)
+        self.field = field
+        if init_std > 0:
+            nn.init.normal_(self.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.weight)
+        with torch.no_grad():
+            self.weight[PAD_ROW].zero_()
+
+
+def history_mask(hist: dict[str, Tensor], sequence_fields: tuple[str, ...]) -> Tensor:
+    """(U, T) bool: True on real behaviours; a slot is padding when its first field's row is PAD_ROW."""
+    return hist[sequence_fields[0]] != PAD_ROW
+
+
+def check_vocab_sizes(spec: FeatureSpec) -> None:
+    missing = [f for f in (*spec.sequence_fields, *spec.profile_fields) if f not in spec.vocab_sizes]
+    if missing:
+        raise ValueError(f"feature spec has no vocabulary size for field(s) {missing}")
+
+
 class FieldEmbeddings(nn.Module):
     def __init__(self, spec: FeatureSpec, dim: int):
         super().__init__()
-        missing = [f for f in (*spec.sequence_fields, *spec.profile_fields) if f not in spec.vocab_sizes]
-        if missing:
-            raise ValueError(f"feature spec has no vocabulary size for field(s) {missing}")
+        check_vocab_sizes(spec)
         self.sequence_fields = tuple(spec.sequence_fields)
         self.profile_fields = tuple(spec.profile_fields)
-        self.tables = nn.ModuleDict()
-        for f in (*self.sequence_fields, *self.profile_fields):
-            table = nn.Embedding(spec.vocab_sizes[f], dim, padding_idx=PAD_ROW)
-            nn.init.normal_(table.weight, std=INIT_STD)
-            with torch.no_grad():
-                table.weight[PAD_ROW].zero_()
-            self.tables[f] = table
+        self.tables = nn.ModuleDict(
+            {f: IdTable(f, spec.vocab_sizes[f], dim) for f in (*self.sequence_fields, *self.profile_fields)}
+        )
+        self.dim = dim  # k, per field
         self.behaviour_dim = dim * len(self.sequence_fields)  # D
         self.profile_dim = dim * len(self.profile_fields)  # P
 
@@ -47,5 +70,9 @@ class FieldEmbeddings(nn.Module):
         return torch.cat([self.tables[f](profile[f]) for f in self.profile_fields], dim=-1)
 
     def mask(self, hist: dict[str, Tensor]) -> Tensor:
-        """(U, T) bool: True on real behaviours; a slot is padding when its item row is PAD_ROW."""
-        return hist[self.sequence_fields[0]] != PAD_ROW
+        """(U, T) bool: True on real behaviours."""
+        return history_mask(hist, self.sequence_fields)
+
+    def per_field(self, x: Tensor) -> list[Tensor]:
+        """(…, F * k) -> F tensors (…, k): a concatenation split back into its fields."""
+        return list(x.split(self.dim, dim=-1))

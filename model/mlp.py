@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
-from model.activation import PReLU
+from model.activation import PReLU, activate
 
 
 class MLP(nn.Sequential):
-    """in_dim -> hidden[0] -> ... -> hidden[-1] -> out_dim (no activation on the output)."""
+    """in_dim -> hidden[0] -> ... -> hidden[-1] -> out_dim (no activation on the output).
+
+    `mask` (the input's shape without the last dim, True = real) reaches mask-aware
+    activations (Dice), so padded positions never enter their batch statistics.
+    """
 
     def __init__(
         self,
@@ -26,3 +30,8 @@ class MLP(nn.Sequential):
             d = h
         layers.append(nn.Linear(d, out_dim))
         super().__init__(*layers)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        for layer in self:
+            x = activate(layer, x, mask) if not isinstance(layer, nn.Linear) else layer(x)
+        return x

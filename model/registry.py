@@ -1,4 +1,8 @@
-"""Model name -> class: the one place a new model (lr, wdl, pnn, deepfm, din_dice) is added."""
+"""Model name -> class: the one place a model is added (the paper's Table 3 line-up).
+
+Every model takes (hist, profile, cand, cand_user) and returns (logit (N,), attention (N, T)),
+so every one exports to the same ONNX contract and the service can serve any of them.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,31 @@ from torch import nn
 from model.base_model import BaseModel
 from model.config import ModelConfig
 from model.contract import FeatureSpec
-from model.din import DIN
+from model.deepfm import DeepFM
+from model.din import DIN, DINDice
+from model.lr import LogisticRegression
+from model.pnn import PNN
+from model.wide_deep import WideDeep
 
 MODELS: dict[str, type[nn.Module]] = {
-    "din": DIN,
+    "lr": LogisticRegression,
     "base": BaseModel,
+    "wdl": WideDeep,
+    "pnn": PNN,
+    "deepfm": DeepFM,
+    "din": DIN,
+    "din_dice": DINDice,
+}
+
+# The names of the paper's Table 3, for reports.
+DISPLAY_NAMES: dict[str, str] = {
+    "lr": "LR",
+    "base": "BaseModel",
+    "wdl": "Wide&Deep",
+    "pnn": "PNN",
+    "deepfm": "DeepFM",
+    "din": "DIN",
+    "din_dice": "DIN with Dice",
 }
 
 
@@ -25,3 +49,8 @@ def build_model(name: str, spec: FeatureSpec, config: ModelConfig = ModelConfig(
 
 def has_attention(model: nn.Module) -> bool:
     return bool(getattr(model, "has_attention", False))
+
+
+def model_config(model: nn.Module) -> ModelConfig:
+    """The configuration a model was actually built with (DIN with Dice forces its activation)."""
+    return model.config

@@ -1,8 +1,11 @@
 """Train a CTR model on a behaviour log, select on validation, report test once, export.
 
-The trainer owns the loss (BCE on logits) and the metrics; models only map inputs to
-(logit, attention). Every sample goes through the same scoring path as serving: a batch is
-U = N = B users/candidates with cand_user = arange(B).
+The trainer owns the loss (BCE on logits), the regulariser (model/regularization.py) and
+the metrics; models only map inputs to (logit, attention). Every sample goes through the
+same scoring path as serving: a batch is U = N = B users/candidates with cand_user = arange(B).
+
+`fit` trains one model on already built samples (the experiment runner reuses one sample
+set for every model and seed); `train` is data -> samples -> fit -> export.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from model.data.sources import load_source
 from model.export import export_bundle
 from model.inputs import split_inputs
 from model.metrics import ctr_metrics
+from model.regularization import RegularizationConfig, drop_ids, id_counts, l2_penalty, mba_penalty
 from model.registry import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,10 @@ class TrainConfig:
     eval_batch_size: int = 4096
     threads: int | None = None  # torch intra-op threads; None = one per CPU core
     progress: bool = True
+    reg: str = "none"  # none | l2 | mba | dropout (model/regularization.py)
+    reg_lambda: float = 0.0  # lambda of l2 / mba
+    id_dropout: float = 0.5  # drop probability of reg=dropout
+    split_seed: int | None = None  # seed of the data split and negatives; None = `seed`
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -59,12 +67,17 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        self.regularization()  # validates reg, reg_lambda, id_dropout
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(embedding_dim=self.embedding_dim, attention_softmax=self.attention_softmax)
 
     def sample_config(self) -> SampleConfig:
-        return SampleConfig(max_history=self.max_history, negatives=self.negatives, seed=self.seed)
+        seed = self.seed if self.split_seed is None else self.split_seed
+        return SampleConfig(max_history=self.max_history, negatives=self.negatives, seed=seed)
+
+    def regularization(self) -> RegularizationConfig:
+        return RegularizationConfig(kind=self.reg, lam=self.reg_lambda, id_dropout=self.id_dropout)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -95,15 +108,19 @@ def _deterministic(config: TrainConfig) -> Iterator[None]:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.get_num_threads(),
+        torch.utils.deterministic.fill_uninitialized_memory,
     )
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # deterministic mode would also NaN-fill every new tensor (a debugging aid): ~15% of DIN's step
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.set_num_threads(previous[2])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[3]
 
 
 @torch.no_grad()
@@ -120,6 +137,21 @@ def predict(model: nn.Module, samples: Samples, split: SampleSet, batch_size: in
 def evaluate(model: nn.Module, samples: Samples, split: SampleSet, batch_size: int) -> dict[str, float]:
     probs = predict(model, samples, split, batch_size)
     return ctr_metrics(split.label, probs, split.user_id)
+
+
+@dataclass
+class FitResult:
+    """A trained model (its best validation epoch's weights) and what the fit measured."""
+
+    model: nn.Module
+    test: dict[str, float]  # auc, gauc, logloss of the best epoch, evaluated once
+    validation: list[dict[str, float]]  # one per epoch
+    best_epoch: int  # 1-based
+    fit_seconds: float  # epochs (training + validation), wall clock
+    num_params: int
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -140,13 +172,58 @@ def _train(config: TrainConfig) -> TrainResult:
         f"data {config.data}: {len(behaviour_log)} events; samples train {len(samples.train)}, "
         f"validation {len(samples.validation)}, test {len(samples.test)}",
     )
+    fitted = _fit(config, samples, None)
+    model, test, history, best_epoch = fitted.model, fitted.test, fitted.validation, fitted.best_epoch
+    exported = export_bundle(
+        model,
+        model_type=config.model,
+        spec=samples.spec,
+        vocabularies=samples.vocabularies,
+        out_dir=config.out,
+        data_fingerprint=behaviour_log.fingerprint(),
+        extra={
+            "model_config": model.config.to_json(),
+            "metrics": {"test": test, "validation": history[best_epoch - 1], "best_epoch": best_epoch},
+            "data_spec": config.data,
+            "train_config": config.to_json(),
+            "num_params": fitted.num_params,
+        },
+    )
+    train_seconds = time.perf_counter() - started  # data to bundle, wall clock
+    _info(config, f"bundle written: {exported.bundle} (ONNX parity {exported.parity_max_abs_diff:.2g})")
+    return TrainResult(
+        bundle=exported.bundle,
+        model=config.model,
+        metrics=test,
+        validation=history,
+        best_epoch=best_epoch,
+        train_seconds=train_seconds,
+        num_params=fitted.num_params,
+    )
 
-    model_config = config.model_config()
-    model = build_model(config.model, samples.spec, model_config)
+
+def fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train `config.model` on `samples` (seeded by `config.seed`), select on validation, test once.
+
+    `config.data` is not read: the samples are. `on_epoch(epoch, validation_metrics)` is
+    called after each epoch (e.g. to advance an outer progress bar).
+    """
+    with _deterministic(config):
+        return _fit(config, samples, on_epoch)
+
+
+def _fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None) -> FitResult:
+    started = time.perf_counter()
+    model = build_model(config.model, samples.spec, config.model_config())
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng([config.seed, 3])
+    reg = config.regularization()
+    counts = None
+    if reg.kind == "mba":
+        counts = {f: torch.from_numpy(np.maximum(c, 1.0)).float() for f, c in id_counts(samples).items()}
+    drop_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)
 
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_gauc = None, 0, -np.inf
@@ -164,12 +241,20 @@ def _train(config: TrainConfig) -> TrainResult:
         )
         running = 0.0
         for i, batch in enumerate(bar, 1):
-            logit, _ = model(*split_inputs(samples.spec, batch.inputs))
-            loss = loss_fn(logit, batch.label)
+            inputs = batch.inputs
+            if reg.kind == "dropout":
+                inputs = drop_ids(samples.spec, inputs, reg.id_dropout, drop_generator)
+            logit, _ = model(*split_inputs(samples.spec, inputs))
+            data_loss = loss_fn(logit, batch.label)
+            loss = data_loss
+            if reg.kind == "l2":
+                loss = loss + l2_penalty(model, reg.lam)
+            elif reg.kind == "mba":
+                loss = loss + mba_penalty(model, samples.spec, inputs, counts, reg.lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            running += (loss.item() - running) / min(i, 50)
+            running += (data_loss.item() - running) / min(i, 50)
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
         bar.close()
@@ -183,35 +268,19 @@ def _train(config: TrainConfig) -> TrainResult:
         score = val["gauc"] if np.isfinite(val["gauc"]) else val["auc"]
         if best_state is None or score > best_gauc:
             best_state, best_epoch, best_gauc = copy.deepcopy(model.state_dict()), epoch, score
+        if on_epoch is not None:
+            on_epoch(epoch, val)
 
+    fit_seconds = time.perf_counter() - started
     model.load_state_dict(best_state)
-    test = evaluate(model, samples, samples.test, config.eval_batch_size)
+    test = evaluate(model, samples, samples.test, config.eval_batch_size)  # once, for the selected epoch
     _info(config, f"{config.model} test (best epoch {best_epoch}): auc {test['auc']:.4f} gauc {test['gauc']:.4f} logloss {test['logloss']:.4f}")
-
-    exported = export_bundle(
-        model,
-        model_type=config.model,
-        spec=samples.spec,
-        vocabularies=samples.vocabularies,
-        out_dir=config.out,
-        data_fingerprint=behaviour_log.fingerprint(),
-        extra={
-            "model_config": model_config.to_json(),
-            "metrics": {"test": test, "validation": history[best_epoch - 1], "best_epoch": best_epoch},
-            "data_spec": config.data,
-            "train_config": config.to_json(),
-            "num_params": num_params,
-        },
-    )
-    train_seconds = time.perf_counter() - started  # data to bundle, wall clock
-    _info(config, f"bundle written: {exported.bundle} (ONNX parity {exported.parity_max_abs_diff:.2g})")
-    return TrainResult(
-        bundle=exported.bundle,
-        model=config.model,
-        metrics=test,
+    return FitResult(
+        model=model.eval(),
+        test=test,
         validation=history,
         best_epoch=best_epoch,
-        train_seconds=train_seconds,
+        fit_seconds=fit_seconds,
         num_params=num_params,
     )
 

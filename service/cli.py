@@ -107,7 +107,7 @@ def synth(
 @app.command()
 def train(
     data: DataOpt = "synthetic",
-    model: Annotated[str, typer.Option(help="Model type, e.g. din or base.")] = "din",
+    model: Annotated[str, typer.Option(help="lr | base | wdl | pnn | deepfm | din | din_dice.")] = "din",
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
     out: Annotated[Path, typer.Option(help="Directory the bundle is written into.")] = DEFAULT_BUNDLES,
@@ -119,6 +119,10 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps; 0: epoch ends (streamed).")] = 0,
     run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints and report of a streamed run.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process (streamed).")] = 0,
+    reg: Annotated[str, typer.Option(help="Regulariser: none | l2 | mba (mini-batch aware) | dropout (id dropout).")] = "none",
+    reg_lambda: Annotated[float, typer.Option(min=0.0, help="Lambda of --reg l2 / mba.")] = 0.0,
+    id_dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Drop probability of --reg dropout.")] = 0.5,
+    attention_softmax: Annotated[bool, typer.Option("--attention-softmax", help="Normalise DIN's attention with a softmax (the paper has none).")] = False,
 ) -> None:
     """Train a model, evaluate it (validation per epoch, test once) and export the ONNX bundle."""
     _setup_logging()
@@ -138,7 +142,13 @@ def train(
         _train_streamed(DistTrainConfig(data=data, model=model, seed=seed, out=out, **streamed, **({"epochs": epochs} if epochs else {})), nproc, json_output)
         return
     _load_log(data)  # validates --data early with a clear message
-    config = TrainConfig(data=data, model=model, seed=seed, out=out)
+    try:
+        config = TrainConfig(
+            data=data, model=model, seed=seed, out=out, reg=reg, reg_lambda=reg_lambda, id_dropout=id_dropout,
+            attention_softmax=attention_softmax,
+        )
+    except ValueError as e:
+        _fail(str(e))
     if epochs is not None:
         config = replace(config, epochs=epochs)
     result = run_training(config)
@@ -253,6 +263,41 @@ def bench_train_memory(
     else:
         typer.echo(f"{result['events']} events, {result['train_steps']} steps: peak RSS {result['peak_rss_mb']:.0f} MB "
                    f"(limit {result['limit_mb']:.0f} MB: {'ok' if result['under_limit'] else 'EXCEEDED'})")  # fmt: skip
+
+
+@app.command()
+def experiment(
+    data: DataOpt = "synthetic",
+    models: Annotated[str, typer.Option(help="Comma-separated models to compare.")] = "lr,base,wdl,pnn,deepfm,din,din_dice",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per model (0..N-1): init and batch order.")] = 3,
+    out: Annotated[Path, typer.Option(help="Directory for results.json, report.md and the figures.")] = Path("reports/experiment"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per run (the best on validation is kept).")] = 5,
+    json_output: Annotated[bool, typer.Option("--json", help="Print results.json on stdout.")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads per run (1 is fastest on a busy machine).")] = 1,
+) -> None:
+    """Compare models like the paper's Table 3: every model x seed, test once, report + figures."""
+    _setup_logging()
+    from model.experiment import ExperimentConfig, finite, run_experiment
+    from model.report import comparison_table, data_table, din_vs_base
+
+    _load_log(data)  # validates --data early with a clear message
+    import shlex
+
+    argv = sys.argv[1:]
+    command = shlex.join(["din", *argv[argv.index("experiment") :]]) if "experiment" in argv else ""
+    try:
+        config = ExperimentConfig(
+            data=data, models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs,
+            out=out, command=command, threads=threads,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    result = run_experiment(config)
+    if json_output:
+        typer.echo(json.dumps(finite(result.results), allow_nan=False))
+    else:
+        r = result.results
+        typer.echo(f"{data_table(r)}\n\n{comparison_table(r)}\n\n{din_vs_base(r)}\n\nwritten: {out / 'report.md'}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ import torch
 from model.bundle import load_bundle
 from model.config import ModelConfig
 from model.contract import CAND_USER, OUTPUT_NAMES, PAD_ROW, UNK_ROW, FeatureSpec, Vocabulary, hist_input
+from model.dice import Dice
 from model.export import ParityError, check_parity, export_bundle, random_inputs, to_onnx, torch_scores
 from model.registry import build_model
 
@@ -21,8 +22,15 @@ CASES = [
     ("base", SPEC, ModelConfig(embedding_dim=4)),
     ("din", SPEC_PROFILE, ModelConfig(embedding_dim=4, attention_softmax=True)),
     ("base", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    # every model of the registry, with profile fields (the service serves any of them)
+    ("lr", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    ("wdl", SPEC_PROFILE, ModelConfig(embedding_dim=4, wide_buckets=997)),  # hashed item crosses
+    ("pnn", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    ("deepfm", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    ("din_dice", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    ("din_dice", SPEC, ModelConfig(embedding_dim=4, attention_softmax=True)),
 ]
-IDS = ["din", "base", "din_softmax_profile", "base_profile"]
+IDS = ["din", "base", "din_softmax_profile", "base_profile", "lr", "wdl", "pnn", "deepfm", "din_dice", "din_dice_softmax"]
 
 
 def trained_like(name, spec, config, seed=0):
@@ -31,6 +39,12 @@ def trained_like(name, spec, config, seed=0):
     with torch.no_grad():  # spread the outputs out, like a trained model's
         for p in model.parameters():
             p.mul_(3.0)
+            if not p.any():  # zero-initialised first-order / cross weights
+                p.normal_(0.0, 0.3)
+        for m in model.modules():
+            if isinstance(m, Dice):  # frozen statistics as after training
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
     return model
 
 
@@ -55,6 +69,28 @@ def test_onnx_matches_torch_on_random_user_batches(exported, case_id, case):
         assert np.max(np.abs(got_ctr - want_ctr)) <= 1e-5
         assert np.max(np.abs(got_att - want_att)) <= 1e-5
     assert check_parity(model, spec, onnx_bytes) <= 1e-5
+
+
+def test_every_registered_model_has_a_parity_case():
+    from model.registry import MODELS
+
+    assert {case[0] for case in CASES} == set(MODELS)
+
+
+def test_dice_exports_as_elementwise_ops_on_frozen_statistics(exported):
+    """No batch statistics in the graph: one candidate scores the same alone as in a batch."""
+    model, onnx_bytes = exported["din_dice"]
+    ops = {n.op_type for n in onnx.load_from_string(onnx_bytes).graph.node}
+    assert not ops & {"ReduceMean", "BatchNormalization"}
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    x = random_inputs(SPEC_PROFILE, 3, 6, 20, seed=8)
+    ctr, _ = session.run(list(OUTPUT_NAMES), x)
+    one = dict(x)
+    for name in x:
+        if name.startswith("cand_"):
+            one[name] = x[name][5:6]
+    ctr_one, _ = session.run(list(OUTPUT_NAMES), one)
+    assert abs(float(ctr_one[0]) - float(ctr[5])) <= 1e-6
 
 
 @pytest.mark.parametrize("case_id,case", list(zip(IDS, CASES)))

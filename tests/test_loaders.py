@@ -54,7 +54,8 @@ def test_ml100k_format(tmp_path: Path) -> None:
     np.testing.assert_array_equal(p.fields["age"], [0, 5, 6])  # 17, 53, 56
     np.testing.assert_array_equal(p.fields["gender"], [1, 0, 1])
     np.testing.assert_array_equal(p.fields["occupation"], [0, 1, 2])  # u.occupation line order
-    assert log.is_behaviour is None and log.split is None
+    assert log.is_behaviour.dtype == bool and log.is_behaviour.all()  # every rating enters histories
+    assert log.split is None
 
 
 def test_ml100k_without_occupation_file_uses_sorted_names(tmp_path: Path) -> None:
@@ -314,3 +315,132 @@ def test_amazon_bad_input_names_the_problem(tmp_path: Path) -> None:
     (bad / "r.json").write_text(json.dumps({"reviewerID": "U", "asin": "A", "unixReviewTime": 1}) + "\n")
     with pytest.raises(LogFormatError, match="reviewed every item"):
         load_amazon(bad)
+
+
+# ---------------------------------------------------------------- loaders -> samples (the protocols end to end)
+
+def expected_histories(log, samples, max_history):
+    """Brute force, per split: (user, [history item rows newest first]) for every sample in order.
+
+    With labels every event of a split is one sample, in (user, time) order; a history is the
+    user's behaviours (BehaviourLog.behaviour_mask) strictly before the target's time.
+    """
+    srt = log.sorted_by_user_time()
+    beh = srt.behaviour_mask()
+    vocab = samples.vocabularies["item_id"]
+    if srt.split is not None:
+        split_of = srt.split
+    else:
+        split_of = np.select(
+            [np.isin(srt.user_id, samples.validation.users), np.isin(srt.user_id, samples.test.users)], [1, 2], 0
+        )
+    out = []
+    for which in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST):
+        rows = []
+        for r in np.flatnonzero(split_of == which):
+            earlier = np.flatnonzero((srt.user_id == srt.user_id[r]) & beh & (srt.timestamp < srt.timestamp[r]))
+            newest_first = earlier[::-1][:max_history]
+            rows.append((int(srt.user_id[r]), vocab.lookup(srt.item_id[newest_first]).tolist()))
+        out.append(rows)
+    return out
+
+
+def sample_histories(samples):
+    got = []
+    for split in (samples.train, samples.validation, samples.test):
+        batch = samples.batch(split, np.arange(len(split)))
+        hist = batch.inputs["hist_item_id"].numpy()
+        got.append([(int(u), [r for r in h.tolist() if r != 0]) for u, h in zip(split.user_id, hist)])
+    return got
+
+
+def test_amazon_samples_follow_the_din_protocol(tmp_path: Path) -> None:
+    from model.data.samples import SampleConfig, build_samples
+
+    log = load_amazon(write_amazon(tmp_path / "a", gz=False), seed=1)
+    s = build_samples(log, SampleConfig(max_history=3, seed=0))
+    # split from the log's own column: 3 users x (1 test + 1 validation) pairs, the rest train
+    assert (len(s.train), len(s.validation), len(s.test)) == (10, 6, 6)
+    for split in (s.train, s.validation, s.test):
+        np.testing.assert_array_equal(split.label, np.tile([1.0, 0.0], len(split) // 2))
+        # a negative has exactly its paired review's history
+        np.testing.assert_array_equal(split.hist_start[1::2], split.hist_start[0::2])
+        np.testing.assert_array_equal(split.hist_end[1::2], split.hist_end[0::2])
+    assert sample_histories(s) == expected_histories(log, s, 3)
+    # only the 11 reviews are behaviours: no sampled negative can ever be gathered into a history
+    srt = log.sorted_by_user_time()
+    reviews = srt.is_behaviour
+    assert s.behaviour_rows["item_id"].size == 11
+    np.testing.assert_array_equal(s.behaviour_rows["item_id"], s.vocabularies["item_id"].lookup(srt.item_id[reviews]))
+    # the test target (each user's last review) sits after every history window of its user
+    beh_user, beh_split = srt.user_id[reviews], srt.split[reviews]
+    for split in (s.train, s.validation, s.test):
+        for u, end in zip(split.user_id, split.hist_end):
+            test_pos = np.flatnonzero((beh_user == u) & (beh_split == SPLIT_TEST))
+            assert test_pos.size == 1 and end <= test_pos[0]
+    # the vocabularies hold training events only (reviews and negatives)
+    np.testing.assert_array_equal(s.vocabularies["item_id"].ids, np.unique(srt.item_id[srt.split == SPLIT_TRAIN]))
+
+
+def test_amazon_split_column_wins_over_the_user_split(tmp_path: Path) -> None:
+    from model.data.samples import SampleConfig, build_samples
+
+    log = load_amazon(write_amazon(tmp_path / "a", gz=False))
+    s = build_samples(log, SampleConfig(split=(0.8, 0.1, 0.1), seed=5))  # ignored: the log has a split
+    # every user in validation and test; U3 has two reviews only, so no training sample
+    assert [set(x.users.tolist()) for x in (s.train, s.validation, s.test)] == [{0, 1}, {0, 1, 2}, {0, 1, 2}]
+
+
+def write_ml100k_rich(root: Path) -> Path:
+    """8 users x 6 ratings, clicks and non-clicks interleaved, one same-second pair per user."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(1, 9):
+        items = rng.choice(np.arange(1, 13), 6, replace=False)
+        times = np.array([10, 20, 20, 30, 40, 50]) + 100 * u
+        for i, t in zip(items, rng.permutation(times)):
+            lines.append(f"{u}\t{i}\t{int(rng.integers(1, 6))}\t{t}")
+    (root / "u.data").write_text("\n".join(lines) + "\n")
+    (root / "u.item").write_bytes(
+        "".join(f"{i}|M{i} (1995)|01-Jan-1995||http://x|{_flags(i % 5 + 1)}\n" for i in range(1, 13)).encode("latin-1")
+    )
+    return root
+
+
+def test_movielens_samples_follow_the_paper_protocol(tmp_path: Path) -> None:
+    from model.data.samples import SampleConfig, build_samples
+
+    log = load_movielens(write_ml100k_rich(tmp_path / "ml"))
+    s = build_samples(log, SampleConfig(max_history=4, seed=3))
+    # every rating is a sample with its label; users split into disjoint train / validation / test
+    assert len(s.train) + len(s.validation) + len(s.test) == 48
+    users = [set(x.users.tolist()) for x in (s.train, s.validation, s.test)]
+    assert not (users[0] & users[1] or users[0] & users[2] or users[1] & users[2])
+    assert all(users)
+    # history = the user's earlier RATED movies (liked or not), newest first, truncated: never
+    # a later event, never another user's (so never a test user's event in training)
+    assert sample_histories(s) == expected_histories(log, s, 4)
+    assert sum(len(h) for part in sample_histories(s) for _, h in part) > 20  # not vacuous
+    # every one of the 48 ratings is a behaviour, the disliked ones (rating < 4) too
+    assert s.behaviour_rows["item_id"].size == 48 and (log.label == 0).sum() > 5
+
+
+def test_event_log_samples_without_labels_use_every_event(tmp_path: Path) -> None:
+    from model.data.log import BehaviourLog, write_log
+    from model.data.samples import SampleConfig, build_samples
+
+    rng = np.random.default_rng(1)
+    n = 60
+    log = BehaviourLog(
+        user_id=rng.integers(1, 11, n), item_id=rng.integers(1, 20, n), cate_id=rng.integers(1, 4, n),
+        timestamp=rng.integers(0, 30, n),
+    )
+    path = write_log(log, tmp_path / "events.csv")
+    read = load_source(f"events:{path}")
+    s = build_samples(read, SampleConfig(max_history=5, seed=2))
+    # positives in (user, time) order, each followed by its negative with the same history
+    want = expected_histories(read, s, 5)
+    got = sample_histories(s)
+    for w, g in zip(want, got):
+        assert g[0::2] == w and g[1::2] == w

@@ -89,7 +89,7 @@ def test_rank_order_descending_stable_and_top_k():
 
 # ---------------------------------------------------------------------------------------
 # The real runtime: a bundle trained by the real trainer, a real ONNX Runtime session.
-@pytest.fixture(scope="session", params=["din", "base"])
+@pytest.fixture(scope="session", params=["din", "base", "lr", "wdl", "pnn", "deepfm", "din_dice"])  # the service serves any model
 def trained_bundle(request, tmp_path_factory) -> Bundle:
     from model.data.synthetic import SyntheticConfig, write_synthetic
     from model.train import TrainConfig, train

@@ -33,15 +33,15 @@ def expected_histories(log: BehaviourLog, max_history: int) -> dict[int, list[tu
     """Per user (item, cate, ts), newest first, computed row by row in plain Python.
 
     Newest = largest timestamp; of equal timestamps, the later row of the log. Only
-    behaviours: clicks when the log has labels, never rows with is_behaviour False.
+    behaviours: the rows is_behaviour marks when the log has it, else clicks when it has labels.
     """
     events = defaultdict(list)
     n = len(log)
     labels = log.label.tolist() if log.label is not None else [1] * n
-    is_beh = log.is_behaviour.tolist() if log.is_behaviour is not None else [True] * n
+    is_beh = log.is_behaviour.tolist() if log.is_behaviour is not None else [None] * n
     cols = zip(log.user_id.tolist(), log.item_id.tolist(), log.cate_id.tolist(), log.timestamp.tolist(), labels, is_beh)
     for row, (u, i, c, t, label, beh) in enumerate(cols):
-        if label == 1 and beh:
+        if beh if beh is not None else label == 1:
             events[u].append((t, row, (i, c, t)))
     return {u: [e[2] for e in sorted(evs, reverse=True)][:max_history] for u, evs in events.items()}
 
@@ -130,22 +130,34 @@ def test_log_without_profiles(redis_url):
 
 
 def test_only_behaviours_enter_histories(redis_url):
-    """The trainer's rule (model/data/samples.py): with labels, a history holds clicks only;
-    rows marked is_behaviour=False (sampled negatives) never enter a history."""
-    log = BehaviourLog(
+    """The trainer's rule (BehaviourLog.behaviour_mask): with labels, a history holds clicks only;
+    an is_behaviour column decides instead when present (MovieLens: every rating; Amazon: never
+    a sampled negative, is_behaviour=False)."""
+    labels = np.array([1, 0, 1, 1, 0, 1], dtype=np.int8)
+    clicks = BehaviourLog(
         user_id=np.array([1, 1, 1, 1, 2, 3]),
         item_id=np.array([10, 11, 12, 13, 20, 30]),
         cate_id=np.array([1, 1, 2, 2, 3, 4]),
         timestamp=np.array([1, 2, 3, 4, 5, 6]),
-        label=np.array([1, 0, 1, 1, 0, 1], dtype=np.int8),
-        is_behaviour=np.array([True, True, True, False, True, True]),
+        label=labels,
     )
     store = RedisHistoryStore.from_url(redis_url)
-    report = store.bulk_load(log)
-    assert (report.users, report.events) == (3, 3)
+    report = store.bulk_load(clicks)
+    assert (report.users, report.events) == (3, 4)
     hs, _ = run(read(redis_url, [1, 2, 3]))
-    assert [h.records["item_id"].tolist() for h in hs] == [[12, 10], [], [30]]  # user 2: known, no clicks
-    assert {u: [e[0] for e in v] for u, v in expected_histories(log, 50).items()} == {1: [12, 10], 3: [30]}
+    assert [h.records["item_id"].tolist() for h in hs] == [[13, 12, 10], [], [30]]  # user 2: known, no clicks
+    assert {u: [e[0] for e in v] for u, v in expected_histories(clicks, 50).items()} == {1: [13, 12, 10], 3: [30]}
+
+    marked = BehaviourLog(
+        user_id=clicks.user_id, item_id=clicks.item_id, cate_id=clicks.cate_id, timestamp=clicks.timestamp,
+        label=labels, is_behaviour=np.array([True, True, True, False, True, True]),
+    )
+    report = store.bulk_load(marked)
+    assert (report.users, report.events) == (3, 5)
+    hs, _ = run(read(redis_url, [1, 2, 3]))
+    # the unclicked 11 and 20 are behaviours; the impression 13 (is_behaviour False) is not, clicked or not
+    assert [h.records["item_id"].tolist() for h in hs] == [[12, 11, 10], [20], [30]]
+    assert {u: [e[0] for e in v] for u, v in expected_histories(marked, 50).items()} == {1: [12, 11, 10], 2: [20], 3: [30]}
 
 
 def test_many_users_in_one_mget_in_request_order(redis_url, redis_client):

@@ -4,10 +4,11 @@ Columns are int64 numpy arrays named after what they are, not after any dataset:
 `user_id, item_id, cate_id, timestamp` and an optional `label` (1 = click). User profile
 ids (gender, age bucket, ...) live in an optional side table keyed by user id.
 
-Two optional columns serve protocols that fix their own samples (the DIN Amazon protocol):
-`is_behaviour` (bool; False marks an impression, e.g. a sampled negative, that is a
-candidate but must never enter anyone's history; None = every event is a behaviour) and
-`split` (int8: 0 train, 1 validation, 2 test; None = the sample builder splits by user).
+Two optional columns serve protocols that fix their own samples:
+`is_behaviour` (bool; which events enter histories, see `behaviour_mask`: False marks an
+impression, e.g. an Amazon sampled negative, that is a candidate but never history; the
+MovieLens loader marks every rating True) and `split` (int8: 0 train, 1 validation, 2 test;
+None = the sample builder splits by user; the DIN Amazon protocol sets it).
 
 Torch-free: the feature store's bulk loader reads logs too.
 """
@@ -57,7 +58,7 @@ class BehaviourLog:
     label: np.ndarray | None = None
     profiles: UserProfiles | None = None
     name: str = "log"
-    is_behaviour: np.ndarray | None = None  # bool; None = every event is a behaviour
+    is_behaviour: np.ndarray | None = None  # bool; None = clicks (with label) or every event
     split: np.ndarray | None = None  # int8 SPLIT_*; None = split by user downstream
 
     def __post_init__(self) -> None:
@@ -76,6 +77,20 @@ class BehaviourLog:
     @property
     def profile_fields(self) -> tuple[str, ...]:
         return tuple(self.profiles.fields) if self.profiles else ()
+
+    def behaviour_mask(self) -> np.ndarray:
+        """Which events enter a history: THE rule, shared by the trainer's samples and the feature store.
+
+        With an `is_behaviour` column, exactly the events it marks (MovieLens: every rating,
+        liked or not, since the user chose to watch it; Amazon: the reviews, never the sampled
+        negatives). Without it: the clicks (`label == 1`) of a labelled log, every event of an
+        unlabelled one. Serving must see exactly the histories the model was trained on.
+        """
+        if self.is_behaviour is not None:
+            return np.asarray(self.is_behaviour, dtype=bool).copy()
+        if self.label is not None:
+            return np.asarray(self.label) == 1
+        return np.ones(len(self), dtype=bool)
 
     def sorted_by_user_time(self) -> "BehaviourLog":
         """Events grouped by user, oldest first within a user (ties keep file order)."""

@@ -2,8 +2,10 @@
 
 Protocol (DIN paper, section 6.1): a rating of 4 or 5 is a click (label 1), any lower
 rating is not (label 0); the movie's genre is its category, the FIRST listed genre when
-there are several; every rating is a behaviour, and the sample builder splits users into
-train and test (so `split` stays None here).
+there are several; users are split into train and test by the sample builder (so `split`
+stays None here); the history of a target is the user's earlier RATED movies, liked or not
+(`is_behaviour` is True for every rating: the user chose to watch it), so a history is not
+limited to the clicks. Every rating is also a sample, labelled by the rule above.
 
 Category ids are the same in every format: 0 is the "unknown genre" (ml-100k's `unknown`
 flag, no flag at all, `(no genres listed)`, or a movie missing from the movie file);
@@ -112,6 +114,7 @@ def _ratings_log(ratings: pa.Table, movie_id: np.ndarray, movie_cate: np.ndarray
         label=(rating >= CLICK_RATING).astype(np.int8),
         profiles=profiles,
         name=name,
+        is_behaviour=np.ones(len(item_id), dtype=bool),  # every rated movie enters histories
     )
 
 

@@ -10,10 +10,17 @@ time, newest first, truncated to `max_history`:
   follow that same popularity, so popularity alone cannot separate the classes; what
   separates them is whether the candidate fits the user's history.
 - a log with `label` (e.g. MovieLens: rating >= 4 is a click): every event is a sample
-  with its label; the history holds only the user's earlier clicks (label 1).
+  with its label; the history holds the user's earlier behaviours.
+- which events are behaviours is `BehaviourLog.behaviour_mask()` (the feature store uses
+  the same rule): the events marked by `is_behaviour` when the log has it (MovieLens: every
+  rating; Amazon: the reviews, so a sampled negative is a candidate only, never in a
+  history, and it gets the same history as its paired review: same user, same time, and
+  history is strictly earlier); else the clicks of a labelled log, every event otherwise.
 
-Users are split (seeded) into train / validation / test, so no validation or test target
-ever appears in training. Vocabularies are fitted on the training users' ids only; ids
+Split: when the log has a `split` column (the Amazon protocol: each user's last review is
+test, the second-to-last validation), each event goes to the split it names. Otherwise
+users are split (seeded) into train / validation / test, so no validation or test target
+ever appears in training. Vocabularies are fitted on the training events' ids only; ids
 first seen in validation or test map to UNK_ROW, as at serving time.
 
 Memory: a sample is (history start, history end, candidate rows, label, user), all indices
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 
 from model.contract import CAND_USER, PAD_ROW, FeatureSpec, Vocabulary, cand_input, hist_input, profile_input
-from model.data.log import BehaviourLog
+from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog
 
 SEQUENCE_FIELDS = ("item_id", "cate_id")
 
@@ -38,7 +45,7 @@ SEQUENCE_FIELDS = ("item_id", "cate_id")
 class SampleConfig:
     max_history: int = 50
     negatives: int = 1  # negatives per positive, for logs without labels
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test users
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test users; unused when the log has `split`
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -184,17 +191,35 @@ def _history_bounds(
     return start, end
 
 
+def _event_split(log: BehaviourLog, config: SampleConfig) -> np.ndarray:
+    """int8 SPLIT_* of every event of a sorted log: the log's own `split`, else by user."""
+    if log.split is not None:
+        split = np.asarray(log.split, dtype=np.int8)
+        bad = ~np.isin(split, (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST))
+        if bad.any():
+            raise ValueError(
+                f"behaviour log {log.name!r}: column split must be {SPLIT_TRAIN} (train), {SPLIT_VALID} "
+                f"(validation) or {SPLIT_TEST} (test); found {int(split[bad][0])}"
+            )
+        return split
+    train_users, val_users, test_users = split_users(log.user_id, config.split, config.seed)
+    split = np.full(len(log), SPLIT_TRAIN, dtype=np.int8)
+    split[np.isin(log.user_id, val_users)] = SPLIT_VALID
+    split[np.isin(log.user_id, test_users)] = SPLIT_TEST
+    return split
+
+
 def build_samples(log: BehaviourLog, config: SampleConfig = SampleConfig()) -> Samples:
-    """Split `log` by user, fit vocabularies on the training users, index every sample."""
+    """Split `log` (its own `split`, else by user), fit vocabularies on training events, index every sample."""
     if len(log) == 0:
         raise ValueError(f"behaviour log {log.name!r} is empty; nothing to train on")
     log = log.sorted_by_user_time()
     has_label = log.label is not None
-    behaviour = (log.label == 1) if has_label else np.ones(len(log), dtype=bool)
+    behaviour = log.behaviour_mask()
     hist_start, hist_end = _history_bounds(log, behaviour)
 
-    train_users, val_users, test_users = split_users(log.user_id, config.split, config.seed)
-    in_train = np.isin(log.user_id, train_users)
+    event_split = _event_split(log, config)
+    in_train = event_split == SPLIT_TRAIN
     vocabularies = {
         "item_id": Vocabulary.fit(log.item_id[in_train]),
         "cate_id": Vocabulary.fit(log.cate_id[in_train]),
@@ -217,15 +242,18 @@ def build_samples(log: BehaviourLog, config: SampleConfig = SampleConfig()) -> S
         max_history=config.max_history,
     )
 
-    neg_pool = np.flatnonzero(in_train)  # negatives follow the training popularity
+    neg_pool = np.flatnonzero(in_train & behaviour)  # negatives follow the training popularity
     sets = []
-    for i, users in enumerate((train_users, val_users, test_users)):
-        ev = np.flatnonzero(np.isin(log.user_id, users))
-        if has_label:
+    for i, which in enumerate((SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)):
+        if has_label:  # every event of the split is a sample, impressions included
+            ev = np.flatnonzero(event_split == which)
             cand_item, cand_cate = log.item_id[ev], log.cate_id[ev]
             label = log.label[ev].astype(np.float32)
             take = ev
-        else:
+        else:  # every behaviour is a positive; negatives are drawn
+            ev = np.flatnonzero((event_split == which) & behaviour)
+            if neg_pool.size == 0:
+                raise ValueError(f"behaviour log {log.name!r} has no training behaviours to draw negatives from")
             rng = np.random.default_rng([config.seed, 11, i])
             neg = neg_pool[rng.integers(0, neg_pool.size, (ev.size, config.negatives))]  # (S, K)
             for _ in range(8):  # redraw negatives that hit the positive's own item

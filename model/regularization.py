@@ -1,0 +1,120 @@
+"""The regularisers of the paper's study (section 5.1, 6.5), switchable on any model.
+
+- `l2`: lambda * sum ||w_j||^2 over EVERY row of every id table, each mini-batch (eq. 5):
+  the plain approach, whose cost grows with the vocabulary, not the batch.
+- `mba`, mini-batch aware (eq. 6-7): lambda * sum_{j in B} ||w_j||^2 / n_j over the rows
+  j of ids PRESENT in the mini-batch B only, each weighted by 1 / n_j, n_j = how often id
+  j occurs in the training samples (as candidate, in a history window, or as profile).
+  Rows absent from the batch get exactly zero gradient; a present row gets 2 lambda w_j / n_j.
+- `dropout`: each id of a training sample is replaced by PAD_ROW with probability
+  `id_dropout` (the paper's "randomly discard 50% of feature ids in each sample"). A
+  behaviour whose item id is dropped leaves the history (the mask follows the item row).
+
+"Id tables" are the `IdTable`s (model/embedding.py): the field embeddings and the
+first-order weights of lr / DeepFM. Wide&Deep's hashed cross-product weights are features
+of pairs, not ids, and are not regularised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
+from model.data.samples import Samples
+from model.embedding import IdTable
+
+REGULARIZERS = ("none", "l2", "mba", "dropout")
+
+
+@dataclass(frozen=True)
+class RegularizationConfig:
+    kind: str = "none"  # one of REGULARIZERS
+    lam: float = 0.0  # lambda of l2 / mba
+    id_dropout: float = 0.5  # drop probability of `dropout` (the paper's 50%)
+
+    def __post_init__(self) -> None:
+        if self.kind not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got {self.kind!r}")
+        if self.lam < 0:
+            raise ValueError(f"the regularization lambda must be >= 0, got {self.lam}")
+        if self.kind in ("l2", "mba") and not self.lam > 0:
+            raise ValueError(f"--reg {self.kind} needs --reg-lambda > 0 (got {self.lam})")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id dropout must be in [0, 1), got {self.id_dropout}")
+
+
+def id_tables(model: nn.Module) -> list[IdTable]:
+    return [m for m in model.modules() if isinstance(m, IdTable)]
+
+
+def id_counts(samples: Samples) -> dict[str, np.ndarray]:
+    """n_j per field: occurrences of each row in the TRAINING samples, as the model sees them.
+
+    A behaviour counts once per training sample whose (truncated) history window holds it;
+    candidates and profile ids once per sample. float64 (rows), PAD_ROW's count is 0.
+    """
+    spec, s = samples.spec, samples.train
+    lo = np.maximum(s.hist_start, s.hist_end - spec.max_history)
+    n_beh = next(iter(samples.behaviour_rows.values())).size
+    delta = np.bincount(lo, minlength=n_beh + 1)[: n_beh + 1] - np.bincount(s.hist_end, minlength=n_beh + 1)[: n_beh + 1]
+    coverage = np.cumsum(delta)[:n_beh].astype(np.float64)  # samples whose window holds behaviour p
+    counts: dict[str, np.ndarray] = {}
+    for f in spec.sequence_fields:
+        v = spec.vocab_sizes[f]
+        counts[f] = np.bincount(samples.behaviour_rows[f], weights=coverage, minlength=v)[:v] + np.bincount(
+            s.cand_rows[f], minlength=v
+        )[:v]
+    for f in spec.profile_fields:
+        v = spec.vocab_sizes[f]
+        counts[f] = np.bincount(s.profile_rows[f], minlength=v)[:v].astype(np.float64)
+    for c in counts.values():
+        c[PAD_ROW] = 0.0
+    return counts
+
+
+def l2_penalty(model: nn.Module, lam: float) -> Tensor:
+    """lambda * sum over all rows of all id tables of ||w_j||^2 (PAD_ROW is zero anyway)."""
+    return lam * sum(t.weight.pow(2).sum() for t in id_tables(model))
+
+
+def present_rows(spec: FeatureSpec, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per field, the distinct rows a batch uses (PAD_ROW excluded): its ids j in B."""
+    rows: dict[str, Tensor] = {}
+    for f in spec.sequence_fields:
+        rows[f] = torch.unique(torch.cat([inputs[hist_input(f)].reshape(-1), inputs[cand_input(f)].reshape(-1)]))
+    for f in spec.profile_fields:
+        rows[f] = torch.unique(inputs[profile_input(f)].reshape(-1))
+    return {f: r[r != PAD_ROW] for f, r in rows.items()}
+
+
+def mba_penalty(
+    model: nn.Module, spec: FeatureSpec, inputs: Mapping[str, Tensor], counts: Mapping[str, Tensor], lam: float
+) -> Tensor:
+    """lambda * sum_{j in B} ||w_j||^2 / n_j over every id table (eq. 7 for one mini-batch).
+
+    `counts` per field: float tensors of n_j (id_counts, clamped to >= 1 by the caller).
+    """
+    rows = present_rows(spec, inputs)
+    total = torch.zeros(())
+    for table in id_tables(model):
+        r = rows[table.field]
+        w = table.weight.index_select(0, r)  # (|B_f|, dim)
+        total = total + (w.pow(2).sum(dim=1) / counts[table.field].index_select(0, r)).sum()
+    return lam * total
+
+
+def drop_ids(spec: FeatureSpec, inputs: Mapping[str, Tensor], rate: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """Each id of the batch -> PAD_ROW with probability `rate` (training only)."""
+    out = dict(inputs)
+    names = [hist_input(f) for f in spec.sequence_fields] + [cand_input(f) for f in spec.sequence_fields]
+    names += [profile_input(f) for f in spec.profile_fields]
+    for name in names:
+        x = inputs[name]
+        drop = torch.rand(x.shape, generator=generator) < rate
+        out[name] = x.masked_fill(drop, PAD_ROW)
+    return out

@@ -1,0 +1,129 @@
+"""Regularisers: MBA's gradient (zero on absent rows, 2 lambda w_j / n_j on present ones), plain L2,
+n_j counted over the training samples, id dropout."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
+from model.data.log import BehaviourLog, UserProfiles
+from model.data.samples import SampleConfig, build_samples
+from model.embedding import IdTable
+from model.regularization import (
+    RegularizationConfig,
+    drop_ids,
+    id_counts,
+    id_tables,
+    l2_penalty,
+    mba_penalty,
+    present_rows,
+)
+from model.registry import build_model
+
+SPEC = FeatureSpec(profile_fields=("gender",), vocab_sizes={"item_id": 12, "cate_id": 5, "gender": 4}, max_history=4)
+BATCH = {
+    hist_input("item_id"): torch.tensor([[3, 4, 0], [4, 0, 0]]),
+    hist_input("cate_id"): torch.tensor([[2, 2, 0], [3, 0, 0]]),
+    profile_input("gender"): torch.tensor([2, 3]),
+    cand_input("item_id"): torch.tensor([7, 3]),
+    cand_input("cate_id"): torch.tensor([4, 2]),
+    "cand_user": torch.tensor([0, 1]),
+}
+PRESENT = {"item_id": {3, 4, 7}, "cate_id": {2, 3, 4}, "gender": {2, 3}}
+
+
+def test_present_rows_are_the_batch_ids_without_padding():
+    rows = present_rows(SPEC, BATCH)
+    assert {f: set(r.tolist()) for f, r in rows.items()} == PRESENT
+
+
+@pytest.mark.parametrize("name", ["deepfm", "din"])
+def test_mba_gradient_is_zero_on_absent_rows_and_2_lambda_w_over_n_on_present_rows(name):
+    torch.manual_seed(0)
+    model = build_model(name, SPEC, ModelConfig(embedding_dim=3))
+    with torch.no_grad():
+        for t in id_tables(model):
+            t.weight.normal_()  # also the zero-initialised first-order tables of DeepFM
+    counts = {f: torch.arange(1, n + 1, dtype=torch.float32) * 2.0 for f, n in SPEC.vocab_sizes.items()}  # n_j = 2 (j + 1)
+    lam = 0.3
+    penalty = mba_penalty(model, SPEC, BATCH, counts, lam)
+    penalty.backward()
+    tables = id_tables(model)
+    assert len(tables) == (3 if name == "din" else 3 + 5)  # DeepFM: + ad, bag per field and the profile weights
+    expected_total = 0.0
+    for t in tables:
+        present = sorted(PRESENT[t.field])
+        absent = [j for j in range(t.weight.shape[0]) if j not in PRESENT[t.field]]
+        w, n = t.weight.detach(), counts[t.field]
+        assert torch.all(t.weight.grad[absent] == 0)
+        torch.testing.assert_close(t.weight.grad[present], 2 * lam * w[present] / n[present].unsqueeze(1), rtol=1e-6, atol=0)
+        expected_total += float((w[present].pow(2).sum(1) / n[present]).sum())
+    assert float(penalty.detach()) == pytest.approx(lam * expected_total, rel=1e-6)
+    # only id tables get a gradient: the MLPs are not regularised
+    assert all(p.grad is None for n, p in model.named_parameters() if "mlp" in n)
+
+
+def test_plain_l2_reaches_every_row():
+    torch.manual_seed(1)
+    model = build_model("base", SPEC, ModelConfig(embedding_dim=3))
+    l2_penalty(model, 0.5).backward()
+    for t in id_tables(model):
+        torch.testing.assert_close(t.weight.grad, 2 * 0.5 * t.weight.detach(), rtol=1e-6, atol=0)
+        assert torch.all(t.weight.grad[1:].abs().sum(1) > 0)  # every non-padding row, present in a batch or not
+
+
+def test_id_counts_are_occurrences_in_the_training_samples():
+    """Brute force: gather every training sample's (truncated) history and count rows."""
+    rng = np.random.default_rng(0)
+    n = 120
+    log = BehaviourLog(
+        user_id=rng.integers(1, 16, n), item_id=rng.integers(1, 25, n), cate_id=rng.integers(1, 5, n),
+        timestamp=rng.integers(0, 50, n),
+        profiles=UserProfiles(user_id=np.arange(1, 16), fields={"gender": np.arange(15) % 2}),
+    )
+    s = build_samples(log, SampleConfig(max_history=3, seed=1))
+    counts = id_counts(s)
+    batch = s.batch(s.train, np.arange(len(s.train)))
+    for f, v in s.spec.vocab_sizes.items():
+        if f in s.spec.sequence_fields:
+            rows = torch.cat([batch.inputs[hist_input(f)].reshape(-1), batch.inputs[cand_input(f)]])
+        else:
+            rows = batch.inputs[profile_input(f)]
+        want = np.bincount(rows.numpy(), minlength=v).astype(float)
+        want[PAD_ROW] = 0
+        np.testing.assert_array_equal(counts[f], want)
+    assert counts["item_id"].sum() > len(s.train)  # histories are counted, not only candidates
+
+
+def test_id_dropout_drops_each_id_independently_to_padding():
+    big = {k: (v.repeat(200, 30) if v.dim() == 2 else v.repeat(3000)) for k, v in BATCH.items()}
+    g = torch.Generator().manual_seed(0)
+    out = drop_ids(SPEC, big, 0.5, g)
+    for name, x in big.items():
+        if name == "cand_user":
+            assert torch.equal(out[name], x)  # never an id
+            continue
+        real = x != PAD_ROW
+        dropped = (out[name] == PAD_ROW) & real
+        assert torch.equal(out[name][~dropped], x[~dropped])
+        assert abs(dropped.sum().item() / real.sum().item() - 0.5) < 0.02, name
+    assert torch.equal(drop_ids(SPEC, BATCH, 0.0, g)[hist_input("item_id")], BATCH[hist_input("item_id")])
+    again = drop_ids(SPEC, big, 0.5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(again[k], out[k]) for k in big)
+
+
+def test_config_validation_names_the_switch():
+    with pytest.raises(ValueError, match="reg-lambda"):
+        RegularizationConfig(kind="mba", lam=0.0)
+    with pytest.raises(ValueError, match="none, l2, mba, dropout"):
+        RegularizationConfig(kind="l1")
+    with pytest.raises(ValueError, match="dropout"):
+        RegularizationConfig(kind="dropout", id_dropout=1.0)
+    assert RegularizationConfig(kind="l2", lam=0.01).lam == 0.01
+
+
+def test_tables_know_their_field():
+    model = build_model("lr", SPEC)
+    assert sorted(t.field for t in id_tables(model)) == ["cate_id", "cate_id", "gender", "item_id", "item_id"]
+    assert all(isinstance(t, IdTable) for t in id_tables(model))
