@@ -245,5 +245,52 @@ def loadtest(ctx: typer.Context) -> None:
     raise typer.Exit(run_loadtest(["run", *ctx.args]))
 
 
+# ---------------------------------------------------------------------------------------
+# din bench ...: benchmarks as commands (not timed tests). Each keeps its logic in a module.
+bench_app = typer.Typer(help="Benchmarks: scoring kernels, the whole service.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _parse_cases(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        cases = tuple(tuple(int(x) for x in c.lower().split("x")) for c in text.split(",") if c.strip())
+    except ValueError:
+        cases = ()
+    if not cases or any(len(c) != 3 or min(c) < 1 for c in cases):
+        _fail(f"--cases {text!r}: expected USERSxHISTORYxCANDIDATES[,...], e.g. 1x50x200,16x50x3200")
+    return cases  # type: ignore[return-value]
+
+
+@bench_app.command("scoring")
+def bench_scoring(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    cases: Annotated[str, typer.Option(help="USERSxHISTORYxCANDIDATES, comma-separated.")] = "1x50x200,1x100x500,16x50x3200",
+    impls: Annotated[str, typer.Option(help="Comma-separated: torch_eager_naive,onnx_naive,onnx_optimized.")] = "torch_eager_naive,onnx_naive,onnx_optimized",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every implementation (default: the cores).")] = None,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Timed seconds per implementation and case.")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu | cuda | tensorrt (ONNX Runtime; torch follows on CUDA).")] = "cpu",
+    spinning: Annotated[bool, typer.Option(help="ONNX Runtime intra-op thread spinning.")] = True,
+) -> None:
+    """Naive vs optimised DIN scoring side by side: candidates/s, latency, GFLOP/s, utilisation."""
+    _setup_logging()
+    from dataclasses import replace
+
+    from service.bench_scoring import ScoringBenchConfig, format_table, run_scoring_bench
+
+    if device not in ("cpu", "cuda", "tensorrt"):
+        _fail(f"--device {device!r}: choose cpu, cuda or tensorrt")
+    config = ScoringBenchConfig(
+        cases=_parse_cases(cases), impls=tuple(i.strip() for i in impls.split(",") if i.strip()),
+        seconds=seconds, device=device, allow_spinning=spinning,
+    )  # fmt: skip
+    if threads is not None:
+        config = replace(config, threads=threads)
+    try:
+        result = run_scoring_bench(config, log=lambda m: typer.echo(f"[bench] {m}", err=True))
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result) if json_output else format_table(result))
+
+
 if __name__ == "__main__":
     app()
