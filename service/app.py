@@ -19,7 +19,8 @@ from fastapi.openapi.utils import get_openapi
 from feature_store.records import RECORD_FIELDS
 from model.bundle import Bundle, BundleError, load_bundle
 from service.routes import api_router
-from service.routes.rank import REQUEST_SCHEMAS
+from service.batcher import Batcher
+from service.routes.rank import REQUEST_SCHEMAS, fetch_histories
 from service.schemas import Candidate
 from service.scorer import Scorer
 from service.settings import Settings
@@ -87,9 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle = load_bundle(settings.bundle)
         check_servable(bundle)
-        scorer = await anyio.to_thread.run_sync(
-            partial(Scorer.load, bundle, device=settings.device, intra_op_threads=settings.intra_op_threads)
-        )
+        scorer = await anyio.to_thread.run_sync(partial(Scorer.load, bundle, options=settings.runtime_options()))
         await anyio.to_thread.run_sync(scorer.warm_up)
         store = _connect_store(settings)
         # One graph run at a time: each already uses every intra-op thread.
@@ -97,10 +96,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store_failing = False
         app.state.store = store
         app.state.scorer = scorer
+        batcher = Batcher(
+            get_scorer=lambda: app.state.scorer,
+            fetch=partial(fetch_histories, app.state, settings.store_timeout_s),
+            config=settings.batcher_config(),
+        )
+        batcher.start()
+        app.state.batcher = batcher
         log.info("ready: model %s, store %s", scorer.model_version, "redis" if store else "none")
         try:
             yield
         finally:
+            await batcher.close()
             app.state.scorer = None
             app.state.store = None
             if store is not None:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 
 
 def _cores() -> int:
@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="din", min_length=1, description="Key namespace in Redis.")
     device: Device = Field(
         default="auto",
-        description="auto: CUDA when a GPU is actually usable, else CPU; cpu; cuda (readiness fails "
-        "when CUDA cannot be used).",
+        description="auto: CUDA when a GPU is actually usable, else CPU; cpu; cuda; tensorrt (TensorRT "
+        "fp16 with an engine cache, CUDA for what TensorRT cannot run). cuda/tensorrt: readiness fails "
+        "when that provider cannot be used, instead of serving slowly on the CPU.",
     )
     max_candidates: int = Field(default=1000, ge=1, le=100_000, description="Candidates per /rank request.")
     max_top_k: int = Field(default=1000, ge=1, le=100_000, description="Largest top_k a request may ask for.")
@@ -48,9 +49,56 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token for admin and event-ingestion routes; unset: those routes are disabled.",
     )
+    # Micro-batching and overload (service/batcher.py).
+    batch_max_candidates: int = Field(
+        default=2048, ge=1, le=1_000_000, description="A batch goes at once when it holds this many candidates."
+    )
+    batch_max_wait_ms: float = Field(
+        default=0.2, ge=0, le=1000, description="A lone request waits at most this long for others to batch with."
+    )
+    max_queue: int = Field(
+        default=256, ge=1, le=1_000_000, description="Requests waiting for the scorer; past it, 503 with Retry-After."
+    )
+    request_deadline_ms: float = Field(
+        default=1000.0, gt=0, le=600_000, description="A request not scored within this is answered 503 (Retry-After)."
+    )
+    # ONNX Runtime (service/scorer.py).
+    ort_spinning: bool = Field(
+        default=False, description="Intra-op threads busy-wait between ops (faster alone, steals the event loop's core)."
+    )
+    ort_optimized_model_dir: Path | None = Field(
+        default=None, description="Save ONNX Runtime's optimised graph here (for inspection)."
+    )
+    shape_buckets: bool | None = Field(
+        default=None, description="Pad candidates to powers of two and histories to max_history; default: on for GPUs."
+    )
+    trt_fp16: bool = Field(default=True, description="TensorRT in fp16 (DEVICE=tensorrt).")
+    trt_cache_dir: Path | None = Field(
+        default=None, description="TensorRT engine and timing cache; default: .trt-cache beside the bundle."
+    )
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=1, le=65535)
 
     @property
     def store_timeout_s(self) -> float:
         return self.store_timeout_ms / 1000.0
+
+    def runtime_options(self):
+        """The scorer's RuntimeOptions from these settings."""
+        from service.scorer import RuntimeOptions
+
+        return RuntimeOptions(
+            device=self.device, intra_op_threads=self.intra_op_threads, allow_spinning=self.ort_spinning,
+            optimized_model_dir=self.ort_optimized_model_dir, shape_buckets=self.shape_buckets,
+            max_batch_candidates=max(self.batch_max_candidates, self.max_candidates),
+            trt_fp16=self.trt_fp16, trt_cache_dir=self.trt_cache_dir,
+        )  # fmt: skip
+
+    def batcher_config(self):
+        """The micro-batcher's BatcherConfig from these settings."""
+        from service.batcher import BatcherConfig
+
+        return BatcherConfig(
+            max_batch_candidates=self.batch_max_candidates, max_wait_s=self.batch_max_wait_ms / 1000.0,
+            max_queue=self.max_queue, deadline_s=self.request_deadline_ms / 1000.0,
+        )  # fmt: skip

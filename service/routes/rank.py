@@ -1,8 +1,11 @@
-"""POST /rank: parse, fetch the user's history, score every candidate once, sort, answer.
+"""POST /rank: parse, hand the request to the micro-batcher, sort, answer.
 
-The body is parsed with `RankRequest.model_validate_json` on the raw bytes (pydantic's
-fast path) and the answer serialised with orjson into a plain Response; the OpenAPI
-document still shows both models (see `openapi_extra` and `REQUEST_SCHEMAS`).
+The body is decoded from the raw bytes into id columns (service/rank_codec.py: orjson,
+pydantic only for bad requests) and the answer encoded with orjson into a plain Response;
+the OpenAPI document still shows both models (see `openapi_extra` and `REQUEST_SCHEMAS`).
+The batcher (service/batcher.py) reads the histories of a whole batch of users in one
+store round trip (`fetch_histories`) and scores the batch in one graph call; past its
+queue bound, or at the request deadline, /rank answers 503 with Retry-After at once.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import logging
 from typing import Any
 
 import anyio
-import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from feature_store.records import UserHistory
-from service.deps import ScorerDep, SettingsDep, StoreDep
+from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Fetched, QueueFull
+from service.deps import ScorerDep, SettingsDep
+from service.rank_codec import decode_rank_request, encode_rank_response
 from service.schemas import (
     RankRequest,
     RankResponse,
@@ -25,7 +28,7 @@ from service.schemas import (
     too_large_error,
     too_long_error,
 )
-from service.scorer import RankInput, Scorer, rank_order
+from service.scorer import rank_order
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ranking"])
@@ -33,6 +36,7 @@ router = APIRouter(tags=["ranking"])
 # Models the route parses by hand; service/app.py adds them to the OpenAPI components.
 REQUEST_SCHEMAS = (RankRequest,)
 JSON = "application/json"
+BATCH_USERS_HEADER = "X-Batch-Users"  # requests scored in the same graph call as this one
 
 
 def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -54,42 +58,42 @@ def _pydantic_errors(e: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
-async def fetch_history(request: Request, store, user_id: int, timeout_s: float) -> tuple[UserHistory | None, bool]:
-    """(history or None for an unknown user, degraded). A failing store never fails the request."""
-    state = request.app.state
+async def fetch_histories(state, timeout_s: float, user_ids: list[int]) -> Fetched:
+    """The batch's histories in one round trip; a failing store never fails the requests.
+
+    Unknown users come back as None (not degraded); an unreachable, slow or broken store
+    gives every user of the batch an empty history, marked degraded.
+    """
+    store = getattr(state, "store", None)
     if store is None:
-        return None, True
+        return Fetched(histories=[None] * len(user_ids), degraded=True)
     try:
         with anyio.fail_after(timeout_s):
-            (history,) = await store.get_histories([user_id])
+            histories = await store.get_histories(user_ids)
     except Exception as e:  # unreachable, slow or broken store: rank without history
         if not getattr(state, "store_failing", False):
             state.store_failing = True
             log.warning("history store failed (%s: %s); ranking without histories", type(e).__name__, e)
-        return None, True
+        return Fetched(histories=[None] * len(user_ids), degraded=True)
     if getattr(state, "store_failing", False):
         state.store_failing = False
         log.info("history store answers again")
-    return history, False
+    return Fetched(histories=histories, profile_fields=store.profile_fields)
 
 
-def to_rank_input(scorer: Scorer, history: UserHistory | None, profile_fields, item_ids, cate_ids) -> RankInput:
-    spec = scorer.bundle.spec
-    if history is None:
-        hist: dict[str, np.ndarray] = {}
-        profile: dict[str, int] = {}
-    else:
-        recs = history.records[: spec.max_history]
-        hist = {f: recs[f] for f in spec.sequence_fields}
-        profile = dict(zip(profile_fields, history.profile.tolist()))
-    return RankInput(history=hist, profile=profile, candidates={"item_id": item_ids, "cate_id": cate_ids})
+def overloaded_response(message: str, retry_after_s: int) -> Response:
+    """503 at once, with the seconds a client (or load balancer) should wait."""
+    return json_response({"detail": message}, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
 
 @router.post(
     "/rank",
     response_model=RankResponse,
     summary="Rank candidate ads for one user by predicted CTR",
-    responses={422: {"model": ValidationErrorBody, "description": "The request names a bad field or breaks a limit"}},
+    responses={
+        422: {"model": ValidationErrorBody, "description": "The request names a bad field or breaks a limit"},
+        503: {"description": "Overloaded (queue full) or not scored within the request deadline; see Retry-After"},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -97,37 +101,38 @@ def to_rank_input(scorer: Scorer, history: UserHistory | None, profile_fields, i
         }
     },
 )
-async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: SettingsDep) -> Response:
+async def rank(request: Request, scorer: ScorerDep, settings: SettingsDep) -> Response:
     try:
-        req = RankRequest.model_validate_json(await request.body())
+        query = decode_rank_request(await request.body())
     except ValidationError as e:
         return validation_error_response(_pydantic_errors(e))
-    n = len(req.candidates)
+    n = query.num_candidates
     errors = []
     if n > settings.max_candidates:
         errors.append(too_long_error("candidates", settings.max_candidates, n, "MAX_CANDIDATES"))
-    if req.top_k is not None and req.top_k > settings.max_top_k:
+    if query.top_k is not None and query.top_k > settings.max_top_k:
         errors.append(too_large_error("top_k", settings.max_top_k, "MAX_TOP_K"))
     if errors:
         return validation_error_response(errors)
 
-    history, degraded = await fetch_history(request, store, req.user_id, settings.store_timeout_s)
-    ids = np.array([(c.item_id, c.cate_id) for c in req.candidates], dtype=np.int64)  # (n, 2)
-    profile_fields = store.profile_fields if (store is not None and history is not None) else ()
-    inp = to_rank_input(scorer, history, profile_fields, ids[:, 0], ids[:, 1])
-    (scored,) = await anyio.to_thread.run_sync(scorer.score_requests, [inp], limiter=request.app.state.scoring_limiter)
+    batcher: Batcher = request.app.state.batcher
+    try:
+        ranked = await batcher.submit(query.user_id, query.candidates())
+    except QueueFull as e:
+        return overloaded_response(str(e), e.retry_after_s)
+    except DeadlineExceeded as e:
+        return overloaded_response(str(e), 1)
+    except BatcherClosed as e:
+        return overloaded_response(str(e), 1)
 
-    order = rank_order(scored.ctr, req.top_k)
-    ranked = [
-        {"item_id": i, "cate_id": c, "ctr": p}
-        for i, c, p in zip(ids[order, 0].tolist(), ids[order, 1].tolist(), scored.ctr[order].tolist())
-    ]
-    return json_response(
-        {
-            "model_version": scorer.model_version,
-            "user_id": req.user_id,
-            "history_length": scored.history_length,
-            "degraded": degraded,
-            "ranked": ranked,
-        }
+    scored = ranked.scored
+    body = encode_rank_response(
+        model_version=ranked.model_version,
+        user_id=query.user_id,
+        history_length=scored.history_length,
+        degraded=ranked.degraded,
+        query=query,
+        ctr=scored.ctr,
+        order=rank_order(scored.ctr, query.top_k),
     )
+    return Response(body, media_type=JSON, headers={BATCH_USERS_HEADER: str(ranked.batch_users)})

@@ -1,0 +1,94 @@
+"""The /rank codec: the fast decoder accepts exactly what pydantic accepts, with the same
+values; the encoder writes the RankResponse schema with exact int64 ids."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from service.rank_codec import _fast, decode_rank_request, encode_rank_response, ranked_json
+from service.schemas import RankRequest, RankResponse
+
+BIG = 2**63 - 1
+C = [{"item_id": 1, "cate_id": 2}]
+BODIES = [
+    {"user_id": 5, "candidates": [{"item_id": 2**53 + 1, "cate_id": -3}, {"item_id": BIG, "cate_id": -(2**63)}]},
+    {"user_id": 5, "candidates": C, "top_k": 3},
+    {"user_id": 5, "candidates": C, "top_k": None},
+    {"user_id": 5, "candidates": C, "extra": [1, 2]},
+    {"user_id": 5, "candidates": [{"item_id": 1, "cate_id": 2, "x": "y"}]},
+    {"user_id": 5, "candidates": C, "top_k": 0},
+    {"user_id": 5, "candidates": C, "top_k": True},
+    {"user_id": 5, "candidates": C, "top_k": 2.0},
+    {"user_id": True, "candidates": C},
+    {"user_id": 2**63, "candidates": C},
+    {"user_id": -(2**63) - 1, "candidates": C},
+    {"user_id": 5.0, "candidates": C},
+    {"user_id": "5", "candidates": C},
+    {"user_id": 5, "candidates": []},
+    {"user_id": 5, "candidates": {"item_id": 1, "cate_id": 2}},
+    {"user_id": 5, "candidates": [[1, 2]]},
+    {"user_id": 5, "candidates": [1]},
+    {"user_id": 5, "candidates": [{"item_id": 1}]},
+    {"user_id": 5, "candidates": [{"item_id": False, "cate_id": 2}]},
+    {"user_id": 5, "candidates": [{"item_id": 1, "cate_id": 2.5}]},
+    {"user_id": 5, "candidates": [{"item_id": 1, "cate_id": "2"}]},
+    {"user_id": 5, "candidates": [{"item_id": 2**63, "cate_id": 2}]},
+    {"user_id": 5, "candidates": [{"item_id": 1, "cate_id": None}]},
+    {"candidates": C},
+    {"user_id": 5},
+    [1, 2],
+    "text",
+    None,
+]
+RAW = [b"", b"{not json", b'{"user_id": 5, "candidates": [{"item_id": 1, "cate_id": 2}]', b'{"user_id": 18446744073709551616, "candidates": []}']
+
+
+def _pydantic(body: bytes):
+    try:
+        r = RankRequest.model_validate_json(body)
+    except ValidationError:
+        return None
+    return r.user_id, [(c.item_id, c.cate_id) for c in r.candidates], r.top_k
+
+
+@pytest.mark.parametrize("body", [json.dumps(b).encode() for b in BODIES] + RAW)
+def test_fast_decoder_agrees_with_pydantic(body):
+    want = _pydantic(body)
+    fast = _fast(body)
+    if want is None:
+        assert fast is None  # never accepts what pydantic refuses
+        with pytest.raises(ValidationError):
+            decode_rank_request(body)
+        return
+    got = decode_rank_request(body)
+    assert (got.user_id, list(zip(got.item_ids.tolist(), got.cate_ids.tolist())), got.top_k) == want
+    assert got.item_ids.dtype == got.cate_ids.dtype == np.int64
+
+
+def test_the_common_request_takes_the_fast_path():
+    assert _fast(json.dumps(BODIES[0]).encode()) is not None and _fast(json.dumps(BODIES[1]).encode()) is not None
+
+
+def test_encoded_response_matches_the_schema_and_keeps_int64_ids():
+    q = decode_rank_request(json.dumps(BODIES[0]).encode())
+    ctr = np.array([0.25, 0.75], dtype=np.float32)
+    raw = encode_rank_response(model_version="din-1", user_id=5, history_length=7, degraded=True, query=q, ctr=ctr, order=np.array([1, 0]))
+    doc = orjson.loads(raw)
+    RankResponse.model_validate(doc)
+    assert doc == {
+        "model_version": "din-1", "user_id": 5, "history_length": 7, "degraded": True,
+        "ranked": [{"item_id": BIG, "cate_id": -(2**63), "ctr": 0.75}, {"item_id": 2**53 + 1, "cate_id": -3, "ctr": 0.25}],
+    }  # fmt: skip
+    assert ranked_json(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)) == b"[]"
+
+
+def test_ctr_round_trips_to_the_same_float32():
+    ctr = np.random.default_rng(0).random(500).astype(np.float32)
+    ids = np.arange(500, dtype=np.int64)
+    doc = orjson.loads(ranked_json(ids, ids, ctr))
+    np.testing.assert_array_equal(np.array([d["ctr"] for d in doc], dtype=np.float32), ctr)
