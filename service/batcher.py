@@ -9,10 +9,11 @@ batch is scored in ONE graph call on a dedicated scoring thread (U users, N cand
 loop never blocks on inference, so it keeps parsing requests while a batch is scored, and
 those form the next batch.
 
-Overload: past `max_queue` waiting requests, `submit` raises QueueFull at once (the route
-answers 503 with Retry-After) instead of letting latency grow without bound; a request
-still waiting at its deadline is answered DeadlineExceeded (503) and dropped from the
-queue unscored.
+Overload: `submit` raises QueueFull at once (the route answers 503 with Retry-After) when
+`max_queue` requests wait, or when the queue already holds more work than the request's
+deadline at the recent scoring pace (it would time out anyway: better to say so now and
+spend the scorer on requests that can still make it). A request still waiting at its
+deadline is answered DeadlineExceeded (503) and dropped from the queue unscored.
 
 Counters (`stats`, `queue_depth`, `on_batch`) are plain attributes and a callback, so
 metrics can be hooked in without touching this module.
@@ -205,13 +206,13 @@ class Batcher:
         """
         if self._closed or self._task is None:
             raise BatcherClosed("the ranking service is not accepting requests")
-        if len(self._queue) >= self.config.max_queue:
+        budget = self.config.deadline_s if deadline_s is None else deadline_s
+        n = int(next(iter(candidates.values())).shape[0])
+        if len(self._queue) >= self.config.max_queue or (budget and self.expected_wait_s(n) > budget):
             self.stats.rejected_queue_full += 1
             raise QueueFull(len(self._queue), self.retry_after_s())
         loop = asyncio.get_running_loop()
-        budget = self.config.deadline_s if deadline_s is None else deadline_s
         now = time.monotonic()  # the event loop's clock too
-        n = int(next(iter(candidates.values())).shape[0])
         job = _Job(user_id, candidates, n, now, now + budget if budget else math.inf, loop.create_future())
         self._queue.append(job)
         self._queued_candidates += n
@@ -227,6 +228,10 @@ class Batcher:
         if not job.future.done():
             self.stats.rejected_deadline += 1
             job.future.set_exception(DeadlineExceeded(f"not scored within the {budget * 1000:.0f} ms request deadline"))
+
+    def expected_wait_s(self, n: int = 0) -> float:
+        """How long `n` more candidates would wait behind the queue at the recent pace (0: no pace yet)."""
+        return (self._queued_candidates + n) / self._cand_per_s if self._cand_per_s > 0 else 0.0
 
     def retry_after_s(self) -> int:
         """Seconds a rejected client should wait: the queue's drain time at the recent pace, at least 1."""
@@ -319,7 +324,7 @@ class Batcher:
         s.requests += len(jobs)
         s.candidates += n
         s.max_batch_users = max(s.max_batch_users, len(jobs))
-        pace = n / max(done - fetched_at, 1e-6)
+        pace = n / max(done - formed, 1e-6)  # fetch included: what a queued candidate really waits for
         self._cand_per_s = pace if self._cand_per_s <= 0 else 0.9 * self._cand_per_s + 0.1 * pace
         if self.on_batch is not None:
             try:

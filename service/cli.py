@@ -166,6 +166,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
     redis_url: RedisUrlOpt = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request (costs CPU under load).")] = True,
 ) -> None:
     """Serve the ranking API (POST /rank) under uvicorn."""
     _setup_logging()
@@ -176,17 +177,17 @@ def serve(
     bundle_path = resolve_bundle_path(bundle)
     _load_bundle(bundle_path)  # refuse a bad bundle before starting anything
     with resolve_redis(redis_url, DIN_HOME / "redis") as url:
-        _run_server(bundle_path, url, host, port)
+        _run_server(bundle_path, url, host, port, access_log=access_log)
 
 
-def _run_server(bundle: Path, redis_url: str, host: str, port: int) -> None:
+def _run_server(bundle: Path, redis_url: str, host: str, port: int, access_log: bool = True) -> None:
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
     settings = Settings(bundle=bundle, redis_url=redis_url, host=host, port=port)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
 
 
 @app.command()
@@ -288,6 +289,45 @@ def bench_scoring(
     try:
         result = run_scoring_bench(config, log=lambda m: typer.echo(f"[bench] {m}", err=True))
     except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result) if json_output else format_table(result))
+
+
+@bench_app.command("service")
+def bench_service(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    users: Annotated[int, typer.Option(min=1, help="Synthetic users loaded into Redis.")] = 100_000,
+    history: Annotated[int, typer.Option(min=1, help="Behaviours per user.")] = 50,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates per request.")] = 200,
+    levels: Annotated[str, typer.Option(help="Offered loads as multiples of the scoring requests/s.")] = "0.1,0.25,0.5,0.75,1.0,1.25,1.5",
+    seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load level.")] = 6.0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores).")] = None,
+    spinning: Annotated[bool, typer.Option(help="ONNX Runtime thread spinning in the service.")] = False,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch max wait (BATCH_MAX_WAIT_MS).")] = 0.2,
+    batch_candidates: Annotated[int, typer.Option(min=1, help="Micro-batch size (BATCH_MAX_CANDIDATES).")] = 2048,
+    bundle: Annotated[Optional[Path], typer.Option(help="Serve this bundle (default: export the benchmark DIN).")] = None,
+) -> None:
+    """The real service (uvicorn, micro-batcher, Redis with 100k users) under increasing load."""
+    _setup_logging()
+    from dataclasses import replace
+
+    from service.bench_service import ServiceBenchConfig, format_table, run_service_bench
+
+    try:
+        factors = tuple(float(x) for x in levels.split(",") if x.strip())
+    except ValueError:
+        factors = ()
+    if not factors or min(factors) <= 0:
+        _fail(f"--levels {levels!r}: expected positive numbers, e.g. 0.25,0.5,1.0")
+    config = ServiceBenchConfig(
+        users=users, history=history, candidates=candidates, levels=factors, seconds=seconds, spinning=spinning,
+        batch_max_wait_ms=max_wait_ms, batch_max_candidates=batch_candidates, bundle=bundle,
+    )  # fmt: skip
+    if threads is not None:
+        config = replace(config, threads=threads)
+    try:
+        result = run_service_bench(config, log=lambda m: typer.echo(f"[bench] {m}", err=True))
+    except RuntimeError as e:
         _fail(str(e))
     typer.echo(json.dumps(result) if json_output else format_table(result))
 

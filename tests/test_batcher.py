@@ -162,3 +162,18 @@ async def test_http_overload_and_deadline_are_503_with_retry_after(bundle, store
     async with serving(settings) as (client, _):
         r = await client.post("/rank", json=body(3, 4))
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "deadline" in r.json()["detail"]
+
+
+async def test_a_request_the_queue_cannot_serve_in_time_is_refused_at_once(bundle, store_url):
+    """Once the scoring pace is known, a request behind more work than its deadline is a 503 now."""
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.5, max_queue=100)
+    async with running(bundle, store_url, config) as (batcher, scorer, _):
+        await batcher.submit(1, candidates(1, 4))  # sets the pace
+        queued = [asyncio.create_task(batcher.submit(u, candidates(u, 4))) for u in (2, 3)]
+        await asyncio.sleep(0)
+        assert batcher.expected_wait_s(4) > 0
+        with pytest.raises(QueueFull):
+            await batcher.submit(4, candidates(4, 4), deadline_s=batcher.expected_wait_s(4) / 2)
+        late = await batcher.submit(5, candidates(5, 4), deadline_s=30)  # enough time: accepted
+        await asyncio.gather(*queued)
+    assert late.batch_users == 3 and batcher.stats.rejected_queue_full == 1
