@@ -206,14 +206,14 @@ def export_bundle(
     """
     model = model.eval()
     graph = "serving" if serving_modules(model, spec) is not None else "training"
-    onnx_bytes = to_onnx(model, spec)
     try:
+        onnx_bytes = to_onnx(model, spec, optimize=graph == "serving")
         diff = check_parity(model, spec, onnx_bytes)
-    except ParityError as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the serving graph falls back, loudly
         if graph == "training":
             raise
         # A model variant the serving graph gets wrong must still ship: warn, use its training graph.
-        log.warning("the serving graph of %s failed its parity check (%s); exporting the training graph", model_type, e)
+        log.warning("the serving graph of %s failed (%s: %s); exporting the training graph", model_type, type(e).__name__, e)
         graph = "training"
         onnx_bytes = to_onnx(model, spec, optimize=False)
         diff = check_parity(model, spec, onnx_bytes)

@@ -264,17 +264,23 @@ class _Timings:
         return float(ts.mean()), float(np.percentile(ts, 50)), float(np.percentile(ts, 99))
 
 
+_QUIET_S = 0.05  # ORT and OpenMP workers spin for a while after a run; on few cores they would
+# steal the next implementation's cores (measured: torch eager 30x slower right after ORT)
+
+
 def _time_interleaved(runners: dict[str, Callable[[], object]], seconds: float, rounds: int) -> dict[str, _Timings]:
     """Every runner gets `seconds / rounds` per round, rounds interleaved."""
     timings = {name: _Timings() for name in runners}
     per_call = {}
     for name, run in runners.items():  # warm-up, and a first estimate of the call time
+        time.sleep(_QUIET_S)
         run()
         t0 = time.perf_counter()
         run()
         per_call[name] = max(time.perf_counter() - t0, 1e-6)
     for _ in range(rounds):
         for name, run in runners.items():
+            time.sleep(_QUIET_S)  # the previous runtime's spinning threads go to sleep first
             calls = max(3, int(seconds / rounds / per_call[name]))
             for _ in range(calls):
                 t0 = time.perf_counter()

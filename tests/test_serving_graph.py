@@ -136,3 +136,34 @@ def test_models_without_a_serving_graph_export_as_they_are():
         pass
 
     assert serving_modules(Other(), SPEC) is None
+
+
+def test_export_records_the_serving_graph_and_falls_back_when_it_is_wrong(tmp_path, caplog):
+    """A DIN variant whose activation depends on the layout (softmax over dim 1: T in training,
+    H in the serving graph's (N*T, H)) fails the serving graph's parity; the export then ships
+    the training graph, says so in the manifest and warns."""
+    from model.bundle import load_bundle
+    from model.contract import Vocabulary
+    from model.export import export_bundle
+
+    vocabs = {"item_id": Vocabulary(np.arange(58)), "cate_id": Vocabulary(np.arange(7))}
+
+    def export(model, name):
+        result = export_bundle(
+            model, model_type="din", spec=SPEC, vocabularies=vocabs, out_dir=tmp_path / name,
+            data_fingerprint="fallback0", extra={},
+        )  # fmt: skip
+        return load_bundle(result.bundle)
+
+    model = trained_like("din", SPEC, ModelConfig(embedding_dim=4))
+    assert export(model, "plain").manifest["onnx_graph"] == "serving"
+
+    class SoftmaxOverDim1(torch.nn.Module):
+        def forward(self, h):
+            return h.softmax(dim=1)
+
+    model.attention.first_act = SoftmaxOverDim1()
+    with caplog.at_level("WARNING", logger="model.export"):
+        bundle = export(model, "odd")
+    assert bundle.manifest["onnx_graph"] == "training" and bundle.manifest["parity_max_abs_diff"] <= 1e-5
+    assert "serving graph of din failed" in caplog.text
