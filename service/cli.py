@@ -306,6 +306,7 @@ def bench_service(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch max wait (BATCH_MAX_WAIT_MS).")] = 0.2,
     batch_candidates: Annotated[int, typer.Option(min=1, help="Micro-batch size (BATCH_MAX_CANDIDATES).")] = 2048,
     bundle: Annotated[Optional[Path], typer.Option(help="Serve this bundle (default: export the benchmark DIN).")] = None,
+    client: Annotated[str, typer.Option(help="raw (asyncio, little CPU) | httpx (async httpx).")] = "raw",
 ) -> None:
     """The real service (uvicorn, micro-batcher, Redis with 100k users) under increasing load."""
     _setup_logging()
@@ -321,8 +322,10 @@ def bench_service(
         _fail(f"--levels {levels!r}: expected positive numbers, e.g. 0.25,0.5,1.0")
     config = ServiceBenchConfig(
         users=users, history=history, candidates=candidates, levels=factors, seconds=seconds, spinning=spinning,
-        batch_max_wait_ms=max_wait_ms, batch_max_candidates=batch_candidates, bundle=bundle,
+        batch_max_wait_ms=max_wait_ms, batch_max_candidates=batch_candidates, bundle=bundle, client=client,
     )  # fmt: skip
+    if client not in ("raw", "httpx"):
+        _fail(f"--client {client!r}: choose raw or httpx")
     if threads is not None:
         config = replace(config, threads=threads)
     try:
