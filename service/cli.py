@@ -270,7 +270,7 @@ def bench_scoring(
     threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every implementation (default: the cores).")] = None,
     seconds: Annotated[float, typer.Option(min=0.1, help="Timed seconds per implementation and case.")] = 2.0,
     device: Annotated[str, typer.Option(help="cpu | cuda | tensorrt (ONNX Runtime; torch follows on CUDA).")] = "cpu",
-    spinning: Annotated[bool, typer.Option(help="ONNX Runtime intra-op thread spinning.")] = True,
+    spinning: Annotated[bool, typer.Option(help="ONNX Runtime intra-op thread spinning.")] = False,
 ) -> None:
     """Naive vs optimised DIN scoring side by side: candidates/s, latency, GFLOP/s, utilisation."""
     _setup_logging()
