@@ -2,10 +2,11 @@
 
 The benchmark's baseline (`din bench scoring`: torch_eager_naive, and onnx_naive = this
 exported as it is). Same weights and the same function as model/din.py; only the
-evaluation order differs: every (candidate, behaviour) pair builds the full
-[e, v, e - v, e * v] row (4D wide) and runs the whole attention MLP on it, so the first
-layer costs 4x the pair work of the split in model/attention.py, and the user side is
-recomputed per candidate.
+evaluation order differs: each candidate is a sample carrying its own copy of the
+history ids (as a model zoo's data pipeline builds them), every (candidate, behaviour)
+pair builds the full [e, v, e - v, e * v] row (4D wide) and runs the whole attention MLP
+on it, so the first layer costs 4x the pair work of the split in model/attention.py, and
+the user side is recomputed per candidate.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class NaiveDIN(nn.Module):
         """-> (logit (N,), attention (N, T)), as DIN.forward."""
         din = self.din
         att = din.attention
-        keys = din.embed.behaviours(hist).index_select(0, cand_user)  # (N, T, D): history per candidate
-        mask = din.embed.mask(hist).index_select(0, cand_user)  # (N, T)
+        hist_n = {f: rows.index_select(0, cand_user) for f, rows in hist.items()}  # (N, T): one sample per candidate
+        keys = din.embed.behaviours(hist_n)  # (N, T, D): the history embedded again for every candidate
+        mask = din.embed.mask(hist_n)  # (N, T)
         v_a = din.embed.ads(cand)  # (N, D)
         queries = v_a.unsqueeze(1).expand_as(keys)  # (N, T, D)
         x = torch.cat([keys, queries, keys - queries, keys * queries], dim=-1)  # (N, T, 4D)

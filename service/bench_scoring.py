@@ -78,6 +78,7 @@ class ScoringBenchConfig:
     device: str = "cpu"  # cpu | cuda | tensorrt: ONNX Runtime's device (torch follows on CUDA)
     allow_spinning: bool = False  # ORT workers spin between ops: on a shared machine spinning loses (measured)
     model: BenchModel = BenchModel()
+    peak_sizes: tuple[int, ...] = (1024, 2048)  # square GEMMs for the peak
 
 
 def useful_flops(users: int, history: int, candidates: int, m: BenchModel, profile_dim: int = 0) -> int:
@@ -319,7 +320,7 @@ def run_scoring_bench(config: ScoringBenchConfig = ScoringBenchConfig(), log: Ca
             if "onnx_optimized" in config.impls:
                 bundles["onnx_optimized"] = write_bench_bundle(Path(tmp), to_onnx(model, spec), spec, vocabularies, "din")
             log(f"measuring the fp32 GEMM peak ({config.threads} threads)")
-            peak = measure_gpu_peak() if config.device != "cpu" else measure_peak(config.threads)
+            peak = measure_gpu_peak() if config.device != "cpu" else measure_peak(config.threads, config.peak_sizes)
             cases = []
             for users, history, candidates in config.cases:
                 x = bench_inputs(m, users, history, candidates, seed=m.seed)
@@ -351,7 +352,7 @@ def run_scoring_bench(config: ScoringBenchConfig = ScoringBenchConfig(), log: Ca
                     })  # fmt: skip
             # the peak once more at the end: the machine is shared, keep the higher reading
             if config.device == "cpu":
-                again = measure_peak(config.threads)
+                again = measure_peak(config.threads, config.peak_sizes)
                 peak = {k: max(peak[k], again[k]) for k in peak}
                 for c in cases:
                     c["utilization"] = round(c["gflops"] / peak["peak"], 4)

@@ -167,3 +167,18 @@ def test_export_records_the_serving_graph_and_falls_back_when_it_is_wrong(tmp_pa
         bundle = export(model, "odd")
     assert bundle.manifest["onnx_graph"] == "training" and bundle.manifest["parity_max_abs_diff"] <= 1e-5
     assert "serving graph of din failed" in caplog.text
+
+
+def test_the_naive_benchmark_baseline_is_the_same_function():
+    """model/naive_din.py (the benchmark's baseline) scores exactly as DIN, in PyTorch and in ONNX."""
+    from model.naive_din import NaiveDIN
+
+    _, spec, config = CASES["din_softmax_profile"]
+    model = trained_like("din", spec, config)
+    naive = NaiveDIN(model).eval()
+    session = ort.InferenceSession(to_onnx(naive, spec, optimize=False), providers=["CPUExecutionProvider"])
+    x = random_inputs(spec, 3, 10, 40, seed=11)
+    want_ctr, want_att = torch_scores(model, spec, x)
+    for ctr, att in (torch_scores(naive, spec, x), session.run(list(OUTPUT_NAMES), x)):
+        np.testing.assert_allclose(ctr, want_ctr, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(att, want_att, rtol=0, atol=1e-5)
