@@ -124,6 +124,7 @@ class _Job:
 
 
 FetchFn = Callable[[list[int]], Awaitable[Fetched]]
+_TIMER_RESOLUTION_S = 0.002  # below this, waiting by timer overshoots (epoll sleeps in whole ms)
 
 
 def rank_input(scorer: Scorer, history: UserHistory | None, profile_fields: Sequence[str], candidates: dict[str, np.ndarray]) -> RankInput:
@@ -259,8 +260,14 @@ class Batcher:
             left = self._queue[0].arrived + cfg.max_wait_s - time.monotonic()
             if left <= 0:
                 return
+            if left < _TIMER_RESOLUTION_S:
+                # The event loop's timers sleep in whole milliseconds (epoll), so a 0.2 ms wait
+                # would take 1 ms or more: yield instead, which also polls the sockets for
+                # requests that would join this batch.
+                await asyncio.sleep(0)
+                continue
             self._arrived.clear()
-            timer = loop.call_later(left, self._arrived.set)  # cheaper than wait_for at sub-ms waits
+            timer = loop.call_later(left, self._arrived.set)
             await self._arrived.wait()
             timer.cancel()
 
