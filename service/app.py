@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = Batcher(
             get_scorer=lambda: app.state.scorer,
             fetch=partial(fetch_histories, app.state, settings.store_timeout_s),
-            config=settings.batcher_config(),
+            config=settings.batcher_config(on_gpu=scorer.on_gpu),
         )
         batcher.start()
         app.state.batcher = batcher

@@ -51,7 +51,7 @@ class ServiceBenchConfig:
     threads: int = field(default_factory=cores)  # the service's ONNX Runtime intra-op threads
     spinning: bool = False
     batch_max_wait_ms: float = 0.2
-    batch_max_candidates: int = 2048
+    batch_max_candidates: int | None = None  # None: the service's default
     max_queue: int = 256
     max_in_flight: int = 512  # the client's connection pool
     distinct_bodies: int = 2000
@@ -126,10 +126,10 @@ def _start_server(bundle: Path, redis_url: str, port: int, config: ServiceBenchC
         "INTRA_OP_THREADS": str(config.threads),
         "ORT_SPINNING": "true" if config.spinning else "false",
         "BATCH_MAX_WAIT_MS": str(config.batch_max_wait_ms),
-        "BATCH_MAX_CANDIDATES": str(config.batch_max_candidates),
         "MAX_QUEUE": str(config.max_queue),
         "MAX_CANDIDATES": str(max(1000, config.candidates)),
         "DEVICE": "cpu",
+        **({"BATCH_MAX_CANDIDATES": str(config.batch_max_candidates)} if config.batch_max_candidates else {}),
         # the server runs this very checkout, whatever the working directory
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
     }

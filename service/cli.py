@@ -304,7 +304,7 @@ def bench_service(
     threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores).")] = None,
     spinning: Annotated[bool, typer.Option(help="ONNX Runtime thread spinning in the service.")] = False,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch max wait (BATCH_MAX_WAIT_MS).")] = 0.2,
-    batch_candidates: Annotated[int, typer.Option(min=1, help="Micro-batch size (BATCH_MAX_CANDIDATES).")] = 2048,
+    batch_candidates: Annotated[Optional[int], typer.Option(min=1, help="Micro-batch size (BATCH_MAX_CANDIDATES; default: the service's).")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Serve this bundle (default: export the benchmark DIN).")] = None,
     client: Annotated[str, typer.Option(help="raw (asyncio, little CPU) | httpx (async httpx).")] = "raw",
 ) -> None:

@@ -344,9 +344,9 @@ class Scorer:
         self.options = options or RuntimeOptions()
         self.warmed = False
         self.calls = 0
-        on_gpu = self.providers[0] in (CUDA, TENSORRT)
-        self.shape_buckets = on_gpu if self.options.shape_buckets is None else self.options.shape_buckets
-        self._device_buffers = _DeviceBuffers(session) if on_gpu else None
+        self.on_gpu = self.providers[0] in (CUDA, TENSORRT)
+        self.shape_buckets = self.on_gpu if self.options.shape_buckets is None else self.options.shape_buckets
+        self._device_buffers = _DeviceBuffers(session) if self.on_gpu else None
 
     @classmethod
     def load(

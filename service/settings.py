@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
+CPU_BATCH_CANDIDATES = 512  # per-candidate speed on the CPU falls as a call outgrows the caches (docs/benchmarks.md)
+GPU_BATCH_CANDIDATES = 8192
 
 
 def _cores() -> int:
@@ -50,8 +52,10 @@ class Settings(BaseSettings):
         description="Bearer token for admin and event-ingestion routes; unset: those routes are disabled.",
     )
     # Micro-batching and overload (service/batcher.py).
-    batch_max_candidates: int = Field(
-        default=2048, ge=1, le=1_000_000, description="A batch goes at once when it holds this many candidates."
+    batch_max_candidates: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="A batch goes at once when it holds this many candidates. Default: 512 on the CPU (per-candidate "
+        "speed falls as a call's tensors outgrow the caches), 8192 on a GPU.",
     )
     batch_max_wait_ms: float = Field(
         default=0.2, ge=0, le=1000, description="A lone request waits at most this long for others to batch with."
@@ -60,7 +64,9 @@ class Settings(BaseSettings):
         default=256, ge=1, le=1_000_000, description="Requests waiting for the scorer; past it, 503 with Retry-After."
     )
     request_deadline_ms: float = Field(
-        default=1000.0, gt=0, le=600_000, description="A request not scored within this is answered 503 (Retry-After)."
+        default=500.0, gt=0, le=600_000,
+        description="A request not scored within this is answered 503 (Retry-After); one that the queue cannot serve "
+        "within half of it is refused at once.",
     )
     # ONNX Runtime (service/scorer.py).
     ort_spinning: bool = Field(
@@ -83,6 +89,10 @@ class Settings(BaseSettings):
     def store_timeout_s(self) -> float:
         return self.store_timeout_ms / 1000.0
 
+    def batch_candidates(self, on_gpu: bool) -> int:
+        """BATCH_MAX_CANDIDATES, or its default for the device the scorer runs on."""
+        return self.batch_max_candidates or (GPU_BATCH_CANDIDATES if on_gpu else CPU_BATCH_CANDIDATES)
+
     def runtime_options(self):
         """The scorer's RuntimeOptions from these settings."""
         from service.scorer import RuntimeOptions
@@ -90,15 +100,15 @@ class Settings(BaseSettings):
         return RuntimeOptions(
             device=self.device, intra_op_threads=self.intra_op_threads, allow_spinning=self.ort_spinning,
             optimized_model_dir=self.ort_optimized_model_dir, shape_buckets=self.shape_buckets,
-            max_batch_candidates=max(self.batch_max_candidates, self.max_candidates),
+            max_batch_candidates=max(self.batch_candidates(on_gpu=self.device in ("cuda", "tensorrt", "auto")), self.max_candidates),
             trt_fp16=self.trt_fp16, trt_cache_dir=self.trt_cache_dir,
         )  # fmt: skip
 
-    def batcher_config(self):
-        """The micro-batcher's BatcherConfig from these settings."""
+    def batcher_config(self, on_gpu: bool = False):
+        """The micro-batcher's BatcherConfig from these settings (`on_gpu`: where the scorer runs)."""
         from service.batcher import BatcherConfig
 
         return BatcherConfig(
-            max_batch_candidates=self.batch_max_candidates, max_wait_s=self.batch_max_wait_ms / 1000.0,
+            max_batch_candidates=self.batch_candidates(on_gpu), max_wait_s=self.batch_max_wait_ms / 1000.0,
             max_queue=self.max_queue, deadline_s=self.request_deadline_ms / 1000.0,
         )  # fmt: skip

@@ -57,7 +57,7 @@ async def running(bundle: Bundle, url: str | None, config: BatcherConfig) -> Asy
 
 async def test_concurrent_requests_share_one_graph_call_and_one_mget(bundle, store_url):
     requests = [(u, candidates(u, 3 + u)) for u in USERS]
-    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.05)
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.05, deadline_s=30)
     async with running(bundle, store_url, config) as (batcher, scorer, batches):
         before = mget_calls(store_url)
         results = await asyncio.gather(*(batcher.submit(u, c) for u, c in requests))
@@ -82,7 +82,7 @@ async def test_concurrent_requests_share_one_graph_call_and_one_mget(bundle, sto
 
 
 async def test_a_lone_request_goes_after_max_wait(bundle, store_url):
-    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.3)
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.3, deadline_s=30)
     async with running(bundle, store_url, config) as (batcher, scorer, batches):
         result = await asyncio.wait_for(batcher.submit(1, candidates(0, 4)), timeout=30)
     assert result.batch_users == 1 and scorer.calls == 1
@@ -90,7 +90,7 @@ async def test_a_lone_request_goes_after_max_wait(bundle, store_url):
 
 
 async def test_a_full_batch_goes_at_once_and_a_big_queue_splits(bundle, store_url):
-    config = BatcherConfig(max_batch_candidates=10, max_wait_s=60.0)  # waiting for max_wait would time the test out
+    config = BatcherConfig(max_batch_candidates=10, max_wait_s=60.0, deadline_s=None)  # waiting for max_wait would time the test out
     async with running(bundle, store_url, config) as (batcher, scorer, batches):
         results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(u, candidates(u, 5)) for u in (1, 2, 3, 4))), timeout=30)
     assert [b.users for b in batches] == [2, 2]  # 10 candidates each: full, so neither waited 60 s
@@ -98,7 +98,7 @@ async def test_a_full_batch_goes_at_once_and_a_big_queue_splits(bundle, store_ur
 
 
 async def test_past_the_queue_bound_submit_fails_at_once(bundle, store_url):
-    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.5, max_queue=3)
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.5, max_queue=3, deadline_s=30)
     async with running(bundle, store_url, config) as (batcher, scorer, _):
         queued = [asyncio.create_task(batcher.submit(u, candidates(u, 2))) for u in (1, 2, 3)]
         await asyncio.sleep(0)  # they are queued; the collector waits for company
@@ -166,7 +166,7 @@ async def test_http_overload_and_deadline_are_503_with_retry_after(bundle, store
 
 async def test_a_request_the_queue_cannot_serve_in_time_is_refused_at_once(bundle, store_url):
     """Once the scoring pace is known, a request behind more work than its deadline is a 503 now."""
-    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.5, max_queue=100)
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.5, max_queue=100, deadline_s=30)
     async with running(bundle, store_url, config) as (batcher, scorer, _):
         await batcher.submit(1, candidates(1, 4))  # sets the pace
         queued = [asyncio.create_task(batcher.submit(u, candidates(u, 4))) for u in (2, 3)]

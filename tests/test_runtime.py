@@ -85,3 +85,10 @@ def test_optimized_graph_is_saved_and_settings_reach_the_session(bundle, tmp_pat
     assert config.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     batching = settings.batcher_config()
     assert batching.max_batch_candidates == 777 and batching.max_wait_s == settings.batch_max_wait_ms / 1000
+
+
+def test_batch_size_default_depends_on_the_device(bundle):  # noqa: F811
+    settings = Settings(bundle=bundle.path)
+    assert settings.batcher_config(on_gpu=False).max_batch_candidates == 512
+    assert settings.batcher_config(on_gpu=True).max_batch_candidates == 8192
+    assert Settings(bundle=bundle.path, batch_max_candidates=100).batcher_config(on_gpu=True).max_batch_candidates == 100
