@@ -8,6 +8,7 @@ shutdown closes the store. Nothing happens at import time.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -103,10 +104,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         batcher.start()
         app.state.batcher = batcher
+        # The scoring thread needs the GIL around each graph run; with Python's default 5 ms
+        # switch interval a busy event loop would hold it that long, every time (measured:
+        # goodput fell by half under overload). Process-wide, so the app that owns the process sets it.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
         log.info("ready: model %s, store %s", scorer.model_version, "redis" if store else "none")
         try:
             yield
         finally:
+            sys.setswitchinterval(switch_interval)
             await batcher.close()
             app.state.scorer = None
             app.state.store = None

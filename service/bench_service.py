@@ -56,6 +56,7 @@ class ServiceBenchConfig:
     max_in_flight: int = 512  # the client's connection pool
     distinct_bodies: int = 2000
     client: str = "raw"  # raw (asyncio streams, little CPU) | httpx
+    gil_switch_interval_ms: float | None = None  # None: the service's default
     bundle: Path | None = None  # None: export the benchmark DIN
     seed: int = 0
 
@@ -129,6 +130,7 @@ def _start_server(bundle: Path, redis_url: str, port: int, config: ServiceBenchC
         "MAX_QUEUE": str(config.max_queue),
         "MAX_CANDIDATES": str(max(1000, config.candidates)),
         "DEVICE": "cpu",
+        **({"GIL_SWITCH_INTERVAL_MS": str(config.gil_switch_interval_ms)} if config.gil_switch_interval_ms else {}),
         **({"BATCH_MAX_CANDIDATES": str(config.batch_max_candidates)} if config.batch_max_candidates else {}),
         # the server runs this very checkout, whatever the working directory
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         description="A request not scored within this is answered 503 (Retry-After); one that the queue cannot serve "
         "within half of it is refused at once.",
     )
+    gil_switch_interval_ms: float = Field(
+        default=0.2, gt=0, le=100,
+        description="Python's GIL switch interval while serving (its default is 5 ms): how long the scoring thread "
+        "may wait for the GIL while the event loop is busy, e.g. parsing requests under overload.",
+    )
     # ONNX Runtime (service/scorer.py).
     ort_spinning: bool = Field(
         default=False, description="Intra-op threads busy-wait between ops (faster alone, steals the event loop's core)."
