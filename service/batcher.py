@@ -211,7 +211,7 @@ class Batcher:
             raise BatcherClosed("the ranking service is not accepting requests")
         budget = self.config.deadline_s if deadline_s is None else deadline_s
         n = int(next(iter(candidates.values())).shape[0])
-        if len(self._queue) >= self.config.max_queue or (budget and self.expected_wait_s(n) > budget / 2):
+        if len(self._queue) >= self.config.max_queue or (budget and self.expected_wait_s() > budget / 2):
             self.stats.rejected_queue_full += 1
             raise QueueFull(len(self._queue), self.retry_after_s())
         loop = asyncio.get_running_loop()
@@ -232,9 +232,13 @@ class Batcher:
             self.stats.rejected_deadline += 1
             job.future.set_exception(DeadlineExceeded(f"not scored within the {budget * 1000:.0f} ms request deadline"))
 
-    def expected_wait_s(self, n: int = 0) -> float:
-        """How long `n` more candidates would wait behind the queue at the recent pace (0: no pace yet)."""
-        return (self._queued_candidates + n) / self._cand_per_s if self._cand_per_s > 0 else 0.0
+    def expected_wait_s(self) -> float:
+        """How long a new request would wait behind the queued work at the recent pace.
+
+        0 with an empty queue (or no pace yet): a request is always admitted when nothing is
+        ahead of it, so a stale or pessimistic pace can never lock the service out.
+        """
+        return self._queued_candidates / self._cand_per_s if self._cand_per_s > 0 else 0.0
 
     def retry_after_s(self) -> int:
         """Seconds a rejected client should wait: the queue's drain time at the recent pace, at least 1."""

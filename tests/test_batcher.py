@@ -171,9 +171,18 @@ async def test_a_request_the_queue_cannot_serve_in_time_is_refused_at_once(bundl
         await batcher.submit(1, candidates(1, 4))  # sets the pace
         queued = [asyncio.create_task(batcher.submit(u, candidates(u, 4))) for u in (2, 3)]
         await asyncio.sleep(0)
-        assert batcher.expected_wait_s(4) > 0
+        assert batcher.expected_wait_s() > 0
         with pytest.raises(QueueFull):
-            await batcher.submit(4, candidates(4, 4), deadline_s=batcher.expected_wait_s(4) / 2)
+            await batcher.submit(4, candidates(4, 4), deadline_s=batcher.expected_wait_s())  # needs 2x the wait
         late = await batcher.submit(5, candidates(5, 4), deadline_s=30)  # enough time: accepted
         await asyncio.gather(*queued)
     assert late.batch_users == 3 and batcher.stats.rejected_queue_full == 1
+
+
+async def test_an_empty_queue_always_admits_whatever_the_pace(bundle, store_url):
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.0, deadline_s=30)
+    async with running(bundle, store_url, config) as (batcher, _, _):
+        await batcher.submit(1, candidates(1, 4))
+        batcher._cand_per_s = 1e-3  # a pace so pessimistic that any queued work would exceed any deadline
+        r = await batcher.submit(2, candidates(2, 4), deadline_s=0.5)
+    assert r.scored.ctr.shape == (4,)
