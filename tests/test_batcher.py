@@ -28,7 +28,7 @@ from service.scorer import RankInput, RuntimeOptions, Scorer
 from service.settings import Settings
 from service.store_guard import StoreGuard
 
-from tests.tiny_bundle import USERS, bundle, candidates, store_url  # noqa: F401  (fixtures)
+from tests.tiny_bundle import USERS, behaviour_log, bundle, candidates, store_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.anyio
 
@@ -190,3 +190,60 @@ async def test_an_empty_queue_always_admits_whatever_the_pace(bundle, store_url)
         batcher._cand_per_s = 1e-3  # a pace so pessimistic that any queued work would exceed any deadline
         r = await batcher.submit(2, candidates(2, 4), deadline_s=0.5)
     assert r.scored.ctr.shape == (4,)
+
+
+async def test_batched_requests_keep_category_lookup_explain_and_metrics(bundle, store_url):
+    """Issues 5, 6 and 8 through the batcher: concurrent requests with missing categories and
+    `explain` share one graph call, and each answer equals the same request sent alone with
+    the store's categories written in: its own history, attention, nulls for unknown ads."""
+    from test_observability import samples, value
+
+    store = RedisHistoryStore.from_url(store_url)
+    users = [1, 3, 5, 8]
+    logged = np.unique(behaviour_log().item_id)  # ads the store knows (loaded with the histories)
+    bodies = []
+    for u in users:
+        b = body(u, 5)
+        b["candidates"][0] = {"item_id": int(logged[u])}  # no category: looked up in the store
+        b["candidates"][1] = {"item_id": int(logged[u + 1]), "cate_id": None}  # the same, sent as null
+        b["candidates"].append({"item_id": 7})  # an ad nobody knows: cate_id null, scored as unknown
+        b["explain"] = u % 2 == 1
+        bodies.append(b)
+    ads = [await store.get_ad_features(np.array([c["item_id"] for c in b["candidates"]], dtype=np.int64)) for b in bodies]
+    histories = await store.get_histories(users)
+    await store.close()
+    assert all(a.found[:2].all() and not a.found[-1] for a in ads)
+    # what each answer must say: the sent category, else the store's, else null
+    want = [[c["cate_id"] if c.get("cate_id") is not None else (int(k) if f else None)
+             for c, k, f in zip(b["candidates"], a.column("cate_id"), a.found)] for b, a in zip(bodies, ads)]
+
+    settings = Settings(bundle=bundle.path, redis_url=store_url, intra_op_threads=1, batch_max_wait_ms=300, request_deadline_ms=30_000)
+    async with serving(settings) as (client, app):
+        answers = await asyncio.gather(*(client.post("/rank", json=b) for b in bodies))
+        alone = []
+        for b, cates in zip(bodies, want):  # the same requests, one at a time, categories written in (-1: unknown)
+            explicit = dict(b, candidates=[{"item_id": c["item_id"], "cate_id": -1 if k is None else k} for c, k in zip(b["candidates"], cates)])
+            alone.append(await client.post("/rank", json=explicit))
+        m = samples((await client.get("/metrics")).text)
+    assert [r.status_code for r in answers + alone] == [200] * 8, [r.text for r in answers + alone]
+    assert [r.headers["x-batch-users"] for r in answers] == ["4"] * 4 and [r.headers["x-batch-users"] for r in alone] == ["1"] * 4
+    for b, cates, got, ref, history in zip(bodies, want, answers, alone, histories):
+        got, ref = got.json(), ref.json()
+        pairs = sorted((c["item_id"], -2 if k is None else k) for c, k in zip(b["candidates"], cates))
+        assert sorted((x["item_id"], -2 if x["cate_id"] is None else x["cate_id"]) for x in got["ranked"]) == pairs, (b, cates, got["ranked"])
+        assert [x["ctr"] for x in got["ranked"]] == pytest.approx([x["ctr"] for x in ref["ranked"]], abs=1e-6)
+        assert [x["item_id"] for x in got["ranked"]] == [x["item_id"] for x in ref["ranked"]]
+        assert got["history_length"] == min(len(history.records), bundle.spec.max_history) > 0 and not got["degraded"]
+        if b["explain"]:
+            assert got["attention_available"] is True
+            assert [h["item_id"] for h in got["history"]] == history.records["item_id"][: got["history_length"]].tolist()
+            for x, y in zip(got["ranked"], ref["ranked"]):
+                assert len(x["attention"]) == got["history_length"]
+                assert x["attention"] == pytest.approx(y["attention"], abs=1e-5)
+        else:
+            assert "history" not in got and all("attention" not in x for x in got["ranked"])
+    # one ONNX call for the four, then four alone; every request counted once
+    assert value(m, "din_scoring_batch_requests_count") == 5 and value(m, "din_scoring_batch_requests_sum") == 8
+    assert value(m, "din_scoring_batch_candidates_sum") == sum(len(b["candidates"]) for b in bodies) * 2
+    assert value(m, "din_store_request_duration_seconds_count", op="get_histories") == 5  # one store call per batch
+    assert value(m, "din_scoring_queue_depth") == 0
