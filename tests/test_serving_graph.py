@@ -5,6 +5,8 @@ rewrites; U = 1 and U > 1 run the two branches of the `If`.
 """
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -55,10 +57,12 @@ def exported():
 def _branches_run(session_bytes, x) -> set[str]:
     so = ort.SessionOptions()
     so.enable_profiling = True
-    s = ort.InferenceSession(session_bytes, so, providers=["CPUExecutionProvider"])
-    s.run(list(OUTPUT_NAMES), x)
-    with open(s.end_profiling()) as f:
-        names = {e["name"] for e in json.load(f) if e.get("cat") == "Node"}
+    with tempfile.TemporaryDirectory() as tmp:  # the profile goes there, not into the working directory
+        so.profile_file_prefix = str(Path(tmp) / "ort_profile")
+        s = ort.InferenceSession(session_bytes, so, providers=["CPUExecutionProvider"])
+        s.run(list(OUTPUT_NAMES), x)
+        with open(s.end_profiling()) as f:
+            names = {e["name"] for e in json.load(f) if e.get("cat") == "Node"}
     return {prefix for prefix in ("one_user/", "batch/") if any(prefix in n for n in names)}
 
 
