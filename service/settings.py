@@ -46,7 +46,6 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         default=False, description="Use the Redis Cluster client for REDIS_URL (same as a redis+cluster:// URL)."
     )
-    max_events: int = Field(default=1000, ge=1, le=100_000, description="Events per POST /events request.")
     ad_cache_size: int = Field(
         default=65_536, ge=1, le=1 << 26, description="Ad features cached in process (slots; rounded up to a power of 2)."
     )
