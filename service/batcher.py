@@ -87,6 +87,7 @@ class Ranked:
     degraded: bool
     model_version: str
     batch_users: int  # requests in the batch it rode in
+    history: UserHistory | None = None  # what the store returned (e.g. to explain the attention)
 
 
 @dataclass(frozen=True)
@@ -319,9 +320,9 @@ class Batcher:
                     job.future.set_exception(e)
             raise
         done = time.monotonic()
-        for job, scored in zip(jobs, results):
+        for job, scored, history in zip(jobs, results, fetched.histories):
             if not job.future.done():
-                job.future.set_result(Ranked(scored, fetched.degraded, scorer.model_version, len(jobs)))
+                job.future.set_result(Ranked(scored, fetched.degraded, scorer.model_version, len(jobs), history))
         self._count(jobs, depth, formed, fetched_at, done)
 
     @staticmethod
