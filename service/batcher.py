@@ -58,7 +58,7 @@ class BatcherClosed(Exception):
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch_candidates: int = 512  # a batch goes at once when it holds this many candidates
+    max_batch_candidates: int = 256  # a batch goes at once when it holds this many candidates
     max_wait_s: float = 0.0002  # a lone request waits at most this long for company
     max_queue: int = 256  # waiting requests; past this, QueueFull
     deadline_s: float | None = 0.5  # per request, from arrival; None: no deadline

@@ -20,7 +20,7 @@ Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 SECRET_FIELDS = frozenset({"admin_token", "api_keys", "redis_url"})
-CPU_BATCH_CANDIDATES = 512  # per-candidate speed on the CPU falls as a call outgrows the caches (docs/benchmarks.md)
+CPU_BATCH_CANDIDATES = 256  # per-candidate speed on the CPU falls as a call outgrows the caches (docs/benchmarks.md)
 GPU_BATCH_CANDIDATES = 8192
 
 
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     # ---------------------------------------------------------------- micro-batching and overload (service/batcher.py)
     batch_max_candidates: int | None = Field(
         default=None, ge=1, le=1_000_000,
-        description="A batch goes at once when it holds this many candidates. Default: 512 on the CPU (per-candidate "
+        description="A batch goes at once when it holds this many candidates. Default: 256 on the CPU (per-candidate "
         "speed falls as a call's tensors outgrow the caches), 8192 on a GPU.",
     )
     batch_max_wait_ms: float = Field(

@@ -68,7 +68,7 @@ async def test_concurrent_requests_share_one_graph_call_and_one_mget(bundle, sto
         assert scorer.calls == 1  # one ONNX Runtime call for all eight requests
         assert mget_calls(store_url) - before == 1  # one store round trip for all eight users
         assert [b.users for b in batches] == [8] and batches[0].candidates == sum(3 + u for u in USERS)
-        assert all(r.batch_users == 8 and not r.degraded for r in results)
+        assert all(r.batch_users == 8 and not r.degraded and len(r.history) == u for r, u in zip(results, USERS))
         assert batcher.stats.batches == 1 and batcher.stats.mean_batch_users == 8
 
         # each result equals scoring that request alone, with the same history

@@ -128,3 +128,11 @@ def test_ctr_round_trips_to_the_same_float32():
     ids = np.arange(500, dtype=np.int64)
     doc = orjson.loads(ranked_json(ids, ids, ctr))
     np.testing.assert_array_equal(np.array([d["ctr"] for d in doc], dtype=np.float32), ctr)
+
+
+def test_unknown_keys_take_the_pydantic_path():
+    """A field the fast path does not know (e.g. one added to RankRequest later) is never dropped silently."""
+    assert _fast(json.dumps({"user_id": 5, "candidates": C, "debug": True}).encode()) is None
+    assert _fast(json.dumps({"user_id": 5, "candidates": [{"item_id": 1, "cate_id": 2, "bid": 3}]}).encode()) is None
+    assert _fast(json.dumps({"user_id": 5, "candidates": [{"item_id": 1, "bid": 3}]}).encode()) is None  # no cate_id, one more key
+    assert _fast(json.dumps({"user_id": 5, "candidates": [{"item_id": 1}, {"item_id": 2, "cate_id": None}], "explain": True}).encode()) is not None

@@ -89,6 +89,6 @@ def test_optimized_graph_is_saved_and_settings_reach_the_session(bundle, tmp_pat
 
 def test_batch_size_default_depends_on_the_device(bundle):  # noqa: F811
     settings = Settings(bundle=bundle.path)
-    assert settings.batcher_config(on_gpu=False).max_batch_candidates == 512
+    assert settings.batcher_config(on_gpu=False).max_batch_candidates == 256
     assert settings.batcher_config(on_gpu=True).max_batch_candidates == 8192
     assert Settings(bundle=bundle.path, batch_max_candidates=100).batcher_config(on_gpu=True).max_batch_candidates == 100
