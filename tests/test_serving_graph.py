@@ -52,9 +52,10 @@ def exported():
     return {k: (m := trained_like(*c), to_onnx(m, c[1])) for k, c in CASES.items()}
 
 
-def _branches_run(session_bytes, x) -> set[str]:
+def _branches_run(session_bytes, x, tmp_path) -> set[str]:
     so = ort.SessionOptions()
     so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "ort_profile")
     s = ort.InferenceSession(session_bytes, so, providers=["CPUExecutionProvider"])
     s.run(list(OUTPUT_NAMES), x)
     with open(s.end_profiling()) as f:
@@ -77,10 +78,10 @@ def test_serving_graph_matches_the_training_graph(exported, case):
     assert np.ptp(want_ctr) > 1e-3  # the scores really vary: the comparison means something
 
 
-def test_one_user_and_batch_branches_run_where_they_should(exported):
+def test_one_user_and_batch_branches_run_where_they_should(exported, tmp_path):
     _, onnx_bytes = exported["din"]
-    assert _branches_run(onnx_bytes, random_inputs(SPEC, 1, 8, 20, seed=0)) == {"one_user/"}
-    assert _branches_run(onnx_bytes, random_inputs(SPEC, 3, 8, 20, seed=0)) == {"batch/"}
+    assert _branches_run(onnx_bytes, random_inputs(SPEC, 1, 8, 20, seed=0), tmp_path) == {"one_user/"}
+    assert _branches_run(onnx_bytes, random_inputs(SPEC, 3, 8, 20, seed=0), tmp_path) == {"batch/"}
 
 
 def test_the_same_user_alone_and_in_a_batch_scores_the_same(exported):
