@@ -5,8 +5,6 @@ rewrites; U = 1 and U > 1 run the two branches of the `If`.
 """
 
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -54,15 +52,14 @@ def exported():
     return {k: (m := trained_like(*c), to_onnx(m, c[1])) for k, c in CASES.items()}
 
 
-def _branches_run(session_bytes, x) -> set[str]:
+def _branches_run(session_bytes, x, tmp_path) -> set[str]:
     so = ort.SessionOptions()
     so.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:  # the profile goes there, not into the working directory
-        so.profile_file_prefix = str(Path(tmp) / "ort_profile")
-        s = ort.InferenceSession(session_bytes, so, providers=["CPUExecutionProvider"])
-        s.run(list(OUTPUT_NAMES), x)
-        with open(s.end_profiling()) as f:
-            names = {e["name"] for e in json.load(f) if e.get("cat") == "Node"}
+    so.profile_file_prefix = str(tmp_path / "ort_profile")
+    s = ort.InferenceSession(session_bytes, so, providers=["CPUExecutionProvider"])
+    s.run(list(OUTPUT_NAMES), x)
+    with open(s.end_profiling()) as f:
+        names = {e["name"] for e in json.load(f) if e.get("cat") == "Node"}
     return {prefix for prefix in ("one_user/", "batch/") if any(prefix in n for n in names)}
 
 
@@ -81,10 +78,10 @@ def test_serving_graph_matches_the_training_graph(exported, case):
     assert np.ptp(want_ctr) > 1e-3  # the scores really vary: the comparison means something
 
 
-def test_one_user_and_batch_branches_run_where_they_should(exported):
+def test_one_user_and_batch_branches_run_where_they_should(exported, tmp_path):
     _, onnx_bytes = exported["din"]
-    assert _branches_run(onnx_bytes, random_inputs(SPEC, 1, 8, 20, seed=0)) == {"one_user/"}
-    assert _branches_run(onnx_bytes, random_inputs(SPEC, 3, 8, 20, seed=0)) == {"batch/"}
+    assert _branches_run(onnx_bytes, random_inputs(SPEC, 1, 8, 20, seed=0), tmp_path) == {"one_user/"}
+    assert _branches_run(onnx_bytes, random_inputs(SPEC, 3, 8, 20, seed=0), tmp_path) == {"batch/"}
 
 
 def test_the_same_user_alone_and_in_a_batch_scores_the_same(exported):
