@@ -81,6 +81,7 @@ class RedisHistoryStore(HistoryStore):
         self._keys: KeySpace | None = None
         self._meta: dict = {}
         self._checked_at = float("-inf")  # time.monotonic() of the last pointer read
+        self._refreshing: asyncio.Future | None = None  # the pointer read in flight, shared
 
     @classmethod
     def from_url(
@@ -145,8 +146,31 @@ class RedisHistoryStore(HistoryStore):
         return StoreUnavailableError(f"Redis at {self.url} is unavailable: {e.__class__.__name__}: {e}")
 
     async def refresh_version(self) -> str | None:
-        """Re-read `{ns}:current` now (and the meta when the version changed)."""
-        self._checked_at = time.monotonic()  # set first: concurrent readers don't pile on
+        """Re-read `{ns}:current` now (and the meta when the version changed).
+
+        Concurrent callers share one read and all wait for it: a reader must not go on with
+        the version a read in flight is replacing (at start-up: none yet, which would serve
+        every user and ad as unknown, and the ad cache would keep that for its TTL).
+        """
+        if self._refreshing is None:
+            self._checked_at = time.monotonic()  # set first: readers that come later don't start another
+            task = asyncio.ensure_future(self._read_version())
+            task.add_done_callback(self._refreshed)
+            self._refreshing = task
+        return await asyncio.shield(self._refreshing)
+
+    def _refreshed(self, task: asyncio.Future) -> None:
+        if self._refreshing is task:
+            self._refreshing = None
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers that awaited it got it
+
+    async def _version_now(self) -> None:
+        """Refresh the version when it is older than version_refresh_s, or wait for the read in flight."""
+        if self._refreshing is not None or time.monotonic() - self._checked_at >= self.version_refresh_s:
+            await self.refresh_version()
+
+    async def _read_version(self) -> str | None:
         raw = await self._redis.get(current_key(self.namespace))
         version = raw.decode() if raw is not None else None
         if version == self.version:
@@ -219,9 +243,7 @@ class RedisHistoryStore(HistoryStore):
         if not ids:
             return []
         try:
-            now = time.monotonic()
-            if now - self._checked_at >= self.version_refresh_s:
-                await self.refresh_version()
+            await self._version_now()
             values = await self._fetch(ids)
             if None in values and time.monotonic() - self._checked_at >= self.miss_refresh_s:
                 before = self.version
@@ -235,10 +257,6 @@ class RedisHistoryStore(HistoryStore):
                 self._corrupt("user", f"user {ids[i]}", h)
                 out[i] = None
         return out
-
-    async def _version_now(self) -> None:
-        if time.monotonic() - self._checked_at >= self.version_refresh_s:
-            await self.refresh_version()
 
     async def get_ad_features(self, ad_ids) -> AdFeatures:
         """Category id (and any other ad field) per ad, -1 / not found for unknown ads; one MGET."""
@@ -414,8 +432,7 @@ class RedisHistoryStore(HistoryStore):
             return []
         step = 1000
         try:
-            if time.monotonic() - self._checked_at >= self.version_refresh_s:
-                await self.refresh_version()
+            await self._version_now()
             if self._keys is None:
                 return []
             prefix = self._keys.user_prefix.encode()
@@ -435,8 +452,7 @@ class RedisHistoryStore(HistoryStore):
     async def ping(self) -> None:
         try:
             await self._redis.ping()
-            if time.monotonic() - self._checked_at >= self.version_refresh_s:
-                await self.refresh_version()
+            await self._version_now()
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
 

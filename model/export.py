@@ -2,13 +2,17 @@
 
 The graph follows the user-batched contract (model.contract): inputs named
 `FeatureSpec.input_names()` with dynamic U, T, N; outputs `ctr = sigmoid(logit)` (N,) and
-`attention` (N, T). Before a bundle is written, ONNX Runtime must reproduce the PyTorch
-scores on random inputs (U > 1, ragged histories, unknown ids) within `PARITY_TOLERANCE`.
+`attention` (N, T). Models with a serving graph (DIN, BaseModel) export that: the same
+function rearranged for inference (model/serving_graph.py), one-user and batch variants
+under an `If` (model/user_branch.py). Before a bundle is written, ONNX Runtime must
+reproduce the training graph's PyTorch scores on random inputs (U > 1 and U = 1, ragged
+histories, unknown ids) within `PARITY_TOLERANCE`.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,10 @@ from model.contract import (
 )
 from model.inputs import split_flat
 from model.registry import has_attention
+from model.serving_graph import serving_modules
+from model.user_branch import branch_on_single_user
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
@@ -96,17 +104,19 @@ def random_inputs(spec: FeatureSpec, users: int, slots: int, candidates: int, se
     return out
 
 
-def to_onnx(model: nn.Module, spec: FeatureSpec) -> bytes:
-    """The model as ONNX bytes (TorchScript exporter, opset 17, dynamic U, T, N)."""
-    graph = _ScoringGraph(model, spec).eval()
-    example = random_inputs(spec, users=2, slots=3, candidates=4, seed=1)
+def export_module(module: nn.Module, spec: FeatureSpec, users: int = 2) -> bytes:
+    """Any module with the flat contract signature -> ONNX bytes (TorchScript exporter, opset 17, dynamic U, T, N).
+
+    `users` is the U of the example the tracer runs (1 for a one-user graph).
+    """
+    example = random_inputs(spec, users=users, slots=3, candidates=4, seed=1)
     names = spec.input_names()
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # dynamo=False is deliberate (the TorchScript exporter handles our graph at opset 17)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            graph,
+            module.eval(),
             tuple(torch.from_numpy(example[n]) for n in names),
             buf,
             input_names=names,
@@ -116,6 +126,16 @@ def to_onnx(model: nn.Module, spec: FeatureSpec) -> bytes:
             dynamo=False,
         )
     return buf.getvalue()
+
+
+def to_onnx(model: nn.Module, spec: FeatureSpec, *, optimize: bool = True) -> bytes:
+    """The model as ONNX bytes: the serving graph (model/serving_graph.py) when the model
+    has one and `optimize`, else the training graph exported as it is."""
+    modules = serving_modules(model, spec) if optimize else None
+    if modules is None:
+        return export_module(_ScoringGraph(model, spec), spec)
+    general, single_user = modules
+    return branch_on_single_user(export_module(general, spec), export_module(single_user, spec, users=1), spec)
 
 
 def torch_scores(model: nn.Module, spec: FeatureSpec, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -181,11 +201,22 @@ def export_bundle(
     """Export, check parity, write `<out_dir>/<model_version>/` atomically.
 
     `extra` holds manifest entries the caller owns (model_config, metrics, data_spec,
-    train_config); this adds has_attention, data_fingerprint and parity_max_abs_diff.
+    train_config); this adds has_attention, data_fingerprint, parity_max_abs_diff and
+    onnx_graph ("serving": model/serving_graph.py, or "training": the model as it is).
     """
     model = model.eval()
-    onnx_bytes = to_onnx(model, spec)
-    diff = check_parity(model, spec, onnx_bytes)
+    graph = "serving" if serving_modules(model, spec) is not None else "training"
+    try:
+        onnx_bytes = to_onnx(model, spec, optimize=graph == "serving")
+        diff = check_parity(model, spec, onnx_bytes)
+    except Exception as e:  # noqa: BLE001 - any failure of the serving graph falls back, loudly
+        if graph == "training":
+            raise
+        # A model variant the serving graph gets wrong must still ship: warn, use its training graph.
+        log.warning("the serving graph of %s failed (%s: %s); exporting the training graph", model_type, type(e).__name__, e)
+        graph = "training"
+        onnx_bytes = to_onnx(model, spec, optimize=False)
+        diff = check_parity(model, spec, onnx_bytes)
     version = new_model_version(model_type, data_fingerprint)
     path = write_bundle(
         out_dir,
@@ -199,6 +230,7 @@ def export_bundle(
             "has_attention": has_attention(model),
             "data_fingerprint": data_fingerprint,
             "parity_max_abs_diff": diff,
+            "onnx_graph": graph,
         },
     )
     return ExportResult(bundle=path, model_version=version, parity_max_abs_diff=diff)

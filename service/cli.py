@@ -210,7 +210,8 @@ def prepare(
         typer.echo(f"{report.out}: {report.rows} events of {report.users} users sorted in {report.seconds:.1f}s ({report.partitions} partition(s))")
 
 
-bench_app = typer.Typer(help="Benchmarks: one run each; JSON with --json.", no_args_is_help=True)
+# din bench ...: benchmarks as commands (not timed tests), one run each. Each keeps its logic in a module.
+bench_app = typer.Typer(help="Benchmarks (scoring kernels, the whole service, the store, training): one run each; JSON with --json.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -469,9 +470,12 @@ def serve(
         Optional[int], typer.Option(min=1, max=65535, help="Port to bind; default: $PORT or 8000.")
     ] = None,
     redis_url: RedisUrlOpt = None,
+    access_log: Annotated[
+        Optional[bool], typer.Option("--access-log/--no-access-log", help="Log every request (costs CPU under load); default: $ACCESS_LOG or on.")
+    ] = None,
 ) -> None:
     """Serve the ranking API (POST /rank) under uvicorn. Every setting is an environment variable (README)."""
-    settings = _settings_or_fail(bundle=bundle, host=host, port=port, redis_url=redis_url)
+    settings = _settings_or_fail(bundle=bundle, host=host, port=port, redis_url=redis_url, access_log=access_log)
     from feature_store.embedded import resolve_redis
     from model.bundle import BundleError
     from service.hot_reload import resolve_bundle
@@ -629,6 +633,89 @@ def bench_store(
         return
     typer.echo(json.dumps(result, indent=2))
     typer.echo(json.dumps(details, indent=2))
+
+
+def _parse_cases(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        cases = tuple(tuple(int(x) for x in c.lower().split("x")) for c in text.split(",") if c.strip())
+    except ValueError:
+        cases = ()
+    if not cases or any(len(c) != 3 or min(c) < 1 for c in cases):
+        _fail(f"--cases {text!r}: expected USERSxHISTORYxCANDIDATES[,...], e.g. 1x50x200,16x50x3200")
+    return cases  # type: ignore[return-value]
+
+
+@bench_app.command("scoring")
+def bench_scoring(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    cases: Annotated[str, typer.Option(help="USERSxHISTORYxCANDIDATES, comma-separated.")] = "1x50x200,1x100x500,16x50x3200",
+    impls: Annotated[str, typer.Option(help="Comma-separated: torch_eager_naive,onnx_naive,onnx_optimized.")] = "torch_eager_naive,onnx_naive,onnx_optimized",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every implementation (default: the cores).")] = None,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Timed seconds per implementation and case.")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu | cuda | tensorrt (ONNX Runtime; torch follows on CUDA).")] = "cpu",
+    spinning: Annotated[bool, typer.Option(help="ONNX Runtime intra-op thread spinning.")] = False,
+) -> None:
+    """Naive vs optimised DIN scoring side by side: candidates/s, latency, GFLOP/s, utilisation."""
+    _setup_logging()
+    from dataclasses import replace
+
+    from service.bench_scoring import ScoringBenchConfig, format_table, run_scoring_bench
+
+    if device not in ("cpu", "cuda", "tensorrt"):
+        _fail(f"--device {device!r}: choose cpu, cuda or tensorrt")
+    config = ScoringBenchConfig(
+        cases=_parse_cases(cases), impls=tuple(i.strip() for i in impls.split(",") if i.strip()),
+        seconds=seconds, device=device, allow_spinning=spinning,
+    )  # fmt: skip
+    if threads is not None:
+        config = replace(config, threads=threads)
+    try:
+        result = run_scoring_bench(config, log=lambda m: typer.echo(f"[bench] {m}", err=True))
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result) if json_output else format_table(result))
+
+
+@bench_app.command("service")
+def bench_service(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    users: Annotated[int, typer.Option(min=1, help="Synthetic users loaded into Redis.")] = 100_000,
+    history: Annotated[int, typer.Option(min=1, help="Behaviours per user.")] = 50,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates per request.")] = 200,
+    levels: Annotated[str, typer.Option(help="Offered loads as multiples of the scoring requests/s.")] = "0.1,0.25,0.5,0.75,1.0,1.25,1.5",
+    seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load level.")] = 6.0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores).")] = None,
+    spinning: Annotated[bool, typer.Option(help="ONNX Runtime thread spinning in the service.")] = False,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch max wait (BATCH_MAX_WAIT_MS).")] = 0.2,
+    batch_candidates: Annotated[Optional[int], typer.Option(min=1, help="Micro-batch size (BATCH_MAX_CANDIDATES; default: the service's).")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Serve this bundle (default: export the benchmark DIN).")] = None,
+    client: Annotated[str, typer.Option(help="raw (asyncio, little CPU) | httpx (async httpx).")] = "raw",
+) -> None:
+    """The real service (uvicorn, micro-batcher, Redis with 100k users) under increasing load."""
+    _setup_logging()
+    from dataclasses import replace
+
+    from service.bench_service import ServiceBenchConfig, format_table, run_service_bench
+
+    try:
+        factors = tuple(float(x) for x in levels.split(",") if x.strip())
+    except ValueError:
+        factors = ()
+    if not factors or min(factors) <= 0:
+        _fail(f"--levels {levels!r}: expected positive numbers, e.g. 0.25,0.5,1.0")
+    config = ServiceBenchConfig(
+        users=users, history=history, candidates=candidates, levels=factors, seconds=seconds, spinning=spinning,
+        batch_max_wait_ms=max_wait_ms, batch_max_candidates=batch_candidates, bundle=bundle, client=client,
+    )  # fmt: skip
+    if client not in ("raw", "httpx"):
+        _fail(f"--client {client!r}: choose raw or httpx")
+    if threads is not None:
+        config = replace(config, threads=threads)
+    try:
+        result = run_service_bench(config, log=lambda m: typer.echo(f"[bench] {m}", err=True))
+    except RuntimeError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result) if json_output else format_table(result))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ reads, open the ONNX Runtime session, warm it up, all in a worker thread (the ev
 keeps serving meanwhile).
 
 `ModelReloader.reload` swaps the new scorer in with one attribute store on `app.state`:
-a request picks its scorer up once (service/deps.py) and keeps that object to the end, so
-requests in flight finish on the old model and report its version, new ones get the new
-model. The old session is freed when its last request drops it. A bundle that is missing,
+the micro-batcher (service/batcher.py) picks the scorer up once per batch and keeps that
+object to the end of the batch, so a batch being scored finishes on the old model and its
+answers report that version; the next batch gets the new model. The old session is freed
+when its last batch drops it. A bundle that is missing,
 corrupt or incompatible is refused with `ReloadRefused` and the old model keeps serving.
 """
 
@@ -58,7 +59,7 @@ def resolve_bundle(path: Path) -> Path:
 def _load_and_warm(path: Path, settings: Settings, refuse_device_problem: bool) -> Scorer:
     bundle = load_bundle(path)
     check_servable(bundle)
-    scorer = Scorer.load(bundle, device=settings.device, intra_op_threads=settings.intra_op_threads)
+    scorer = Scorer.load(bundle, options=settings.runtime_options())
     if refuse_device_problem and scorer.device_problem:
         raise BundleError(scorer.device_problem)
     scorer.warm_up()

@@ -75,8 +75,10 @@ class ServiceMetrics:
             "din_scoring_queue_depth", "Requests waiting for the scorer.", registry=r
         )
         self.overload_rejections = Counter(
-            "din_overload_rejections_total", "Requests refused with 503 because the scoring queue was full.",
-            registry=r,
+            "din_overload_rejections_total",
+            "POST /rank refused with 503 by the micro-batcher, by reason: queue_full (or more queued work than "
+            "half the deadline), deadline (not scored in time), shutting_down.",
+            ["reason"], registry=r,
         )
         # Feature store
         self.store_seconds = Histogram(

@@ -15,18 +15,23 @@ import contextlib
 import ctypes
 import logging
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from model.bundle import Bundle, BundleError, load_bundle
-from model.contract import ATTENTION, CAND_USER, CTR, PAD_ROW, UNK_ROW, cand_input, hist_input, profile_input
+from model.contract import (
+    ATTENTION, CAND_USER, CTR, PAD_ROW, UNK_ROW, FeatureSpec, cand_input, hist_input, profile_input,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 CPU = "CPUExecutionProvider"
 # A user without a profile has raw profile id -1, as in training (UserProfiles.lookup):
 # it maps to the row training learned for "no profile", or to UNK_ROW if there was none.
@@ -128,6 +133,28 @@ def rank_order(ctr: np.ndarray, top_k: int | None = None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------
 # ONNX Runtime session and device choice.
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the ONNX Runtime session runs: device, threads, and the shapes it should expect.
+
+    `max_batch_users` / `max_batch_candidates` bound what the micro-batcher hands over:
+    they size TensorRT's shape profile and the warm-up. `shape_buckets` pads N up to a
+    power of two (and T up to max_history) so only a few shapes ever run: it pays on a GPU
+    (reused IO-binding buffers, one engine profile); on the CPU padding is wasted work
+    (docs/benchmarks.md), so it is off by default there.
+    """
+
+    device: str = "auto"  # auto | cpu | cuda | tensorrt
+    intra_op_threads: int = 1
+    allow_spinning: bool = False  # ORT worker threads busy-wait between ops (steals the event loop's core)
+    optimized_model_dir: Path | None = None  # save ORT's optimised graph here (for inspection)
+    shape_buckets: bool | None = None  # None: on for GPU devices, off on the CPU
+    max_batch_users: int = 64
+    max_batch_candidates: int = 4096
+    trt_fp16: bool = True
+    trt_cache_dir: Path | None = None  # engine + timing cache; None: <bundle>/../.trt-cache
+
+
 @contextlib.contextmanager
 def _ort_quiet() -> Iterator[None]:
     """Silence ONNX Runtime's logger while probing CUDA: a failed probe is not an error."""
@@ -148,40 +175,142 @@ def _cuda_driver_present() -> bool:
     return True
 
 
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, allow_spinning: bool = False, optimized_model_path: Path | None = None) -> ort.SessionOptions:
+    """Graph optimisation ALL, one graph run at a time, `intra_op_threads` workers."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if optimized_model_path is not None:
+        optimized_model_path.parent.mkdir(parents=True, exist_ok=True)
+        so.optimized_model_filepath = str(optimized_model_path)
     return so
 
 
-def open_session(onnx_path: str, device: str, intra_op_threads: int) -> tuple[ort.InferenceSession, str | None]:
+def _shape_profile(spec: FeatureSpec, users: int, slots: int, candidates: int) -> str:
+    """TensorRT's 'name:dims,...' for every contract input at one (U, T, N)."""
+    dims: list[str] = []
+    for f in spec.sequence_fields:
+        dims.append(f"{hist_input(f)}:{users}x{slots}")
+    for f in spec.profile_fields:
+        dims.append(f"{profile_input(f)}:{users}")
+    for f in spec.sequence_fields:
+        dims.append(f"{cand_input(f)}:{candidates}")
+    dims.append(f"{CAND_USER}:{candidates}")
+    return ",".join(dims)
+
+
+def _tensorrt_options(spec: FeatureSpec, options: RuntimeOptions, cache_dir: Path) -> dict[str, object]:
+    """fp16, a persistent engine and timing cache, and explicit min/opt/max shape profiles."""
+    t = spec.max_history
+    return {
+        "trt_fp16_enable": options.trt_fp16,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": _shape_profile(spec, 1, 1, 1),
+        "trt_profile_opt_shapes": _shape_profile(spec, 1, t, min(256, options.max_batch_candidates)),
+        "trt_profile_max_shapes": _shape_profile(spec, options.max_batch_users, t, options.max_batch_candidates),
+    }
+
+
+def open_session(
+    onnx_path: str,
+    device: str,
+    intra_op_threads: int,
+    *,
+    options: RuntimeOptions | None = None,
+    spec: FeatureSpec | None = None,
+    optimized_model_path: Path | None = None,
+) -> tuple[ort.InferenceSession, str | None]:
     """Create the session on the device asked for; return it and a problem, if any.
 
-    onnxruntime-gpu lists the CUDA provider even where it cannot load (no GPU, no CUDA
-    libraries) and then falls back to the CPU silently, so the only proof is the session's
-    own provider list. `auto` quietly settles for the CPU; `cuda` reports the problem
-    (readiness fails instead of serving slowly on the CPU).
+    onnxruntime-gpu lists the CUDA and TensorRT providers even where they cannot load (no
+    GPU, no CUDA/TensorRT libraries) and then falls back to the CPU silently, so the only
+    proof is the session's own provider list. `auto` quietly settles for the CPU; `cuda`
+    and `tensorrt` report the problem (readiness fails instead of serving slowly on the CPU).
     """
-    so = session_options(intra_op_threads)
+    options = options or RuntimeOptions(device=device, intra_op_threads=intra_op_threads)
+    so = session_options(intra_op_threads, options.allow_spinning, optimized_model_path)
+    cpu_session = lambda: ort.InferenceSession(onnx_path, so, providers=[CPU])  # noqa: E731
     if device == "cpu":
-        return ort.InferenceSession(onnx_path, so, providers=[CPU]), None
-    if CUDA not in ort.get_available_providers():
-        problem = "CUDA was asked for, but this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
-        return ort.InferenceSession(onnx_path, so, providers=[CPU]), (problem if device == "cuda" else None)
+        return cpu_session(), None
+    wanted = TENSORRT if device == "tensorrt" else CUDA
+    if wanted not in ort.get_available_providers():
+        problem = (
+            f"DEVICE={device} was asked for, but this onnxruntime build has no {wanted} "
+            "(install onnxruntime-gpu; scripts/gpu_bench.sh shows how)"
+        )
+        return cpu_session(), (problem if device != "auto" else None)
     if device == "auto" and not _cuda_driver_present():
-        return ort.InferenceSession(onnx_path, so, providers=[CPU]), None
+        return cpu_session(), None
+    # TF32 off: fp32 GEMMs in TF32 would drift ~1e-3 from the trained model (the bundle's parity is 1e-5)
+    cuda_options = {"arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1", "use_tf32": "0"}
+    providers: list = [(CUDA, cuda_options), CPU]
+    if device == "tensorrt":
+        if spec is None:
+            raise ValueError("DEVICE=tensorrt needs the feature spec for its shape profiles")
+        cache = options.trt_cache_dir or Path(onnx_path).parent.parent / ".trt-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        providers.insert(0, (TENSORRT, _tensorrt_options(spec, options, cache)))
     with _ort_quiet():
-        session = ort.InferenceSession(onnx_path, so, providers=[CUDA, CPU])
-    if CUDA in session.get_providers():
+        session = ort.InferenceSession(onnx_path, so, providers=providers)
+    if wanted in session.get_providers():
         return session, None
     problem = (
-        "CUDA was asked for, but the CUDA provider could not start (no usable GPU, or CUDA/cuDNN "
-        "libraries missing); the model runs on the CPU"
+        f"DEVICE={device} was asked for, but the {wanted} could not start (no usable GPU, or "
+        f"CUDA/cuDNN{'/TensorRT' if device == 'tensorrt' else ''} libraries missing); the session "
+        f"runs on {', '.join(session.get_providers())}"
     )
-    return session, (problem if device == "cuda" else None)
+    return session, (problem if device != "auto" else None)
+
+
+def bucket(n: int, floor: int = 16) -> int:
+    """The padded size for n: the next power of two, at least `floor`."""
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+class _DeviceBuffers:
+    """IO binding with preallocated device buffers, one per (name, shape), reused.
+
+    With shape buckets only a few shapes exist, so after warm-up no call allocates device
+    memory: inputs are copied into their buffer (`update_inplace`), outputs land in theirs.
+    """
+
+    def __init__(self, session: ort.InferenceSession, device_id: int = 0, max_buffers: int = 256):
+        self.session = session
+        self.device_id = device_id
+        self.max_buffers = max_buffers
+        self._buffers: dict[tuple[str, tuple[int, ...]], ort.OrtValue] = {}
+        self._lock = threading.Lock()
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+        key = (name, shape)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) >= self.max_buffers:  # unbucketed shapes: do not grow forever
+                self._buffers.clear()
+            buf = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
+            self._buffers[key] = buf
+        return buf
+
+    def run(self, feeds: dict[str, np.ndarray], n: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            binding = self.session.io_binding()
+            for name, arr in feeds.items():
+                buf = self._buffer(name, arr.shape, arr.dtype.type)
+                buf.update_inplace(arr)
+                binding.bind_ortvalue_input(name, buf)
+            ctr = self._buffer(CTR, (n,), np.float32)
+            attention = self._buffer(ATTENTION, (n, t), np.float32)
+            binding.bind_ortvalue_output(CTR, ctr)
+            binding.bind_ortvalue_output(ATTENTION, attention)
+            self.session.run_with_iobinding(binding)
+            return ctr.numpy(), attention.numpy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,9 +320,16 @@ class Scorer:
     Build it with `Scorer.load(...)` (opens the session) and call `warm_up()` before
     serving. `score` and `score_requests` are thread-safe (ONNX Runtime sessions are) and
     release the GIL while the graph runs, so callers run them in a worker thread.
+    `calls` counts graph runs (the micro-batcher's tests and metrics read it).
     """
 
-    def __init__(self, bundle: Bundle, session: ort.InferenceSession, device_problem: str | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        session: ort.InferenceSession,
+        device_problem: str | None = None,
+        options: RuntimeOptions | None = None,
+    ):
         expected = set(bundle.spec.input_names())
         actual = {i.name for i in session.get_inputs()}
         if expected != actual:
@@ -207,27 +343,55 @@ class Scorer:
         self.bundle = bundle
         self.session = session
         self.device_problem = device_problem
+        self.options = options or RuntimeOptions()
         self.warmed = False
+        self.calls = 0
+        self.on_gpu = self.providers[0] in (CUDA, TENSORRT)
+        self.shape_buckets = self.on_gpu if self.options.shape_buckets is None else self.options.shape_buckets
+        self._device_buffers = _DeviceBuffers(session) if self.on_gpu else None
 
     @classmethod
-    def load(cls, bundle: Bundle | str, *, device: str = "auto", intra_op_threads: int = 1) -> "Scorer":
-        """Open the bundle's model on `device` and log the providers chosen (once)."""
+    def load(
+        cls,
+        bundle: Bundle | str,
+        *,
+        device: str = "auto",
+        intra_op_threads: int = 1,
+        options: RuntimeOptions | None = None,
+    ) -> "Scorer":
+        """Open the bundle's model and log the providers chosen (once).
+
+        `options` carries every runtime knob; without it, `device` and `intra_op_threads`
+        with the defaults of RuntimeOptions.
+        """
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
+        options = options or RuntimeOptions(device=device, intra_op_threads=intra_op_threads)
+        optimized = (
+            options.optimized_model_dir / f"{bundle.model_version}.{options.device}.optimized.onnx"
+            if options.optimized_model_dir is not None
+            else None
+        )
         try:
-            session, problem = open_session(str(bundle.onnx_path), device, intra_op_threads)
+            session, problem = open_session(
+                str(bundle.onnx_path), options.device, options.intra_op_threads,
+                options=options, spec=bundle.spec, optimized_model_path=optimized,
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BundleError(f"{bundle.onnx_path} cannot be loaded by ONNX Runtime ({e}); the bundle is corrupt") from None
-        scorer = cls(bundle, session, problem)
+        scorer = cls(bundle, session, problem, options)
         if problem:
             log.error("%s", problem)
         log.info(
-            "model %s (%s) on %s (device=%s, intra-op threads=%d)",
+            "model %s (%s) on %s (device=%s, intra-op threads=%d, spinning=%s, shape buckets=%s%s)",
             bundle.model_version,
             bundle.model_type,
             ", ".join(scorer.providers),
-            device,
-            intra_op_threads,
+            options.device,
+            options.intra_op_threads,
+            "on" if options.allow_spinning else "off",
+            "on" if scorer.shape_buckets else "off",
+            f", optimised graph saved to {optimized}" if optimized else "",
         )
         return scorer
 
@@ -243,6 +407,25 @@ class Scorer:
     def max_history(self) -> int:
         return self.bundle.spec.max_history
 
+    def _padded(
+        self, hist_rows: dict[str, np.ndarray], cand_rows: dict[str, np.ndarray], cand_user: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+        """Histories padded to max_history and candidates to a power of two (extra rows: user 0, UNK)."""
+        n = cand_user.shape[0]
+        n_pad = bucket(n)
+        hist_out = {}
+        for f, rows in hist_rows.items():
+            u, t = rows.shape
+            if t < self.max_history:
+                padded = np.full((u, self.max_history), PAD_ROW, dtype=np.int64)
+                padded[:, :t] = rows
+                rows = padded
+            hist_out[f] = rows
+        if n_pad == n:
+            return hist_out, cand_rows, cand_user
+        cand_out = {f: np.concatenate([rows, np.full(n_pad - n, UNK_ROW, dtype=np.int64)]) for f, rows in cand_rows.items()}
+        return hist_out, cand_out, np.concatenate([cand_user, np.zeros(n_pad - n, dtype=np.int64)])
+
     def score(
         self,
         hist_rows: dict[str, np.ndarray],
@@ -251,6 +434,10 @@ class Scorer:
         cand_user: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows in, (ctr (N,), attention (N, T)) out: exactly one ONNX Runtime call."""
+        n = cand_user.shape[0]
+        t = next(iter(hist_rows.values())).shape[1]
+        if self.shape_buckets:
+            hist_rows, cand_rows, cand_user = self._padded(hist_rows, cand_rows, cand_user)
         feeds: dict[str, np.ndarray] = {CAND_USER: np.ascontiguousarray(cand_user, dtype=np.int64)}
         for f, rows in hist_rows.items():
             feeds[hist_input(f)] = np.ascontiguousarray(rows, dtype=np.int64)  # (U, T)
@@ -258,7 +445,14 @@ class Scorer:
             feeds[profile_input(f)] = np.ascontiguousarray(rows, dtype=np.int64)  # (U,)
         for f, rows in cand_rows.items():
             feeds[cand_input(f)] = np.ascontiguousarray(rows, dtype=np.int64)  # (N,)
-        ctr, attention = self.session.run([CTR, ATTENTION], feeds)
+        self.calls += 1
+        if self._device_buffers is not None:
+            n_run, t_run = feeds[CAND_USER].shape[0], feeds[hist_input(self.bundle.spec.sequence_fields[0])].shape[1]
+            ctr, attention = self._device_buffers.run(feeds, n_run, t_run)
+        else:
+            ctr, attention = self.session.run([CTR, ATTENTION], feeds)
+        if ctr.shape[0] != n or attention.shape[1] != t:
+            ctr, attention = ctr[:n], attention[:n, :t]
         return ctr, attention
 
     def score_requests(self, requests: Sequence[RankInput]) -> list[Scored]:
@@ -275,14 +469,33 @@ class Scorer:
             for i in range(len(requests))
         ]
 
-    def warm_up(self, candidates: int = 64) -> None:
-        """Run the graph once at full history length so the first request pays no set-up."""
+    def warm_up_shapes(self) -> list[tuple[int, int, int]]:
+        """(U, T, N) the warm-up runs: one user and a full batch at every candidate bucket
+        (buckets on), else one user at full history with a typical and the largest N."""
+        t, max_n, max_u = self.max_history, self.options.max_batch_candidates, self.options.max_batch_users
+        if not self.shape_buckets:
+            return [(1, t, 64), (1, t, 256), (min(max_u, 8), t, min(max_n, 2048))]
+        shapes, n = [], bucket(1)
+        while n <= bucket(max_n):
+            shapes.append((1, t, n))
+            shapes.append((max(1, min(max_u, n // 64)), t, n))
+            n *= 2
+        return list(dict.fromkeys(shapes))
+
+    def warm_up(self, candidates: int | None = None) -> None:
+        """Run the graph over the shapes serving will see, so no request pays a first-run cost.
+
+        Both branches of the serving graph (one user, a batch) run; on TensorRT this also
+        builds (or loads from the cache) the engine for the shape profile.
+        """
         spec = self.bundle.spec
-        t, n = spec.max_history, candidates
-        self.score(
-            {f: np.full((1, t), UNK_ROW, dtype=np.int64) for f in spec.sequence_fields},
-            {f: np.full((1,), UNK_ROW, dtype=np.int64) for f in spec.profile_fields},
-            {f: np.full((n,), UNK_ROW, dtype=np.int64) for f in spec.sequence_fields},
-            np.zeros((n,), dtype=np.int64),
-        )
+        shapes = self.warm_up_shapes() if candidates is None else [(1, spec.max_history, candidates)]
+        for u, t, n in shapes:
+            self.score(
+                {f: np.full((u, t), UNK_ROW, dtype=np.int64) for f in spec.sequence_fields},
+                {f: np.full((u,), UNK_ROW, dtype=np.int64) for f in spec.profile_fields},
+                {f: np.full((n,), UNK_ROW, dtype=np.int64) for f in spec.sequence_fields},
+                np.arange(n, dtype=np.int64) % u,
+            )
+        self.calls = 0
         self.warmed = True

@@ -346,5 +346,5 @@ def test_settings_come_from_the_environment_and_are_validated(monkeypatch, tmp_p
     with pytest.raises(ValidationError) as e:
         Settings()
     text = str(e.value)
-    assert "device" in text and "'auto', 'cpu' or 'cuda'" in text
+    assert "device" in text and "'auto', 'cpu', 'cuda' or 'tensorrt'" in text
     assert "max_candidates" in text and "greater than or equal to 1" in text

@@ -41,10 +41,27 @@ def copy_bundle(src: Path, dest_dir: Path, version: str, *, bias_shift: float = 
     (dest / "bundle.json").write_text(json.dumps(manifest))
     if bias_shift:
         graph = onnx.load(dest / "model.onnx")
-        (out_bias,) = [t for t in graph.graph.initializer if t.name.startswith("model.mlp.") and list(t.dims) == [1]]
-        out_bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(out_bias) + np.float32(bias_shift), out_bias.name))
+        biases = _output_biases(graph.graph)
+        assert biases, "no output-logit bias found in the exported graph"
+        for out_bias in biases:
+            out_bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(out_bias) + np.float32(bias_shift), out_bias.name))
         onnx.save(graph, dest / "model.onnx")
     return dest
+
+
+def _output_biases(graph) -> list:
+    """The output logit's bias: one per graph, i.e. one per branch of the serving graph's `If`.
+
+    The training graph names it `model.mlp.*` (shape [1]); the serving graph
+    (model/serving_graph.py) `<branch>/mlp_<last>_bias` in each subgraph.
+    """
+    found = [t for t in graph.initializer if list(t.dims) == [1] and (t.name.startswith("model.mlp.") or "/mlp_" in t.name)]
+    assert len(found) <= 1, [t.name for t in found]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += _output_biases(attr.g)
+    return found
 
 
 def shifted(ctr: dict, shift: float) -> dict:
@@ -124,8 +141,9 @@ async def test_reload_under_load_switches_once_and_refuses_a_corrupt_bundle(trai
               f"load+warm={good.json()['load_seconds']:.3f}s corrupt refused={bad.status_code}")
 
 
-async def test_a_request_in_flight_finishes_on_the_model_it_started_with(trained, bundles):
-    """The scorer is picked up when the request starts; a swap meanwhile does not change it."""
+async def test_a_request_is_scored_and_labelled_by_the_model_of_its_batch(trained, bundles):
+    """The scorer is picked up once per micro-batch, when the batch forms: a request still
+    sending its body during a swap is scored by the new model, and says so."""
     v1 = trained.bundle.model_version
     raw = json.dumps(rank_body(int(trained.log.user_id[0]), some_candidates(trained.log, 6, seed=8))).encode()
     release = anyio.Event()
@@ -151,8 +169,9 @@ async def test_a_request_in_flight_finishes_on_the_model_it_started_with(trained
             after = (await client.post("/rank", content=raw, headers={"content-type": "application/json"})).json()
             release.set()
     assert swap.status_code == 200
-    old = result["r"].json()
-    assert old["model_version"] == v1 and scores(old) == pytest.approx(scores(before), abs=1e-7)
+    late = result["r"].json()
+    assert before["model_version"] == v1
+    assert late["model_version"] == V2 and scores(late) == pytest.approx(shifted(scores(before), SHIFT), abs=2e-6)
     assert after["model_version"] == V2 and scores(after) == pytest.approx(shifted(scores(before), SHIFT), abs=2e-6)
 
 

@@ -133,8 +133,13 @@ async def test_sigterm_drains_in_flight_requests_then_closes_the_store(trained, 
         code = await anyio.to_thread.run_sync(lambda: live.proc.wait(timeout=60))
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained on, as a shell expects
     assert [r.status_code for r in answers] == [200] * n
-    for r in answers:
-        assert r.json() == reference  # complete, correct answers, scored with the history from Redis
+    for r in answers:  # complete, correct answers, scored with the history from Redis
+        got = r.json()
+        assert {k: v for k, v in got.items() if k != "ranked"} == {k: v for k, v in reference.items() if k != "ranked"}
+        # the held requests were micro-batched together: the batch graph agrees with the one-user one to float32 rounding
+        ctr = {(x["item_id"], x["cate_id"]): x["ctr"] for x in got["ranked"]}
+        assert ctr == pytest.approx({(x["item_id"], x["cate_id"]): x["ctr"] for x in reference["ranked"]}, abs=1e-6)
+        assert [x["ctr"] for x in got["ranked"]] == sorted(ctr.values(), reverse=True)
     lines = live.log_lines()
     msgs = [x["msg"] for x in lines]
     drained = [x for x in lines if x.get("logger") == "din.access" and x["msg"] == "POST /rank 200"]

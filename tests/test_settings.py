@@ -90,7 +90,7 @@ def _readme_settings_table() -> dict[str, str]:
     section = section[: section.index("\n## ", 1)]
     rows = {}
     for line in section.splitlines():
-        m = re.match(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)? \| ([^|]+) \|", line)
+        m = re.match(r"^\| `([A-Z0-9_]+)`(?:, `([A-Z0-9_]+)`)? \| ([^|]+) \|", line)
         if m:
             for name in filter(None, m.group(1, 2)):
                 rows[name] = m.group(3).strip()

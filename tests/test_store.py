@@ -117,6 +117,27 @@ def test_single_user_read_and_no_data_loaded(redis_url, tmp_log):
     assert unknown is None
 
 
+def test_concurrent_first_reads_wait_for_the_version(redis_url, tmp_log):
+    """A fresh store's first readers all wait for the one pointer read in flight: none of
+    them may answer "unknown" because the version was not known yet (the ad cache would
+    keep that for its TTL)."""
+    RedisHistoryStore.from_url(redis_url).bulk_load(tmp_log, max_history=50)
+    ads = np.unique(tmp_log.item_id)
+
+    async def concurrent():
+        s = RedisHistoryStore.from_url(redis_url)
+        gets = redis.Redis.from_url(redis_url).info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+        try:
+            got = await asyncio.gather(*[s.get_ad_features(ads) for _ in range(4)], *[s.get_histories([1, 2]) for _ in range(4)])
+        finally:
+            await s.close()
+        return got, redis.Redis.from_url(redis_url).info("commandstats").get("cmdstat_get", {}).get("calls", 0) - gets
+
+    got, pointer_and_meta_reads = run(concurrent())
+    assert all(a.found.all() for a in got[:4]) and all(h[0] is not None and len(h[0]) == 6 for h in got[4:])
+    assert pointer_and_meta_reads == 2  # one shared read of the pointer (and of the meta), not one per reader
+
+
 def test_log_without_profiles(redis_url):
     log = BehaviourLog(
         user_id=np.array([4, 4]), item_id=np.array([1, 2]), cate_id=np.array([9, 9]), timestamp=np.array([5, 6])

@@ -137,8 +137,11 @@ async def test_fault_injection_redis_stopped_and_restarted(trained, loaded_redis
     # The breaker did its job: after 3 refused connections, Redis was not even tried.
     tried = value(m, "din_store_errors_total", op="get_histories", reason="unavailable")
     skipped = value(m, "din_store_errors_total", op="get_histories", reason="circuit_open")
-    assert 3 <= tried < len(degraded) and skipped > 0 and tried + skipped == len(degraded)
-    assert value(m, "din_degraded_responses_total", reason="circuit_open") == skipped
+    # One store call serves a micro-batch (the two streams often share one), so calls <= answers.
+    assert 3 <= tried < len(degraded) and skipped > 0 and tried + skipped <= len(degraded)
+    by_reason = {r: value(m, "din_degraded_responses_total", reason=r) for r in ("unavailable", "circuit_open")}
+    assert by_reason["unavailable"] >= tried and by_reason["circuit_open"] >= skipped
+    assert by_reason["unavailable"] + by_reason["circuit_open"] == len(degraded)  # every degraded answer counted once
     assert value(m, "din_store_circuit_state") == 0 and ready["store_circuit"] == "closed" and ready["store"] == "ok"
     with capsys.disabled():
         print(

@@ -1,34 +1,41 @@
-"""POST /rank: parse, fetch the user's history, score every candidate once, sort, answer.
+"""POST /rank: parse, fill in missing categories, hand the request to the micro-batcher, sort, answer.
 
-The body is parsed with `RankRequest.model_validate_json` on the raw bytes (pydantic's
-fast path) and the answer serialised with orjson into a plain Response; the OpenAPI
-document still shows both models (see `openapi_extra` and `REQUEST_SCHEMAS`).
+The body is decoded from the raw bytes into id columns (service/rank_codec.py: orjson,
+pydantic only for bad requests) and the answer encoded with orjson into a plain Response;
+the OpenAPI document still shows both models (see `openapi_extra` and `REQUEST_SCHEMAS`).
+Candidates sent without `cate_id` get the store's category first (service/ad_features.py:
+the in-process cache, then one round trip). The batcher (service/batcher.py) reads the
+histories of a whole batch of users in one store round trip (`fetch_histories`, through
+the StoreGuard: deadline, circuit breaker, metrics) and scores the batch in one graph call
+of the scorer serving at that moment, whose version the answer names; past its queue
+bound, or at the request deadline, /rank answers 503 with Retry-After at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
-import anyio
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from feature_store.records import UserHistory
 from service.ad_features import resolve_categories
+from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Fetched, QueueFull
 from service.deps import ScorerDep, SettingsDep, StoreDep
 from service.explain import add_explanation, explain_limit_error
+from service.rank_codec import decode_rank_request, encode_rank_response
 from service.schemas import (
+    ErrorBody,
     RankRequest,
     RankResponse,
     ValidationErrorBody,
     too_large_error,
     too_long_error,
 )
-from service.scorer import RankInput, Scorer, rank_order
+from service.scorer import rank_order
 from service.store_guard import StoreCallFailed
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,7 @@ router = APIRouter(tags=["ranking"])
 # Models the route parses by hand; service/app.py adds them to the OpenAPI components.
 REQUEST_SCHEMAS = (RankRequest,)
 JSON = "application/json"
+BATCH_USERS_HEADER = "X-Batch-Users"  # requests scored in the same graph call as this one
 
 
 def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -58,43 +66,46 @@ def _pydantic_errors(e: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
-async def fetch_history(request: Request, store, user_id: int, timeout_s: float) -> tuple[UserHistory | None, bool]:
-    """(history or None for an unknown user, degraded). A failing store never fails the request.
+async def fetch_histories(state, timeout_s: float, user_ids: list[int]) -> Fetched:
+    """The batch's histories in one round trip; a failing store never fails the requests.
 
     The call goes through the app's StoreGuard (deadline `timeout_s`, circuit breaker,
-    metrics): when the breaker is open the store is not even tried.
+    metrics): when the breaker is open the store is not even tried. Unknown users come
+    back as None (not degraded); an unreachable, slow or broken store gives every user of
+    the batch an empty history, marked degraded (counted per request, by reason).
     """
-    metrics = request.app.state.metrics
+    metrics = state.metrics
+    store = getattr(state, "store", None)
     if store is None:
-        metrics.degraded_responses.labels("no_store").inc()
-        return None, True
+        metrics.degraded_responses.labels("no_store").inc(len(user_ids))
+        return Fetched(histories=[None] * len(user_ids), degraded=True)
     try:
-        (history,) = await request.app.state.store_guard.call(
-            "get_histories", lambda: store.get_histories([user_id]), timeout_s=timeout_s
+        histories = await state.store_guard.call(
+            "get_histories", lambda: store.get_histories(user_ids), timeout_s=timeout_s
         )
     except StoreCallFailed as e:  # unreachable, slow or broken store: rank without history
-        metrics.degraded_responses.labels(e.reason).inc()
-        return None, True
-    return history, False
+        metrics.degraded_responses.labels(e.reason).inc(len(user_ids))
+        return Fetched(histories=[None] * len(user_ids), degraded=True)
+    return Fetched(histories=histories, profile_fields=store.profile_fields)
 
 
-def to_rank_input(scorer: Scorer, history: UserHistory | None, profile_fields, item_ids, cate_ids) -> RankInput:
-    spec = scorer.bundle.spec
-    if history is None:
-        hist: dict[str, np.ndarray] = {}
-        profile: dict[str, int] = {}
-    else:
-        recs = history.records[: spec.max_history]
-        hist = {f: recs[f] for f in spec.sequence_fields}
-        profile = dict(zip(profile_fields, history.profile.tolist()))
-    return RankInput(history=hist, profile=profile, candidates={"item_id": item_ids, "cate_id": cate_ids})
+def overloaded_response(message: str, retry_after_s: int) -> Response:
+    """503 at once, with the seconds a client (or load balancer) should wait."""
+    return json_response({"detail": message}, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
 
 @router.post(
     "/rank",
     response_model=RankResponse,
     summary="Rank candidate ads for one user by predicted CTR",
-    responses={422: {"model": ValidationErrorBody, "description": "The request names a bad field or breaks a limit"}},
+    responses={
+        422: {"model": ValidationErrorBody, "description": "The request names a bad field or breaks a limit"},
+        503: {
+            "model": ErrorBody,
+            "description": "Overloaded (queue full) or not scored within the request deadline, or the model is "
+            "not loaded yet; see Retry-After",
+        },
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -104,57 +115,61 @@ def to_rank_input(scorer: Scorer, history: UserHistory | None, profile_fields, i
 )
 async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: SettingsDep) -> Response:
     try:
-        req = RankRequest.model_validate_json(await request.body())
+        query = decode_rank_request(await request.body())
     except ValidationError as e:
         return validation_error_response(_pydantic_errors(e))
-    n = len(req.candidates)
+    n = query.num_candidates
     errors = []
     if n > settings.max_candidates:
         errors.append(too_long_error("candidates", settings.max_candidates, n, "MAX_CANDIDATES"))
-    if req.top_k is not None and req.top_k > settings.max_top_k:
+    if query.top_k is not None and query.top_k > settings.max_top_k:
         errors.append(too_large_error("top_k", settings.max_top_k, "MAX_TOP_K"))
-    if req.explain:
-        returned = min(n, req.top_k or n)
+    if query.explain:
+        returned = min(n, query.top_k or n)
         if too_big := explain_limit_error(returned, scorer.max_history, settings.max_explain_cells):
             errors.append(too_big)
     if errors:
         return validation_error_response(errors)
-    request.app.state.metrics.rank_candidates.observe(n)
+    state = request.app.state
+    state.metrics.rank_candidates.observe(n)
 
-    # (n, 3): item, category (0 when not sent), 1 = category not sent: looked up in the store
-    ids = np.array([(c.item_id, c.cate_id or 0, c.cate_id is None) for c in req.candidates], dtype=np.int64)
-    missing = ids[:, 2].astype(bool)
-    if missing.any():
-        (history, degraded), (cates, unknown, ads_degraded) = await asyncio.gather(
-            fetch_history(request, store, req.user_id, settings.store_timeout_s),
-            resolve_categories(getattr(request.app.state, "ad_cache", None), store, ids[:, 0], ids[:, 1], missing,
-                               settings.store_timeout_s),
+    unknown, ads_degraded = None, False
+    if query.missing is not None:  # some candidates came without a category: the store's, in one round trip
+        cates, unknown, ads_degraded = await resolve_categories(
+            getattr(state, "ad_cache", None), store, query.item_ids, query.cate_ids, query.missing,
+            settings.store_timeout_s,
         )
-        ids[:, 1] = np.where(unknown, -1, cates)  # -1: unknown to the model's vocabulary too
-        degraded = degraded or ads_degraded
-    else:
-        history, degraded = await fetch_history(request, store, req.user_id, settings.store_timeout_s)
-        unknown = missing
-    profile_fields = store.profile_fields if (store is not None and history is not None) else ()
-    inp = to_rank_input(scorer, history, profile_fields, ids[:, 0], ids[:, 1])
-    (scored,) = await anyio.to_thread.run_sync(scorer.score_requests, [inp], limiter=request.app.state.scoring_limiter)
-    request.app.state.metrics.batch_requests.observe(1)  # one request per call until the micro-batcher
-    request.app.state.metrics.batch_candidates.observe(n)
+        query = replace(query, cate_ids=np.where(unknown, -1, cates))  # -1: unknown to the model's vocabulary too
 
-    order = rank_order(scored.ctr, req.top_k)
-    cate_out = ids[order, 1].astype(object)
-    cate_out[unknown[order]] = None  # sent without a category, and the store has none
-    ranked = [
-        {"item_id": i, "cate_id": c, "ctr": p}
-        for i, c, p in zip(ids[order, 0].tolist(), cate_out.tolist(), scored.ctr[order].tolist())
-    ]
-    response = {
-        "model_version": scorer.model_version,
-        "user_id": req.user_id,
-        "history_length": scored.history_length,
-        "degraded": degraded,
-        "ranked": ranked,
-    }
-    if req.explain:
-        add_explanation(response, scored, order, history, scorer.bundle.has_attention)
-    return json_response(response)
+    batcher: Batcher = state.batcher
+    try:
+        ranked = await batcher.submit(query.user_id, query.candidates())
+    except QueueFull as e:
+        state.metrics.overload_rejections.labels("queue_full").inc()
+        return overloaded_response(str(e), e.retry_after_s)
+    except DeadlineExceeded as e:
+        state.metrics.overload_rejections.labels("deadline").inc()
+        return overloaded_response(str(e), 1)
+    except BatcherClosed as e:
+        state.metrics.overload_rejections.labels("shutting_down").inc()
+        return overloaded_response(str(e), 1)
+
+    scored = ranked.scored
+    order = rank_order(scored.ctr, query.top_k)
+    body = encode_rank_response(
+        model_version=ranked.model_version,  # the scorer that scored this batch (hot reload: maybe not `scorer`)
+        user_id=query.user_id,
+        history_length=scored.history_length,
+        degraded=ranked.degraded or ads_degraded,
+        query=query,
+        ctr=scored.ctr,
+        order=order,
+        unknown=unknown,
+    )
+    headers = {BATCH_USERS_HEADER: str(ranked.batch_users)}
+    if not query.explain:
+        return Response(body, media_type=JSON, headers=headers)
+    response = orjson.loads(body)  # explain only: per-candidate weights are added to the same answer
+    add_explanation(response, scored, order, ranked.history, ranked.has_attention)
+    return json_response(response, headers=headers)
+

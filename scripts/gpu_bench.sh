@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# GPU benchmark for sessions lent a device machine (an NVIDIA H200 with CUDA 13, Python 3.12,
+# torch and onnxruntime (CPU) preinstalled; no internet there). See docs/benchmarks.md.
+#
+# onnxruntime-gpu 1.31 (built for CUDA 13, uses the image's nvidia-* CUDA 13 / cuDNN 9
+# wheels) is a 255 MB wheel, more than the 64 MiB one call may carry, so it travels in parts:
+#
+#   here:    scripts/gpu_bench.sh prepare        # pip download into .whl/, split into .whl/parts/*
+#            (.whl/ must be git-ignored: `echo /.whl/ >> .git/info/exclude`)
+#   device:  one call per part, each carrying only that part, back to back (the machine stays
+#            warm ~30 s between calls; a fresh machine is bare):
+#              run(command="scripts/gpu_bench.sh receive", carry=[".whl/parts/ort.part.aa"])
+#              ... .ab, .ac, .ad, .ae
+#   device:  run(command="scripts/gpu_bench.sh run")  # reassemble, install, parity, bench, table
+#
+# `run` writes gpu_parity.json, gpu_scoring.json and gpu_scoring.md under $OUT (or ./gpu-out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ORT_VERSION="${ORT_VERSION:-1.31.1}"
+STASH="${STASH:-/tmp/din-ort-parts}"
+SITE="${SITE:-/tmp/din-site}"
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-$PWD/gpu-out}"
+DEVICE="${DEVICE:-cuda}"
+CASES="${CASES:-1x50x200,16x50x3200,64x50x12800,256x50x51200,1024x50x204800}"
+
+case "${1:-}" in
+prepare)
+    mkdir -p .whl/parts
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        -d .whl "onnxruntime-gpu==${ORT_VERSION}"
+    rm -f .whl/parts/ort.part.*
+    split -b 60m .whl/onnxruntime_gpu-"${ORT_VERSION}"-*.whl .whl/parts/ort.part.
+    (cd .whl && sha256sum onnxruntime_gpu-"${ORT_VERSION}"-*.whl > parts/SHA256SUMS)
+    ls -la .whl/parts
+    echo "carry each .whl/parts/ort.part.* in its own 'receive' call, then call 'run' (carry .whl/parts/SHA256SUMS with it)"
+    ;;
+receive)
+    mkdir -p "$STASH"
+    found=0
+    for part in .whl/parts/ort.part.* .whl/parts/SHA256SUMS; do
+        [ -f "$part" ] || continue
+        cp "$part" "$STASH/" && found=1 && echo "stashed $part"
+    done
+    [ "$found" = 1 ] || { echo "no part carried in this call" >&2; exit 1; }
+    ls -la "$STASH"
+    ;;
+run)
+    mkdir -p "$OUT_DIR"
+    if ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+        [ -d "$STASH" ] || { echo "no onnxruntime-gpu: run 'prepare' here and 'receive' per part first" >&2; exit 1; }
+        cp .whl/parts/SHA256SUMS "$STASH/" 2>/dev/null || true
+        wheel="$STASH/$(awk '{print $2}' "$STASH/SHA256SUMS")"
+        cat "$STASH"/ort.part.* > "$wheel"
+        (cd "$STASH" && sha256sum -c SHA256SUMS)
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheel"
+        export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+    fi
+    export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+    # CUDA 13 / cuDNN 9 libraries of the image's nvidia-* wheels, for onnxruntime's CUDA provider
+    NV_LIBS="$("$PY" - <<'PYEOF'
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except ImportError:
+    roots = []
+print(":".join(sorted({os.path.dirname(p) for r in roots for p in glob.glob(os.path.join(r, "**", "lib*.so*"), recursive=True)})))
+PYEOF
+)"
+    export LD_LIBRARY_PATH="${NV_LIBS}:${LD_LIBRARY_PATH:-}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+
+    echo "== parity: $DEVICE vs CPU"
+    "$PY" scripts/gpu_check.py --device "$DEVICE" | tee "$OUT_DIR/gpu_parity.json"
+    if "$PY" -c "import tensorrt" 2>/dev/null; then
+        "$PY" scripts/gpu_check.py --device tensorrt | tee "$OUT_DIR/gpu_parity_tensorrt.json" || true
+    else
+        echo "TensorRT libraries are not in this image: DEVICE=tensorrt not checked" | tee "$OUT_DIR/tensorrt.txt"
+    fi
+
+    echo "== din bench scoring on $DEVICE at growing batch sizes"
+    "$PY" -m service.cli bench scoring --device "$DEVICE" --cases "$CASES" \
+        --impls torch_eager_naive,onnx_naive,onnx_optimized --seconds "${SECONDS_PER_CASE:-1}" --json \
+        > "$OUT_DIR/gpu_scoring.json"
+    "$PY" -c "import json, sys; from service.bench_scoring import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
+        "$OUT_DIR/gpu_scoring.json" | tee "$OUT_DIR/gpu_scoring.md"
+    ;;
+*)
+    echo "usage: $0 prepare|receive|run   (see the comment at the top)" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,31 @@
+"""The benchmarks' arithmetic and JSON shapes (tiny sizes: these are not timed)."""
+
+from __future__ import annotations
+
+from service.bench_scoring import BenchModel, ScoringBenchConfig, format_table, run_scoring_bench, useful_flops
+
+
+def test_useful_flops_is_the_hand_count():
+    m = BenchModel(embedding_dim=2, attention_hidden=(3, 2), mlp_hidden=(5,))  # D = 4
+    u, t, n = 2, 3, 7
+    macs = (
+        u * t * 4 * 3  # user part of the first attention layer
+        + n * (4 * 3 + (8 * 5 + 5 * 1))  # ad part; CTR MLP 2D -> 5 -> 1
+        + n * t * (4 * 3 + 3 * 2 + 2 * 1 + 4)  # pair GEMM, rest of the attention, pooling
+    )
+    assert useful_flops(u, t, n, m) == 2 * macs + n * t * 4  # + e * v
+
+
+def test_scoring_bench_json_shape_and_parity_of_the_three_implementations():
+    m = BenchModel(embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(8,), items=50, categories=5, max_history=6)
+    config = ScoringBenchConfig(cases=((1, 6, 10), (2, 4, 6)), threads=1, seconds=0.02, rounds=1, model=m, peak_sizes=(64,))
+    result = run_scoring_bench(config)  # raises if an implementation disagrees with the training graph
+    assert result["peak_gflops"] > 0 and result["threads"] == 1
+    assert [(c["impl"], c["users"], c["history"], c["candidates"]) for c in result["cases"]] == [
+        (impl, u, t, n) for u, t, n in config.cases for impl in ("torch_eager_naive", "onnx_naive", "onnx_optimized")
+    ]
+    for c in result["cases"]:
+        assert set(c) >= {"impl", "users", "history", "candidates", "cand_per_s", "p50_ms", "p99_ms", "gflops", "utilization"}
+        assert c["cand_per_s"] > 0 and c["p99_ms"] >= c["p50_ms"] > 0
+        assert abs(c["utilization"] - c["gflops"] / result["peak_gflops"]) < 1e-3
+    assert "onnx_optimized" in format_table(result)
