@@ -67,8 +67,10 @@ async def test_rank_needs_an_api_key_when_keys_are_configured(trained, headers, 
     body = rank_body(1, some_candidates(trained.log, 4))
     async with serving(settings_for(trained.bundle.path, None, api_keys=KEYS)) as client:
         r = await client.post("/rank", json=body, headers=headers)
+        sample = (await client.get("/api/sample?n=2", headers=headers)).status_code
         open_routes = [(await client.get(p)).status_code for p in ("/healthz", "/readyz", "/metrics")]
     assert r.status_code == status, r.text
+    assert sample == (status if status in (401, 403) else 503)  # the population needs a key too (503: no store here)
     if status == 401:
         assert r.json() == {"detail": "missing API key (header X-API-Key)"}
     if status == 403:

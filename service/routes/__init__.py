@@ -9,7 +9,7 @@ api_router = APIRouter()
 api_router.include_router(rank.router, dependencies=[ApiKeyDep])
 api_router.include_router(health.router)
 api_router.include_router(events.router)
-api_router.include_router(sample.router)
+api_router.include_router(sample.router, dependencies=[ApiKeyDep])  # the population, like /rank
 api_router.include_router(page.router)
 api_router.include_router(admin.router)
 api_router.include_router(metrics.router)
