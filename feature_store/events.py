@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from feature_store.records import make_records
-from model.data.log import LogFormatError
+from model.data.log import LogFormatError, read_table
 
 EVENT_COLUMNS = ("user_id", "item_id", "cate_id", "timestamp", "event_id")
 MAX_EVENT_ID_BYTES = 128
@@ -91,23 +89,12 @@ class AppendReport:
 def read_events(path: str | Path) -> EventBatch:
     """Events from CSV or Parquet with columns user_id, item_id, cate_id, timestamp, event_id."""
     path = Path(path)
-    if not path.is_file():
-        raise LogFormatError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            convert = pacsv.ConvertOptions(column_types={"event_id": pa.string()})
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
-        else:
-            table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise LogFormatError(f"{path}: cannot be read as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} ({e})") from None
-    missing = [c for c in EVENT_COLUMNS if c not in table.column_names]
-    if missing:
-        raise LogFormatError(
-            f"{path}: missing column(s) {', '.join(missing)}; an events file needs {', '.join(EVENT_COLUMNS)} "
-            f"(event_id: a unique string per event, so a re-sent file is not appended twice)"
-        )
+    table = read_table(
+        path, EVENT_COLUMNS,
+        f"an events file needs {', '.join(EVENT_COLUMNS)} (event_id: a unique string per event, so a re-sent "
+        "file is not appended twice)",
+        column_types={"event_id": pa.string()},
+    )
     cols = []
     for name in EVENT_COLUMNS[:4]:
         col = table.column(name)

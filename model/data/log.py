@@ -15,6 +15,7 @@ Torch-free: the feature store's bulk loader reads logs too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,7 @@ class BehaviourLog:
         return pa.table(cols)
 
 
-def _column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+def int_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     col = table.column(name)
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise LogFormatError(f"{path}: column {name!r} must be integer, found {col.type}")
@@ -140,33 +141,44 @@ def _column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     return pc.cast(col, pa.int64()).to_numpy()
 
 
-def read_log(path: str | Path) -> BehaviourLog:
-    """Read a behaviour log from Parquet or CSV (`user_id, item_id, cate_id, timestamp[, label]`)."""
+def read_table(path: str | Path, required: Sequence[str], what: str, column_types: dict | None = None) -> pa.Table:
+    """A CSV/TSV or Parquet file as an Arrow table, with every `required` column present.
+
+    Errors name the file and what to fix; `what` says what the file should be ("a behaviour
+    log needs ...").
+    """
     path = Path(path)
     if not path.is_file():
         raise LogFormatError(f"{path}: no such file")
     try:
         if path.suffix.lower() in (".csv", ".tsv", ".txt"):
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            convert = pacsv.ConvertOptions(column_types=column_types or {})
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
         else:
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise LogFormatError(f"{path}: cannot be read as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} ({e})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise LogFormatError(
-            f"{path}: missing column(s) {', '.join(missing)}; a behaviour log needs "
-            f"{', '.join(REQUIRED_COLUMNS)} and may have label"
-        )
+        raise LogFormatError(f"{path}: missing column(s) {', '.join(missing)}; {what}")
+    return table
+
+
+def read_log(path: str | Path) -> BehaviourLog:
+    """Read a behaviour log from Parquet or CSV (`user_id, item_id, cate_id, timestamp[, label]`)."""
+    path = Path(path)
+    table = read_table(
+        path, REQUIRED_COLUMNS, f"a behaviour log needs {', '.join(REQUIRED_COLUMNS)} and may have label"
+    )
     label = None
     if "label" in table.column_names:
-        label = _column(table, "label", path)
+        label = int_column(table, "label", path)
         if not np.isin(label, (0, 1)).all():
             raise LogFormatError(f"{path}: column 'label' must be 0 or 1")
         label = label.astype(np.int8)
     return BehaviourLog(
-        *(_column(table, c, path) for c in REQUIRED_COLUMNS), label=label, name=path.name
+        *(int_column(table, c, path) for c in REQUIRED_COLUMNS), label=label, name=path.name
     )
 
 

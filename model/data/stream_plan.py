@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.contract import FeatureSpec, Vocabulary
-from model.data.log import REQUIRED_COLUMNS, LogFormatError, _column
+from model.data.log import REQUIRED_COLUMNS, LogFormatError, int_column
 from model.data.reservoir import BottomKSample
 from model.hashing import HashedIds, IdMapping, row_counts, unit_interval
 
@@ -238,7 +238,7 @@ def log_columns(path: Path) -> tuple[str, ...]:
 def batch_columns(batch: pa.RecordBatch, path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A record batch as int64 numpy columns, validated like `read_log` does."""
     table = pa.Table.from_batches([batch])
-    out = {c: _column(table, c, path) for c in columns}
+    out = {c: int_column(table, c, path) for c in columns}
     if "label" in out and not np.isin(out["label"], (0, 1)).all():
         raise LogFormatError(f"{path}: column 'label' must be 0 or 1")
     return out
