@@ -402,6 +402,7 @@ def load_log(
     if user_ttl_s < 0 or id_ttl_s < 0 or id_window < 1:
         raise ValueError("user_ttl_s and id_ttl_s must be >= 0 and id_window >= 1")
     t0 = time.perf_counter()
+    placeholder = None  # the empty version this load made current, when the store had none
     # numpy, Arrow and hashlib release the GIL: the ads and the data's hash use the other core.
     # The hash is only needed to match an unfinished load, so it may finish during the writes.
     pool = ThreadPoolExecutor(2)
@@ -440,6 +441,9 @@ def load_log(
     try:
         write_fences(client, keys, fence)
         previous_live = _current(client, namespace)
+        if previous_live is None:  # the first load: live events during it need a version to land in now
+            empty = Fence("N", version, int(max_history), 0, int(user_ttl_s), int(id_window), int(id_ttl_s))
+            previous_live = placeholder = create_empty_version(client, namespace, empty)
         _redirect(client, namespace, previous_live, "N", version)
         writer = None if is_cluster(client) else SetWriter(client)
         try:
@@ -509,7 +513,10 @@ def load_log(
     if previous is not None and previous != version:
         if previous != previous_live:  # another load switched meanwhile: it gets our appends too
             _redirect(client, namespace, previous, "N", version)
-        if not keep_old:
+        if previous == placeholder:  # it held only the live events of the load's time, now merged
+            retire_version(client, namespace, previous, version)  # a reader missing a user re-checks at once
+            previous = None  # not a data version: the report says "first load", as before
+        elif not keep_old:
             time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
             deleted = retire_version(client, namespace, previous, version)
     return LoadReport(
@@ -531,13 +538,15 @@ def load_log(
 
 
 def create_empty_version(client, namespace: str, fence: Fence) -> str:
-    """A serving version with no users (the first live event into an empty store creates it).
+    """A serving version with no users: the first live event into an empty store creates one,
+    and so does the first load (its live events land there and are carried over).
 
+    `fence` is its state: "S", or "N" to send its appends on to a loading version as well.
     Returns the current version: ours, or the one another process made current first.
     """
     version = str(client.incr(seq_key(namespace)))
     keys = KeySpace(namespace=namespace, version=version)
-    write_fences(client, keys, fence.to("S"))
+    write_fences(client, keys, fence if fence.state == "N" else fence.to("S"))
     meta = {
         "format_version": FORMAT_VERSION, "profile_fields": [], "ad_fields": list(AD_FIELDS),
         "max_history": fence.max_history, "users": 0, "ads": 0, "events": 0, "user_ttl_s": fence.user_ttl_s,

@@ -208,7 +208,7 @@ def test_events_during_a_load_reach_the_new_version(redis_url, redis_client, mon
     t.start()
     try:
         assert written.wait(30)
-        new_version = str(int(first.version) + 1)
+        (new_version,) = [v.decode() for v in redis_client.hkeys(loading_key())]  # the load in progress
         assert read_fence(redis_client, KeySpace(version=first.version)) == Fence("N", new_version)
         assert read_fence(redis_client, KeySpace(version=new_version)).state == "L"
         # user 2: already written by the load; user 25: not yet; user 77: nowhere
@@ -232,6 +232,41 @@ def test_events_during_a_load_reach_the_new_version(redis_url, redis_client, mon
     # a retry of the same batch after the switch is still recognised in the new version
     (again,), _ = run(append_and_read(redis_url, [live], [2]))
     assert (again.applied, again.duplicates) == (0, 4)
+
+
+def test_events_during_the_first_load_into_an_empty_store_are_kept(redis_url, redis_client, monkeypatch):
+    """No version before the load: events sent while it runs land in an empty serving version
+    (readers see them at once) and are carried into the loaded version; the placeholder goes."""
+    store = RedisHistoryStore.from_url(redis_url)
+    written, resume = threading.Event(), threading.Event()
+    real_send = loader.SetWriter.send
+
+    def pausing_send(self, keys, *args, **kw):
+        real_send(self, keys, *args, **kw)
+        written.set()
+        assert resume.wait(30)
+
+    monkeypatch.setattr(loader.SetWriter, "send", pausing_send)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=store.bulk_load(small_log(), chunk_users=10)))
+    t.start()
+    try:
+        assert written.wait(30)
+        live = events([(1, 12, 3, 200), (9, 90, 9, 5)], ["x", "y"])  # user 1 is in the log, user 9 is not
+        (report,), during = run(append_and_read(redis_url, [live], [1, 9]))
+        assert report.applied == 2 and report.version == redis_client.get(current_key()).decode()
+        assert [tuples(h) for h in during] == [[(12, 3, 200)], [(90, 9, 5)]]  # the empty version + live events
+    finally:
+        resume.set()
+        t.join(30)
+    load = result["r"]
+    assert load.previous_version is None and load.merged_users == 2
+    assert redis_client.get(current_key()).decode() == load.version
+    (again,), after = run(append_and_read(redis_url, [live], [1, 2, 9]))
+    assert (again.applied, again.duplicates) == (0, 2)  # the event ids came along too
+    assert tuples(after[0]) == [(11, 1, 300), (12, 3, 200), (10, 1, 100)]  # merged in timestamp order
+    assert tuples(after[1]) == [(20, 2, 50)] and tuples(after[2]) == [(90, 9, 5)]
+    assert {k.split(b":")[1] for k in redis_client.keys("din:v*")} == {f"v{load.version}".encode()}  # placeholder gone
 
 
 def test_a_stale_appender_follows_the_fences_to_the_new_version(redis_url, redis_client):
