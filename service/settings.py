@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         default=0.2, ge=0, le=1000, description="A lone request waits at most this long for others to batch with."
     )
+    batch_pipeline_depth: int = Field(
+        default=2, ge=1, le=8,
+        description="Batches formed ahead of the scorer: the next batch's histories are fetched while one is scored "
+        "(1: fetch and score strictly in turn).",
+    )
     max_queue: int = Field(
         default=256, ge=1, le=1_000_000, description="Requests waiting for the scorer; past it, 503 with Retry-After."
     )
@@ -227,6 +232,7 @@ class Settings(BaseSettings):
         return BatcherConfig(
             max_batch_candidates=self.batch_candidates(on_gpu), max_wait_s=self.batch_max_wait_ms / 1000.0,
             max_queue=self.max_queue, deadline_s=self.request_deadline_ms / 1000.0,
+            pipeline_depth=self.batch_pipeline_depth,
         )  # fmt: skip
 
 

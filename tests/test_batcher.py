@@ -247,3 +247,28 @@ async def test_batched_requests_keep_category_lookup_explain_and_metrics(bundle,
     assert value(m, "din_scoring_batch_candidates_sum") == sum(len(b["candidates"]) for b in bodies) * 2
     assert value(m, "din_store_request_duration_seconds_count", op="get_histories") == 5  # one store call per batch
     assert value(m, "din_scoring_queue_depth") == 0
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_the_next_batch_is_fetched_while_one_is_scored(bundle, store_url, depth):
+    """Pipelining: with depth 2 a batch's store read happens while the previous batch is on
+    the scoring thread (the thread never waits for a fetch); depth 1 keeps them in turn.
+    Every request is still answered with its own scores."""
+    overlapped = []
+    config = BatcherConfig(max_batch_candidates=1, max_wait_s=0.0, deadline_s=30, pipeline_depth=depth)
+    async with running(bundle, store_url, config) as (batcher, scorer, batches):
+        fetch = batcher.fetch
+
+        async def observed_fetch(users):
+            overlapped.append(len(batcher._in_flight))  # batches handed to the scoring thread, not yet answered
+            return await fetch(users)
+
+        batcher.fetch = observed_fetch
+        requests = [(u, candidates(u, 400)) for u in list(USERS) * 4]  # one request per batch (max 1 candidate)
+        results = await asyncio.gather(*(batcher.submit(u, c) for u, c in requests))
+        alone = [await batcher.submit(u, c) for u, c in requests[:3]]
+    assert len(batches) == len(requests) + 3 and all(b.users == 1 for b in batches)
+    assert max(overlapped) == depth - 1  # never more batches ahead of the scorer than the depth
+    for got, ref in zip(results[:3], alone):
+        np.testing.assert_allclose(got.scored.ctr, ref.scored.ctr, rtol=1e-6)
+    assert all(r.scored.ctr.shape == (400,) for r in results)
