@@ -248,6 +248,21 @@ async def test_healthz_and_readyz_when_all_is_well(trained, loaded_redis):
     assert body["providers"][-1] == "CPUExecutionProvider"
 
 
+async def test_start_up_settles_the_process_for_serving(trained, loaded_redis):
+    """Start-up objects are frozen out of the garbage collector's full passes (a full pass
+    over them stalls every request in flight), and the GIL switch interval is the setting's;
+    shutdown gives both back."""
+    import gc
+    import sys
+
+    interval, frozen = sys.getswitchinterval(), gc.get_freeze_count()
+    async with serving(settings_for(trained.bundle.path, loaded_redis, gil_switch_interval_ms=0.3)) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert gc.get_freeze_count() > frozen + 10_000  # the modules, the model, the app
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
+    assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == interval
+
+
 async def test_redis_down_degrades_instead_of_failing(trained, loaded_redis, redis_server):
     user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
     cands = some_candidates(trained.log, 10, seed=3)
