@@ -57,7 +57,6 @@ from model.checkpoint import (
     set_rng_state,
 )
 from model.config import ModelConfig
-from model.contract import PAD_ROW, UNK_ROW
 from model.data.stream import (
     DEFAULT_SHARDS,
     DEFAULT_SHUFFLE_WINDOW,
@@ -69,10 +68,20 @@ from model.data.stream import (
 )
 from model.data.stream_loader import process_batches
 from model.data.stream_plan import PLAN_JSON, TEST, TRAIN, VALIDATION, StreamConfig, StreamPlan, plan_stream
-from model.distributed import DistContext, all_gather_object, all_reduce_sum, barrier, broadcast_object, distributed
+from model.distributed import (
+    DistContext,
+    all_gather_cat,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    distributed,
+)
 from model.export import export_bundle
 from model.inputs import split_inputs
 from model.metric_sums import MetricSums
+from model.objective import Objective
+from model.regularization import HashedCoins, RegularizationConfig
 from model.registry import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -227,20 +236,24 @@ def _default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // max(local, 1))
 
 
+def _named_on_device(batch: SampleBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.named_inputs().items()}
+
+
 def _to_device(batch: SampleBatch, spec, device: torch.device):
-    named = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.named_inputs().items()}
-    return split_inputs(spec, named), torch.from_numpy(batch.label).to(device)
+    return split_inputs(spec, _named_on_device(batch, device)), torch.from_numpy(batch.label).to(device)
 
 
-def _stand_in_batch(fields: tuple[str, ...]) -> SampleBatch:
-    """One sample (empty history, unknown candidate) trained with weight 0 by a rank whose shards ran dry."""
-    return SampleBatch(
-        hist={f: np.full((1, 1), PAD_ROW, np.int64) for f in fields},
-        cand={f: np.full(1, UNK_ROW, np.int64) for f in fields},
-        label=np.zeros(1, np.float32),
-        user_id=np.zeros(1, np.int64),
-        sample_id=np.full(1, -1, np.int64),
-    )
+def _global_rows(ctx: DistContext, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MBA's present rows of the GLOBAL batch: the union of every process's rows, per field."""
+    if not ctx.distributed:
+        return rows
+    return {f: torch.unique(all_gather_cat(ctx, r)) for f, r in rows.items()}
+
+
+def _dropout_salt(seed: int, epoch: int) -> int:
+    """Id dropout's coins differ per seed and epoch, never per process (model/regularization.py HashedCoins)."""
+    return (seed % 2**31) * 4096 + epoch
 
 
 def _params_digest(model: nn.Module) -> str:
@@ -351,7 +364,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
     if ctx.distributed:
         ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    objective = Objective.build(plan.spec, RegularizationConfig(), plan.row_counts, ctx.device)
 
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_score = None, 0, -np.inf
@@ -395,7 +408,6 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
 
     # -- training ------------------------------------------------------------------------------
     trained, train_seconds, replica_checks = 0, 0.0, 0
-    dummy = _stand_in_batch(plan.spec.sequence_fields)
     while epoch <= config.epochs:
         layout = shard_layout(plan, epoch, config.shards, config.batch_size)
         steps = layout.steps if config.max_steps is None else min(layout.steps, config.max_steps)
@@ -413,10 +425,11 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
             if step >= steps:
                 break
             n_global = layout.global_batch_size(step)
-            real = len(batch) > 0
-            inputs, label = _to_device(batch if real else dummy, plan.spec, ctx.device)
-            logit, _ = ddp(*inputs)
-            loss = loss_fn(logit, label) * (ctx.world / n_global if real else 0.0)
+            real = len(batch) > 0  # an empty batch (shards ran dry) still takes part: it adds nothing
+            named = objective.drop(_named_on_device(batch, ctx.device), HashedCoins(batch.sample_id, _dropout_salt(config.seed, epoch)))
+            logit, _ = ddp(*split_inputs(plan.spec, named))
+            label = torch.from_numpy(batch.label).to(ctx.device)
+            loss, data_loss = objective(model, logit, label, _global_rows(ctx, objective.rows(named)), share=ctx.world / n_global)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -424,7 +437,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
             global_step += 1
             if real:
                 trained += len(batch)
-                loss_sum += (float(loss.detach()) * n_global / ctx.world, len(batch))
+                loss_sum += (float(data_loss.detach()) * n_global / ctx.world, len(batch))
                 if config.record_samples:
                     seen.append(batch.sample_id.copy())
             if config.verify_replicas and ctx.distributed:
