@@ -81,7 +81,7 @@ from model.export import export_bundle
 from model.inputs import split_inputs
 from model.metric_sums import MetricSums
 from model.objective import Objective
-from model.regularization import HashedCoins, RegularizationConfig
+from model.regularization import REGULARIZERS, HashedCoins, RegularizationConfig
 from model.registry import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,9 @@ class DistTrainConfig:
     max_history: int = field(default=50, metadata=_help("behaviours per history"))
     embedding_dim: int = field(default=16, metadata=_help("embedding size per id field"))
     attention_softmax: bool = field(default=False, metadata=_help("normalise attention with a softmax"))
+    reg: str = field(default="none", metadata=_help("regulariser: " + " | ".join(REGULARIZERS) + " (model/regularization.py)"))
+    reg_lambda: float = field(default=0.0, metadata=_help("lambda of --reg l2 / mba"))
+    id_dropout: float = field(default=0.5, metadata=_help("drop probability of --reg dropout"))
     negatives: int = field(default=1, metadata=_help("negatives per positive, for logs without labels"))
     eval_batch_size: int = field(default=1024, metadata=_help("batch size of validation and test (memory: activations)"))
     hash_buckets: int | None = field(default=None, metadata=_help("hash ids into this many rows per field (default: vocabularies)"))
@@ -143,6 +146,11 @@ class DistTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.hash_buckets is not None and self.hash_buckets < 1:
             raise ValueError(f"hash_buckets must be >= 1, got {self.hash_buckets}")
+        _data_scheme(self.data)
+        self.regularization()  # validates reg, reg_lambda, id_dropout
+
+    def regularization(self) -> RegularizationConfig:
+        return RegularizationConfig(kind=self.reg, lam=self.reg_lambda, id_dropout=self.id_dropout)
 
     @property
     def run_path(self) -> Path:
@@ -184,8 +192,11 @@ _OPTIONAL_TYPES = {"run_dir": Path, "hash_buckets": int, "threads": int, "max_st
 # What must match for --resume to continue a run (the rest may change, e.g. progress).
 _RESUME_KEYS = (
     "data", "model", "epochs", "batch_size", "lr", "seed", "max_history", "embedding_dim", "attention_softmax",
-    "negatives", "hash_buckets", "shards", "block_events", "shuffle_window", "checkpoint_every", "max_steps",
+    "reg", "reg_lambda", "id_dropout", "negatives", "hash_buckets", "shards", "block_events", "shuffle_window",
+    "checkpoint_every", "max_steps",
 )  # fmt: skip
+
+_DEFAULTS_BEFORE_REG = {"reg": "none", "reg_lambda": 0.0, "id_dropout": 0.5}
 
 
 @dataclass
@@ -284,27 +295,33 @@ def evaluate_stream(
     return sums.reduce(partial(all_reduce_sum, ctx)).result()
 
 
-def _resolve_data(config: DistTrainConfig, ctx: DistContext) -> Path:
-    scheme, _, arg = config.data.partition(":")
+def _data_scheme(data: str) -> tuple[str, str]:
+    """("events", PATH) or ("synthetic", ""): the only sources streamed training reads."""
+    scheme, _, arg = data.partition(":")
     scheme = scheme.strip().lower()
-    if scheme == "events" and arg:
-        return Path(arg)
-    if scheme == "synthetic" and not arg:
-        path = config.run_path / SYNTHETIC_FILE
-        if ctx.is_main and not path.is_file():
-            from model.data.synthetic import DEFAULT_SYNTHETIC, write_synthetic
-
-            write_synthetic(DEFAULT_SYNTHETIC, path, chunk_users=4096)  # sorted, small row groups
-        barrier(ctx)
-        return path
+    if (scheme == "events" and arg) or (scheme == "synthetic" and not arg):
+        return scheme, arg
     raise ValueError(
         f"streamed training reads a Parquet log: --data events:PATH (sorted by user and time; "
-        f"`din prepare` sorts one) or synthetic, got {config.data!r}"
+        f"`din prepare` sorts one) or synthetic, got {data!r}"
     )
 
 
+def _resolve_data(config: DistTrainConfig, ctx: DistContext) -> Path:
+    scheme, arg = _data_scheme(config.data)
+    if scheme == "events":
+        return Path(arg)
+    path = config.run_path / SYNTHETIC_FILE
+    if ctx.is_main and not path.is_file():
+        from model.data.synthetic import DEFAULT_SYNTHETIC, write_synthetic
+
+        write_synthetic(DEFAULT_SYNTHETIC, path, chunk_users=4096)  # sorted, small row groups
+    barrier(ctx)
+    return path
+
+
 def _check_resumable(config: DistTrainConfig, state: dict, world: int, path: Path) -> None:
-    old = state["config"]
+    old = {**_DEFAULTS_BEFORE_REG, **state["config"]}  # checkpoints from before --reg existed had none
     changed = [k for k in _RESUME_KEYS if old.get(k) != config.to_json().get(k)]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config.to_json().get(k)!r}" for k in changed)
@@ -364,7 +381,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
     if ctx.distributed:
         ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    objective = Objective.build(plan.spec, RegularizationConfig(), plan.row_counts, ctx.device)
+    objective = Objective.build(plan.spec, config.regularization(), plan.row_counts, ctx.device)  # n_j: the plan's
 
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_score = None, 0, -np.inf
