@@ -521,7 +521,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
                 out_dir=config.out,
                 data_fingerprint=plan.fingerprint,
                 extra={
-                    "model_config": config.model_config().to_json(),
+                    "model_config": cpu_model.config.to_json(),  # as built: din_dice records its Dice
                     "metrics": {"test": test, "validation": history[best_epoch - 1], "best_epoch": best_epoch},
                     "data_spec": config.data,
                     "train_config": config.to_json(),

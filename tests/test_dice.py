@@ -1,5 +1,6 @@
 """Dice (paper, eq. 9-10): the formula, batch statistics over real positions only, running averages at eval."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from model.dice import Dice
 from model.export import random_inputs
 from model.inputs import split_inputs
 from model.registry import build_model
+from tests.ddp_worker import CASES, launch, run
 
 
 def test_eval_mode_is_the_papers_formula_on_the_running_statistics():
@@ -112,19 +114,7 @@ def test_dice_is_used_only_by_din_dice():
 
 def test_two_processes_use_the_statistics_of_the_global_batch(tmp_path):
     """Like SyncBatchNorm: 2 gloo processes, each with part of a batch (or none), = 1 process with all of it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-
-    from tests.dice_ddp_worker import CASES, run
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tests.dice_ddp_worker", str(tmp_path)]
-    subprocess.run(cmd, cwd=root, env=env, check=True, timeout=120, capture_output=True)
+    launch("dice", tmp_path)
     for masked in (True, False):
         whole = run((0, 4), masked)  # one process, no process group: the reference
         for case, split in CASES.items():
