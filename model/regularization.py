@@ -4,11 +4,18 @@
   the plain approach, whose cost grows with the vocabulary, not the batch.
 - `mba`, mini-batch aware (eq. 6-7): lambda * sum_{j in B} ||w_j||^2 / n_j over the rows
   j of ids PRESENT in the mini-batch B only, each weighted by 1 / n_j, n_j = how often id
-  j occurs in the training samples (as candidate, in a history window, or as profile).
+  j occurs in the training samples (as candidate, in a history window, or as profile;
+  `id_counts`). The streamed trainer takes n_j from its data plan instead: occurrences in
+  the training events, per bucket with hashed ids (model/data/stream_plan.py), and B is
+  the global batch of all processes (model/train_dist.py).
   Rows absent from the batch get exactly zero gradient; a present row gets 2 lambda w_j / n_j.
 - `dropout`: each id of a training sample is replaced by PAD_ROW with probability
   `id_dropout` (the paper's "randomly discard 50% of feature ids in each sample"). A
   behaviour whose item id is dropped leaves the history (the mask follows the item row).
+  The coins come from a torch generator (in memory) or are hashed from the sample's id
+  (`HashedCoins`, streamed: the same on any number of processes and after a resume).
+
+model/objective.py combines them with the data loss, once, for both trainers.
 
 "Id tables" are the `IdTable`s (model/embedding.py): the field embeddings and the
 first-order weights of lr / DeepFM. Wide&Deep's hashed cross-product weights are features

@@ -10,11 +10,15 @@ What it does, in order:
 2. every process builds the same model from the same seed and wraps it in
    DistributedDataParallel (gloo on CPU, nccl on CUDA);
 3. each global step is the union of the virtual shards' batches (model/data/stream.py);
-   a process trains on its shards' part, weighting its summed loss by world / global batch
-   so DDP's gradient average is the gradient of the global batch's mean loss: the result
-   depends on the seed and the shards, not on the number of processes (float rounding
-   aside); a process whose shards have run dry in an epoch's last steps takes part with a
-   zero-weight batch, so no sample is dropped or repeated;
+   a process trains on its shards' part with the loss of model/objective.py (the in-memory
+   trainer's): its summed BCE weighted by world / global batch, so DDP's gradient average
+   is the gradient of the global batch's mean loss, plus the regulariser at full weight on
+   every process (l2, or mba over the rows of the GLOBAL batch, united across processes,
+   n_j from the plan); id dropout's coins are a hash of (sample id, position, seed, epoch),
+   and Dice's batch statistics are all-reduced (model/dice.py). So the result depends on
+   the seed and the shards, not on the number of processes (float rounding aside); a
+   process whose shards have run dry in an epoch's last steps takes part with an empty
+   batch, which adds nothing, so no sample is dropped or repeated;
 4. checkpoints every `checkpoint_every` global steps and at each epoch end; `resume`
    continues from the newest one;
 5. validation per epoch and the final test are reduced across processes
