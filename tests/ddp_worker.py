@@ -104,7 +104,9 @@ def launch(kind: str, out: Path, *args: str) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tests.ddp_worker", kind, str(out), *args]
-    subprocess.run(cmd, cwd=root, env=env, check=True, timeout=180, capture_output=True)
+    proc = subprocess.run(cmd, cwd=root, env=env, timeout=180, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun {kind} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
 
 
 def main(kind: str, out: Path, args: list[str]) -> None:
