@@ -113,12 +113,10 @@ def main(kind: str, out: Path, args: list[str]) -> None:
     if kind == "mba":
         np.savez(out / f"mba-rank{int(os.environ['RANK'])}.npz", **mba_gradient(Path(args[0])))
         return
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    for case, split in CASES.items():
-        for masked in (True, False):
-            np.savez(out / f"{case}-{'mask' if masked else 'flat'}-rank{rank}.npz", **run(split[rank], masked))
-    dist.destroy_process_group()
+    with distributed("cpu") as ctx:  # the trainer's process group (and its careful teardown)
+        for case, split in CASES.items():
+            for masked in (True, False):
+                np.savez(out / f"{case}-{'mask' if masked else 'flat'}-rank{ctx.rank}.npz", **run(split[ctx.rank], masked))
 
 
 if __name__ == "__main__":
