@@ -8,11 +8,19 @@ otherwise pull the mean towards whatever the padding computes. Running averages 
 are kept (like batch norm), and `eval()` uses those, so an exported graph is element-wise
 ops on frozen statistics. The variance is the biased one in both places, so a model whose
 running statistics have converged on a batch scores that batch the same in both modes.
+
+Data parallel (torchrun, model/train_dist.py): in training mode inside a process group of
+more than one process, the statistics are those of the GLOBAL batch, as SyncBatchNorm's:
+each process's masked sums (real positions, weighted sum, weighted squared deviations) are
+summed over the processes by an autograd-aware all-reduce, so N processes train the model
+one process trains on the same global batches. A process with an empty batch adds zeros;
+one process alone makes no collective call and computes exactly what it did before.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -42,22 +50,51 @@ class Dice(nn.Module):
         """Per-feature mean and (biased) variance over the real positions; updates the running averages.
 
         Masked sums as matrix-vector products (no gather of the real rows): a weight of 1 per
-        real position, 0 per padded one.
+        real position, 0 per padded one. Under data-parallel training the sums are over the
+        GLOBAL batch (`_all_processes`), so N processes train the model one process trains.
         """
         flat = s.reshape(-1, s.shape[-1])  # (M, C)
-        if mask is None:
-            weight = torch.full((flat.shape[0],), 1.0 / max(flat.shape[0], 1), dtype=s.dtype)  # (M,)
+        if mask is not None and mask.shape != s.shape[:-1]:
+            raise ValueError(f"Dice mask has shape {tuple(mask.shape)}, expected {tuple(s.shape[:-1])}")
+        synced = _data_parallel()
+        if mask is None:  # every position is real
+            n = float(flat.shape[0])
+            if synced:
+                n = _all_processes(torch.tensor(n, dtype=s.dtype, device=s.device)).item()
+            weight = torch.full((flat.shape[0],), 1.0 / max(n, 1.0), dtype=s.dtype, device=s.device)  # (M,)
         else:
-            if mask.shape != s.shape[:-1]:
-                raise ValueError(f"Dice mask has shape {tuple(mask.shape)}, expected {tuple(s.shape[:-1])}")
             m = mask.reshape(-1).to(s.dtype)  # (M,)
             count = m.sum()
-            if count.item() == 0:  # nothing real in the batch: keep the running statistics
-                return self.running_mean, self.running_var
+            if synced:
+                count = _all_processes(count)
+            n = count.item()
             weight = m / count  # (M,)
+        if n == 0:  # nothing real in the (global) batch: keep the running statistics
+            return self.running_mean, self.running_var
         mean = weight @ flat  # (C,)
+        if synced:
+            mean = _all_processes(mean)
         var = weight @ (flat - mean).square()  # (C,)
+        if synced:
+            var = _all_processes(var)
         with torch.no_grad():
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach(), self.momentum)
         return mean, var
+
+
+def _data_parallel() -> bool:
+    """Inside a process group of more than one process (torchrun, model/distributed.py)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_processes(partial: Tensor) -> Tensor:
+    """Sum over the processes (autograd-aware, like SyncBatchNorm's): the global batch's statistic.
+
+    Every process calls it, once per Dice layer and forward, in the same order, also with an
+    empty batch (zeros: it adds nothing). The backward of a sum over processes is the sum of
+    the gradients, so each process gets d(every process's loss) / d(its own part).
+    """
+    import torch.distributed._functional_collectives as funcol  # where torch.distributed.nn.functional now points
+
+    return funcol.all_reduce(partial, "sum", dist.group.WORLD).wait()

@@ -95,6 +95,21 @@ def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def all_gather_cat(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Every process's 1-d tensor (lengths may differ), concatenated in rank order, on every process."""
+    if not ctx.distributed:
+        return values
+    values = values.reshape(-1)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(ctx.world)]
+    dist.all_gather(sizes, torch.tensor([values.numel()], dtype=torch.int64, device=values.device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+
 def all_gather_object(ctx: DistContext, obj: object) -> list:
     if not ctx.distributed:
         return [obj]

@@ -4,11 +4,18 @@
   the plain approach, whose cost grows with the vocabulary, not the batch.
 - `mba`, mini-batch aware (eq. 6-7): lambda * sum_{j in B} ||w_j||^2 / n_j over the rows
   j of ids PRESENT in the mini-batch B only, each weighted by 1 / n_j, n_j = how often id
-  j occurs in the training samples (as candidate, in a history window, or as profile).
+  j occurs in the training samples (as candidate, in a history window, or as profile;
+  `id_counts`). The streamed trainer takes n_j from its data plan instead: occurrences in
+  the training events, per bucket with hashed ids (model/data/stream_plan.py), and B is
+  the global batch of all processes (model/train_dist.py).
   Rows absent from the batch get exactly zero gradient; a present row gets 2 lambda w_j / n_j.
 - `dropout`: each id of a training sample is replaced by PAD_ROW with probability
   `id_dropout` (the paper's "randomly discard 50% of feature ids in each sample"). A
   behaviour whose item id is dropped leaves the history (the mask follows the item row).
+  The coins come from a torch generator (in memory) or are hashed from the sample's id
+  (`HashedCoins`, streamed: the same on any number of processes and after a resume).
+
+model/objective.py combines them with the data loss, once, for both trainers.
 
 "Id tables" are the `IdTable`s (model/embedding.py): the field embeddings and the
 first-order weights of lr / DeepFM. Wide&Deep's hashed cross-product weights are features
@@ -27,6 +34,7 @@ from torch import Tensor, nn
 from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
 from model.data.samples import Samples
 from model.embedding import IdTable
+from model.hashing import splitmix64, unit_interval
 
 REGULARIZERS = ("none", "l2", "mba", "dropout")
 
@@ -99,8 +107,12 @@ def mba_penalty(
 
     `counts` per field: float tensors of n_j (id_counts, clamped to >= 1 by the caller).
     """
-    rows = present_rows(spec, inputs)
-    total = torch.zeros(())
+    return mba_penalty_on_rows(model, present_rows(spec, inputs), counts, lam)
+
+
+def mba_penalty_on_rows(model: nn.Module, rows: Mapping[str, Tensor], counts: Mapping[str, Tensor], lam: float) -> Tensor:
+    """The same over given present rows per field (data-parallel training passes the global batch's)."""
+    total = torch.zeros((), device=next(model.parameters()).device)
     for table in id_tables(model):
         r = rows[table.field]
         w = table.weight.index_select(0, r)  # (|B_f|, dim)
@@ -108,13 +120,46 @@ def mba_penalty(
     return lam * total
 
 
-def drop_ids(spec: FeatureSpec, inputs: Mapping[str, Tensor], rate: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """Each id of the batch -> PAD_ROW with probability `rate` (training only)."""
-    out = dict(inputs)
+@dataclass(frozen=True)
+class HashedCoins:
+    """Id dropout's coins as a hash of (sample id, input, position, salt): no RNG state at all.
+
+    A sample's dropped ids then do not depend on which process trains it, next to which other
+    samples, or whether the run was interrupted and resumed (streamed data-parallel training
+    salts with seed and epoch, model/train_dist.py).
+    """
+
+    sample_ids: np.ndarray  # int64 (n,): one per sample of the batch
+    salt: int
+
+    def uniform(self, k: int, shape: torch.Size) -> Tensor:
+        """U[0, 1) per element of input number `k` of shape (n,) or (n, T)."""
+        width = shape[1] if len(shape) == 2 else 1
+        with np.errstate(over="ignore"):  # uint64 wraparound, as in the hash itself
+            keys = splitmix64(self.sample_ids)[:, None] + np.arange(width, dtype=np.uint64)  # (n, width)
+        u = unit_interval(keys.view(np.int64), salt=self.salt * 64 + k + 1)
+        return torch.from_numpy(u.astype(np.float32).reshape(tuple(shape)))
+
+
+def id_inputs(spec: FeatureSpec) -> list[str]:
+    """The inputs that hold ids (what dropout may drop): histories, candidates, profiles."""
     names = [hist_input(f) for f in spec.sequence_fields] + [cand_input(f) for f in spec.sequence_fields]
-    names += [profile_input(f) for f in spec.profile_fields]
-    for name in names:
+    return names + [profile_input(f) for f in spec.profile_fields]
+
+
+def drop_ids(
+    spec: FeatureSpec, inputs: Mapping[str, Tensor], rate: float, coins: torch.Generator | HashedCoins
+) -> dict[str, Tensor]:
+    """Each id of the batch -> PAD_ROW with probability `rate` (training only).
+
+    `coins`: a torch generator (the in-memory trainer), or HashedCoins (the streamed one).
+    """
+    out = dict(inputs)
+    for k, name in enumerate(id_inputs(spec)):
         x = inputs[name]
-        drop = torch.rand(x.shape, generator=generator) < rate
-        out[name] = x.masked_fill(drop, PAD_ROW)
+        if isinstance(coins, HashedCoins):
+            u = coins.uniform(k, x.shape).to(x.device)
+        else:
+            u = torch.rand(x.shape, generator=coins)
+        out[name] = x.masked_fill(u < rate, PAD_ROW)
     return out

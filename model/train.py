@@ -1,7 +1,7 @@
 """Train a CTR model on a behaviour log, select on validation, report test once, export.
 
-The trainer owns the loss (BCE on logits), the regulariser (model/regularization.py) and
-the metrics; models only map inputs to (logit, attention). Every sample goes through the
+The trainer owns the loss and the regulariser (model/objective.py, shared with the streamed
+trainer model/train_dist.py) and the metrics; models only map inputs to (logit, attention). Every sample goes through the
 same scoring path as serving: a batch is U = N = B users/candidates with cand_user = arange(B).
 
 `fit` trains one model on already built samples (the experiment runner reuses one sample
@@ -31,7 +31,8 @@ from model.data.sources import load_source
 from model.export import export_bundle
 from model.inputs import split_inputs
 from model.metrics import ctr_metrics
-from model.regularization import RegularizationConfig, drop_ids, id_counts, l2_penalty, mba_penalty
+from model.objective import Objective
+from model.regularization import RegularizationConfig, id_counts
 from model.registry import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -217,12 +218,9 @@ def _fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None) 
     model = build_model(config.model, samples.spec, config.model_config())
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng([config.seed, 3])
     reg = config.regularization()
-    counts = None
-    if reg.kind == "mba":
-        counts = {f: torch.from_numpy(np.maximum(c, 1.0)).float() for f, c in id_counts(samples).items()}
+    objective = Objective.build(samples.spec, reg, id_counts(samples) if reg.kind == "mba" else None)
     drop_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)
 
     history: list[dict[str, float]] = []
@@ -241,16 +239,9 @@ def _fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None) 
         )
         running = 0.0
         for i, batch in enumerate(bar, 1):
-            inputs = batch.inputs
-            if reg.kind == "dropout":
-                inputs = drop_ids(samples.spec, inputs, reg.id_dropout, drop_generator)
+            inputs = objective.drop(batch.inputs, drop_generator)
             logit, _ = model(*split_inputs(samples.spec, inputs))
-            data_loss = loss_fn(logit, batch.label)
-            loss = data_loss
-            if reg.kind == "l2":
-                loss = loss + l2_penalty(model, reg.lam)
-            elif reg.kind == "mba":
-                loss = loss + mba_penalty(model, samples.spec, inputs, counts, reg.lam)
+            loss, data_loss = objective(model, logit, batch.label, objective.rows(inputs))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -10,11 +10,15 @@ What it does, in order:
 2. every process builds the same model from the same seed and wraps it in
    DistributedDataParallel (gloo on CPU, nccl on CUDA);
 3. each global step is the union of the virtual shards' batches (model/data/stream.py);
-   a process trains on its shards' part, weighting its summed loss by world / global batch
-   so DDP's gradient average is the gradient of the global batch's mean loss: the result
-   depends on the seed and the shards, not on the number of processes (float rounding
-   aside); a process whose shards have run dry in an epoch's last steps takes part with a
-   zero-weight batch, so no sample is dropped or repeated;
+   a process trains on its shards' part with the loss of model/objective.py (the in-memory
+   trainer's): its summed BCE weighted by world / global batch, so DDP's gradient average
+   is the gradient of the global batch's mean loss, plus the regulariser at full weight on
+   every process (l2, or mba over the rows of the GLOBAL batch, united across processes,
+   n_j from the plan); id dropout's coins are a hash of (sample id, position, seed, epoch),
+   and Dice's batch statistics are all-reduced (model/dice.py). So the result depends on
+   the seed and the shards, not on the number of processes (float rounding aside); a
+   process whose shards have run dry in an epoch's last steps takes part with an empty
+   batch, which adds nothing, so no sample is dropped or repeated;
 4. checkpoints every `checkpoint_every` global steps and at each epoch end; `resume`
    continues from the newest one;
 5. validation per epoch and the final test are reduced across processes
@@ -57,7 +61,6 @@ from model.checkpoint import (
     set_rng_state,
 )
 from model.config import ModelConfig
-from model.contract import PAD_ROW, UNK_ROW
 from model.data.stream import (
     DEFAULT_SHARDS,
     DEFAULT_SHUFFLE_WINDOW,
@@ -69,10 +72,20 @@ from model.data.stream import (
 )
 from model.data.stream_loader import process_batches
 from model.data.stream_plan import PLAN_JSON, TEST, TRAIN, VALIDATION, StreamConfig, StreamPlan, plan_stream
-from model.distributed import DistContext, all_gather_object, all_reduce_sum, barrier, broadcast_object, distributed
+from model.distributed import (
+    DistContext,
+    all_gather_cat,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    distributed,
+)
 from model.export import export_bundle
 from model.inputs import split_inputs
 from model.metric_sums import MetricSums
+from model.objective import Objective
+from model.regularization import REGULARIZERS, HashedCoins, RegularizationConfig
 from model.registry import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -97,6 +110,9 @@ class DistTrainConfig:
     max_history: int = field(default=50, metadata=_help("behaviours per history"))
     embedding_dim: int = field(default=16, metadata=_help("embedding size per id field"))
     attention_softmax: bool = field(default=False, metadata=_help("normalise attention with a softmax"))
+    reg: str = field(default="none", metadata=_help("regulariser: " + " | ".join(REGULARIZERS) + " (model/regularization.py)"))
+    reg_lambda: float = field(default=0.0, metadata=_help("lambda of --reg l2 / mba"))
+    id_dropout: float = field(default=0.5, metadata=_help("drop probability of --reg dropout"))
     negatives: int = field(default=1, metadata=_help("negatives per positive, for logs without labels"))
     eval_batch_size: int = field(default=1024, metadata=_help("batch size of validation and test (memory: activations)"))
     hash_buckets: int | None = field(default=None, metadata=_help("hash ids into this many rows per field (default: vocabularies)"))
@@ -134,6 +150,11 @@ class DistTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.hash_buckets is not None and self.hash_buckets < 1:
             raise ValueError(f"hash_buckets must be >= 1, got {self.hash_buckets}")
+        _data_scheme(self.data)
+        self.regularization()  # validates reg, reg_lambda, id_dropout
+
+    def regularization(self) -> RegularizationConfig:
+        return RegularizationConfig(kind=self.reg, lam=self.reg_lambda, id_dropout=self.id_dropout)
 
     @property
     def run_path(self) -> Path:
@@ -175,8 +196,11 @@ _OPTIONAL_TYPES = {"run_dir": Path, "hash_buckets": int, "threads": int, "max_st
 # What must match for --resume to continue a run (the rest may change, e.g. progress).
 _RESUME_KEYS = (
     "data", "model", "epochs", "batch_size", "lr", "seed", "max_history", "embedding_dim", "attention_softmax",
-    "negatives", "hash_buckets", "shards", "block_events", "shuffle_window", "checkpoint_every", "max_steps",
+    "reg", "reg_lambda", "id_dropout", "negatives", "hash_buckets", "shards", "block_events", "shuffle_window",
+    "checkpoint_every", "max_steps",
 )  # fmt: skip
+
+_DEFAULTS_BEFORE_REG = {"reg": "none", "reg_lambda": 0.0, "id_dropout": 0.5}
 
 
 @dataclass
@@ -227,20 +251,24 @@ def _default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // max(local, 1))
 
 
+def _named_on_device(batch: SampleBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.named_inputs().items()}
+
+
 def _to_device(batch: SampleBatch, spec, device: torch.device):
-    named = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.named_inputs().items()}
-    return split_inputs(spec, named), torch.from_numpy(batch.label).to(device)
+    return split_inputs(spec, _named_on_device(batch, device)), torch.from_numpy(batch.label).to(device)
 
 
-def _stand_in_batch(fields: tuple[str, ...]) -> SampleBatch:
-    """One sample (empty history, unknown candidate) trained with weight 0 by a rank whose shards ran dry."""
-    return SampleBatch(
-        hist={f: np.full((1, 1), PAD_ROW, np.int64) for f in fields},
-        cand={f: np.full(1, UNK_ROW, np.int64) for f in fields},
-        label=np.zeros(1, np.float32),
-        user_id=np.zeros(1, np.int64),
-        sample_id=np.full(1, -1, np.int64),
-    )
+def _global_rows(ctx: DistContext, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MBA's present rows of the GLOBAL batch: the union of every process's rows, per field."""
+    if not ctx.distributed:
+        return rows
+    return {f: torch.unique(all_gather_cat(ctx, r)) for f, r in rows.items()}
+
+
+def _dropout_salt(seed: int, epoch: int) -> int:
+    """Id dropout's coins differ per seed and epoch, never per process (model/regularization.py HashedCoins)."""
+    return (seed % 2**31) * 4096 + epoch
 
 
 def _params_digest(model: nn.Module) -> str:
@@ -271,27 +299,33 @@ def evaluate_stream(
     return sums.reduce(partial(all_reduce_sum, ctx)).result()
 
 
-def _resolve_data(config: DistTrainConfig, ctx: DistContext) -> Path:
-    scheme, _, arg = config.data.partition(":")
+def _data_scheme(data: str) -> tuple[str, str]:
+    """("events", PATH) or ("synthetic", ""): the only sources streamed training reads."""
+    scheme, _, arg = data.partition(":")
     scheme = scheme.strip().lower()
-    if scheme == "events" and arg:
-        return Path(arg)
-    if scheme == "synthetic" and not arg:
-        path = config.run_path / SYNTHETIC_FILE
-        if ctx.is_main and not path.is_file():
-            from model.data.synthetic import DEFAULT_SYNTHETIC, write_synthetic
-
-            write_synthetic(DEFAULT_SYNTHETIC, path, chunk_users=4096)  # sorted, small row groups
-        barrier(ctx)
-        return path
+    if (scheme == "events" and arg) or (scheme == "synthetic" and not arg):
+        return scheme, arg
     raise ValueError(
         f"streamed training reads a Parquet log: --data events:PATH (sorted by user and time; "
-        f"`din prepare` sorts one) or synthetic, got {config.data!r}"
+        f"`din prepare` sorts one) or synthetic, got {data!r}"
     )
 
 
+def _resolve_data(config: DistTrainConfig, ctx: DistContext) -> Path:
+    scheme, arg = _data_scheme(config.data)
+    if scheme == "events":
+        return Path(arg)
+    path = config.run_path / SYNTHETIC_FILE
+    if ctx.is_main and not path.is_file():
+        from model.data.synthetic import DEFAULT_SYNTHETIC, write_synthetic
+
+        write_synthetic(DEFAULT_SYNTHETIC, path, chunk_users=4096)  # sorted, small row groups
+    barrier(ctx)
+    return path
+
+
 def _check_resumable(config: DistTrainConfig, state: dict, world: int, path: Path) -> None:
-    old = state["config"]
+    old = {**_DEFAULTS_BEFORE_REG, **state["config"]}  # checkpoints from before --reg existed had none
     changed = [k for k in _RESUME_KEYS if old.get(k) != config.to_json().get(k)]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {config.to_json().get(k)!r}" for k in changed)
@@ -351,7 +385,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
     if ctx.distributed:
         ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    objective = Objective.build(plan.spec, config.regularization(), plan.row_counts, ctx.device)  # n_j: the plan's
 
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_score = None, 0, -np.inf
@@ -395,7 +429,6 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
 
     # -- training ------------------------------------------------------------------------------
     trained, train_seconds, replica_checks = 0, 0.0, 0
-    dummy = _stand_in_batch(plan.spec.sequence_fields)
     while epoch <= config.epochs:
         layout = shard_layout(plan, epoch, config.shards, config.batch_size)
         steps = layout.steps if config.max_steps is None else min(layout.steps, config.max_steps)
@@ -413,10 +446,11 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
             if step >= steps:
                 break
             n_global = layout.global_batch_size(step)
-            real = len(batch) > 0
-            inputs, label = _to_device(batch if real else dummy, plan.spec, ctx.device)
-            logit, _ = ddp(*inputs)
-            loss = loss_fn(logit, label) * (ctx.world / n_global if real else 0.0)
+            real = len(batch) > 0  # an empty batch (shards ran dry) still takes part: it adds nothing
+            named = objective.drop(_named_on_device(batch, ctx.device), HashedCoins(batch.sample_id, _dropout_salt(config.seed, epoch)))
+            logit, _ = ddp(*split_inputs(plan.spec, named))
+            label = torch.from_numpy(batch.label).to(ctx.device)
+            loss, data_loss = objective(model, logit, label, _global_rows(ctx, objective.rows(named)), share=ctx.world / n_global)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -424,7 +458,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
             global_step += 1
             if real:
                 trained += len(batch)
-                loss_sum += (float(loss.detach()) * n_global / ctx.world, len(batch))
+                loss_sum += (float(data_loss.detach()) * n_global / ctx.world, len(batch))
                 if config.record_samples:
                     seen.append(batch.sample_id.copy())
             if config.verify_replicas and ctx.distributed:
@@ -491,7 +525,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
                 out_dir=config.out,
                 data_fingerprint=plan.fingerprint,
                 extra={
-                    "model_config": config.model_config().to_json(),
+                    "model_config": cpu_model.config.to_json(),  # as built: din_dice records its Dice
                     "metrics": {"test": test, "validation": history[best_epoch - 1], "best_epoch": best_epoch},
                     "data_spec": config.data,
                     "train_config": config.to_json(),

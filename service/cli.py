@@ -138,8 +138,15 @@ def train(
     if stream or nproc > 1 or resume or hash_buckets or checkpoint_every or run_dir or workers:
         from model.train_dist import DistTrainConfig
 
-        streamed = dict(resume=resume, hash_buckets=hash_buckets, checkpoint_every=checkpoint_every, run_dir=run_dir, workers=workers)
-        _train_streamed(DistTrainConfig(data=data, model=model, seed=seed, out=out, **streamed, **({"epochs": epochs} if epochs else {})), nproc, json_output)
+        try:  # every option of this command reaches the streamed trainer; a bad value is an error here
+            config = DistTrainConfig(
+                data=data, model=model, seed=seed, out=out, resume=resume, hash_buckets=hash_buckets,
+                checkpoint_every=checkpoint_every, run_dir=run_dir, workers=workers, reg=reg, reg_lambda=reg_lambda,
+                id_dropout=id_dropout, attention_softmax=attention_softmax, **({"epochs": epochs} if epochs else {}),
+            )  # fmt: skip
+        except ValueError as e:
+            _fail(str(e))
+        _train_streamed(config, nproc, json_output)
         return
     _load_log(data)  # validates --data early with a clear message
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from model.bundle import load_bundle
 from model.data.log import BehaviourLog, read_log, write_log
-from model.data.synthetic import SyntheticConfig, generate
+from model.data.synthetic import SyntheticConfig, generate, write_synthetic
 from model.hashing import HashedIds
 
 DIN = [sys.executable, "-m", "service.cli"]
@@ -68,3 +68,26 @@ def test_bench_train_json(work):
     assert run["nproc"] == 2 and run["backend"] == "gloo" and run["speedup"] == 1.0
     assert run["train_samples"] == 3 * 64 and run["samples_per_second"] > 0
     assert len(run["peak_rss_mb_per_process"]) == 2 and run["peak_rss_mb"] == max(run["peak_rss_mb_per_process"]) > 50
+
+
+def test_streamed_train_takes_every_training_option(work):
+    root, env, _, _ = work
+    data = write_synthetic(SyntheticConfig(users=150, items=60, categories=6, events_per_user=(4, 10), seed=9), root / "reg.parquet")
+    out = din(
+        "train", "--data", f"events:{data}", "--stream", "--model", "din_dice", "--epochs", "1", "--seed", "3",
+        "--reg", "mba", "--reg-lambda", "0.2", "--attention-softmax", "--run-dir", str(root / "reg-run"),
+        "--out", str(root / "reg-bundles"), "--json", env=env,
+    )  # fmt: skip
+    payload = json.loads(out.stdout)
+    config = json.loads((root / "reg-run" / "report.json").read_text())["config"]
+    assert (config["model"], config["seed"], config["epochs"]) == ("din_dice", 3, 1)
+    assert (config["reg"], config["reg_lambda"], config["attention_softmax"]) == ("mba", 0.2, True)
+    manifest = load_bundle(payload["bundle"]).manifest
+    assert manifest["train_config"]["reg"] == "mba" and manifest["train_config"]["reg_lambda"] == 0.2
+    assert manifest["model_config"]["attention_softmax"] is True and manifest["model_config"]["activation"] == "dice"
+
+    # what the streamed trainer cannot do is an error that says why, not an option quietly ignored
+    bad = din("train", "--data", f"events:{data}", "--stream", "--reg", "mba", env=env, check=False)
+    assert bad.returncode == 2 and "--reg mba needs --reg-lambda > 0" in bad.stderr
+    bad = din("train", "--data", "movielens:/nowhere/ml-1m", "--nproc", "2", env=env, check=False)
+    assert bad.returncode == 2 and "streamed training reads a Parquet log" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,5 +1,6 @@
 """Dice (paper, eq. 9-10): the formula, batch statistics over real positions only, running averages at eval."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from model.dice import Dice
 from model.export import random_inputs
 from model.inputs import split_inputs
 from model.registry import build_model
+from tests.ddp_worker import CASES, launch, run
 
 
 def test_eval_mode_is_the_papers_formula_on_the_running_statistics():
@@ -108,3 +110,20 @@ def test_dice_is_used_only_by_din_dice():
     assert sum(isinstance(m, Dice) for m in build_model("din_dice", spec).modules()) == 4
     with pytest.raises(ValueError):
         Dice(3)(torch.zeros(2, 3), torch.ones(3, dtype=torch.bool))  # a mask of the wrong shape
+
+
+def test_two_processes_use_the_statistics_of_the_global_batch(tmp_path):
+    """Like SyncBatchNorm: 2 gloo processes, each with part of a batch (or none), = 1 process with all of it."""
+    launch("dice", tmp_path)
+    for masked in (True, False):
+        whole = run((0, 4), masked)  # one process, no process group: the reference
+        for case, split in CASES.items():
+            parts = [dict(np.load(tmp_path / f"{case}-{'mask' if masked else 'flat'}-rank{r}.npz")) for r in (0, 1)]
+            for key in ("out", "grad"):  # each process's rows, in order, are the whole batch's
+                np.testing.assert_allclose(np.concatenate([p[key] for p in parts]), whole[key], rtol=0, atol=1e-5, err_msg=f"{case} {key}")
+            for p in parts:  # summed parameter gradient and running statistics: the same on both
+                for key in ("alpha_grad", "running_mean", "running_var"):
+                    np.testing.assert_allclose(p[key], whole[key], rtol=0, atol=1e-5, err_msg=f"{case} {key}")
+    # one process alone on half the batch (its own statistics) differs: the comparison above can fail
+    half, whole = run(CASES["halves"][0], True), run((0, 4), True)
+    assert np.abs(half["out"] - whole["out"][:2]).max() > 1e-2

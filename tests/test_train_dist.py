@@ -1,7 +1,8 @@
-"""Data-parallel training under torchrun (2 gloo processes) against 1 process; kill and resume.
+"""Data-parallel training under torchrun (2 gloo processes) against 1 process; kill and resume;
+the regularisers and Dice in the streamed trainer.
 
 Each torchrun start costs a few seconds (python + torch import per process), so the runs
-are module fixtures shared by the assertions.
+are started once per module, on first use, and shared by the assertions.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import torch
 from model.bundle import load_bundle
 from model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from model.data.log import read_log
-from model.data.stream_plan import TRAIN, user_split
+from model.data.stream import shard_layout
+from model.data.stream_plan import TRAIN, StreamConfig, StreamPlan, plan_stream, user_split
 from model.data.synthetic import SyntheticConfig, write_synthetic
+from model.hashing import HashedIds
 from model.train_dist import DistTrainConfig, launch, parse_args
+from tests import ddp_worker
 
 TINY = SyntheticConfig(users=300, items=80, categories=8, events_per_user=(4, 12), seed=5)
 EPOCHS = 2
@@ -39,12 +43,38 @@ def _config(data: Path, root: Path, name: str, **kw) -> DistTrainConfig:
     return DistTrainConfig(**{**base, **kw})
 
 
+# name -> (processes, settings); the regularised runs write their bundles apart from "one" and "two"
+RUNS = {
+    "one": (1, {}),
+    "two": (2, {}),
+    # 3 shards of batches 22, 22, 21: process 1's one shard runs dry 3 steps before process 0's
+    "dice_mba1": (1, dict(model="din_dice", reg="mba", reg_lambda=0.5, shards=3, batch_size=65)),
+    "dice_mba2": (2, dict(model="din_dice", reg="mba", reg_lambda=0.5, shards=3, batch_size=65)),
+    "dropout1": (1, dict(reg="dropout", id_dropout=0.5, verify_replicas=False)),
+    "dropout2": (2, dict(reg="dropout", id_dropout=0.5, verify_replicas=False)),
+}
+
+
+class Runs:
+    """`runs[name]` -> (config, report) of RUNS[name], trained on first use; `runs["root"]` their directory."""
+
+    def __init__(self, data: Path, root: Path):
+        self.data, self.root, self.done = data, root, {}
+
+    def __getitem__(self, name: str):
+        if name == "root":
+            return self.root
+        if name not in self.done:
+            world, kw = RUNS[name]
+            out = {} if name in ("one", "two") else {"out": self.root / "bundles-reg"}
+            config = _config(self.data, self.root, name, **kw, **out)
+            self.done[name] = (config, launch(config, world))
+        return self.done[name]
+
+
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    one = _config(data, root, "one")
-    two = _config(data, root, "two")
-    return {"one": (one, launch(one, 1)), "two": (two, launch(two, 2)), "root": root}
+    return Runs(data, tmp_path_factory.mktemp("runs"))
 
 
 def _final_state(config: DistTrainConfig) -> dict[str, torch.Tensor]:
@@ -103,13 +133,14 @@ def test_same_seed_same_processes_same_result(runs, data):
     assert _max_diff(_final_state(config), _final_state(again)) == 0.0
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(runs, nproc):
-    reference, ref_report = runs["one" if nproc == 1 else "two"]
+@pytest.mark.parametrize("name", ["one", "two", "dropout2"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(runs, name):
+    reference, ref_report = runs[name]
+    nproc = ref_report["world"]
     steps_per_epoch = ref_report["global_steps"] // EPOCHS
     crash_at = steps_per_epoch + 7  # mid epoch 2, two steps after a checkpoint (every 5)
     assert crash_at % 5 != 0
-    config = replace(reference, run_dir=runs["root"] / f"crash{nproc}", crash_after_steps=crash_at)
+    config = replace(reference, run_dir=runs["root"] / f"crash-{name}", crash_after_steps=crash_at)
     with pytest.raises(RuntimeError, match="exited with code"):
         launch(config, nproc)  # every process SIGKILLs itself after global step `crash_at`
     saved = list_checkpoints(config.run_path)
@@ -139,6 +170,8 @@ def test_resume_refuses_other_settings(runs):
     config, _ = runs["one"]
     with pytest.raises(ValueError, match="batch_size: 64 -> 128"):
         launch(replace(config, batch_size=128, resume=True, record_samples=False), 1)
+    with pytest.raises(ValueError, match="reg: 'none' -> 'l2', reg_lambda: 0.0 -> 0.1"):
+        launch(replace(config, reg="l2", reg_lambda=0.1, resume=True, record_samples=False), 1)
 
 
 def test_command_line_round_trip():
@@ -146,6 +179,17 @@ def test_command_line_round_trip():
     again = parse_args(config.to_argv())
     assert again == config
     assert json.dumps(config.to_json())
+    regularised = replace(config, reg="mba", reg_lambda=0.25, id_dropout=0.3, attention_softmax=True)
+    assert parse_args(regularised.to_argv()) == regularised
+
+
+def test_config_rejects_what_streamed_training_cannot_do():
+    with pytest.raises(ValueError, match="--reg mba needs --reg-lambda > 0"):
+        DistTrainConfig(reg="mba")
+    with pytest.raises(ValueError, match="none, l2, mba, dropout"):
+        DistTrainConfig(reg="l1")
+    with pytest.raises(ValueError, match="streamed training reads a Parquet log"):
+        DistTrainConfig(data="movielens:/data/ml-1m")
 
 
 def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path):
@@ -164,3 +208,61 @@ def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path)
         assert all_reduce_sum(ctx, counts).dtype == np.int64
     finally:
         dist.destroy_process_group()
+
+
+# -- the regularisers and Dice in the streamed trainer ------------------------------------------
+def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_counts(data, tmp_path):
+    buckets = 211
+    run_dir = tmp_path / "run"
+    plan = plan_stream(data, StreamConfig(max_history=8, hash_buckets=buckets, block_events=200))
+    plan.save(run_dir)
+    log = read_log(data)
+    train = user_split(log.user_id, (0.8, 0.1, 0.1), 0) == TRAIN
+    for f, ids in (("item_id", log.item_id), ("cate_id", log.cate_id)):  # n_j per bucket, over training events
+        np.testing.assert_array_equal(plan.row_counts[f], np.bincount(HashedIds(buckets).lookup(ids[train]), minlength=buckets + 2))
+
+    ddp_worker.launch("mba", tmp_path, str(run_dir))  # each of 2 processes on its part of global step 0
+    parts = [dict(np.load(tmp_path / f"mba-rank{r}.npz")) for r in (0, 1)]
+    whole = ddp_worker.mba_gradient(run_dir)  # one process: the global batch itself
+    lam = ddp_worker.MBA_LAMBDA
+    for f in ("item_id", "cate_id"):
+        present = whole[f"rows_{f}"]
+        np.testing.assert_array_equal(np.union1d(parts[0][f"rows_{f}"], parts[1][f"rows_{f}"]), present)
+        n = np.maximum(plan.row_counts[f], 1).astype(np.float32)
+        absent = np.setdiff1d(np.arange(n.size), present)
+        assert absent.size > 0 and present.size > 0
+        for got in (whole, *parts):  # every process: the penalty of the GLOBAL batch's rows
+            w, g = got[f"weight_{f}"], got[f"grad_{f}"]
+            assert np.all(g[absent] == 0)
+            np.testing.assert_allclose(g[present], 2 * lam * w[present] / n[present, None], rtol=1e-6, atol=0)
+    # rows only process 1's part uses: process 0 regularises them too (so the union matters)
+    assert np.setdiff1d(parts[1]["rows_item_id"], parts[0]["rows_item_id"]).size > 0
+
+
+def test_dice_and_mba_two_processes_train_the_same_model_as_one(runs):
+    (one, r1), (two, r2) = runs["dice_mba1"], runs["dice_mba2"]
+    assert r2["replica_checks"] == r2["global_steps"] == r1["global_steps"]
+    for k in ("auc", "gauc", "logloss"):
+        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=1e-5)
+    for h1, h2 in zip(r1["validation"], r2["validation"], strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+    final = _final_state(two)
+    assert _max_diff(_final_state(one), final) < 1e-5  # parameters and Dice's running statistics
+    assert any("running_mean" in k for k in final)
+    # the runs include steps where a process's shards have run dry (an empty batch in Dice's all-reduce)
+    plan = StreamPlan.load(two.run_path)
+    dry = [
+        step
+        for epoch in range(1, EPOCHS + 1)
+        for layout in [shard_layout(plan, epoch, two.shards, two.batch_size)]
+        for step in range(layout.steps)
+        if any(all(layout.shard_batches(v) <= step for v in range(rank, two.shards, 2)) for rank in (0, 1))
+    ]
+    assert dry
+    assert r2["config"]["reg"] == "mba" and load_bundle(r2["bundle"]).manifest["train_config"]["reg_lambda"] == 0.5
+
+
+def test_id_dropout_is_the_same_with_one_or_two_processes(runs):
+    (one, r1), (two, r2) = runs["dropout1"], runs["dropout2"]
+    assert _max_diff(_final_state(one), _final_state(two)) < 1e-5  # each sample's coins are its own
+    assert _max_diff(_final_state(two), _final_state(runs["two"][0])) > 1e-3  # and dropout did drop ids
