@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench_scoring import BenchModel, cores
+from service.bench_scoring import BenchModel
+from service.settings import default_intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ServiceBenchConfig:
     candidates: int = 200
     levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # x the reference scoring requests/s
     seconds: float = 6.0  # per level
-    threads: int = field(default_factory=cores)  # the service's ONNX Runtime intra-op threads
+    threads: int = field(default_factory=default_intra_op_threads)  # the service's ONNX Runtime intra-op threads
     spinning: bool = False
     batch_max_wait_ms: float = 0.2
     batch_max_candidates: int | None = None  # None: the service's default

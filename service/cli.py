@@ -691,7 +691,7 @@ def bench_service(
     candidates: Annotated[int, typer.Option(min=1, help="Candidates per request.")] = 200,
     levels: Annotated[str, typer.Option(help="Offered loads as multiples of the scoring requests/s.")] = "0.1,0.25,0.5,0.75,1.0,1.25,1.5",
     seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load level.")] = 6.0,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores but one, as the service).")] = None,
     spinning: Annotated[bool, typer.Option(help="ONNX Runtime thread spinning in the service.")] = False,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch max wait (BATCH_MAX_WAIT_MS).")] = 0.2,
     batch_candidates: Annotated[Optional[int], typer.Option(min=1, help="Micro-batch size (BATCH_MAX_CANDIDATES; default: the service's).")] = None,

@@ -457,7 +457,10 @@ class Scorer:
 
     def score_requests(self, requests: Sequence[RankInput]) -> list[Scored]:
         """Score U users' requests in one call; results come back per request, in order."""
-        batch = build_batch(self.bundle, requests)
+        return self.score_batch(build_batch(self.bundle, requests))
+
+    def score_batch(self, batch: ScoringBatch) -> list[Scored]:
+        """`score_requests` for a batch already built (the batcher builds it off the scoring thread)."""
         ctr, attention = self.score(batch.hist_rows, batch.profile_rows, batch.cand_rows, batch.cand_user)
         off = batch.cand_offsets
         return [
@@ -466,7 +469,7 @@ class Scorer:
                 attention=attention[off[i] : off[i + 1], : batch.history_lengths[i]],
                 history_length=int(batch.history_lengths[i]),
             )
-            for i in range(len(requests))
+            for i in range(len(batch.history_lengths))
         ]
 
     def warm_up_shapes(self) -> list[tuple[int, int, int]]:

@@ -28,6 +28,13 @@ def _cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def default_intra_op_threads() -> int:
+    """The cores but one: the event loop (HTTP, JSON, Redis) needs a core of its own. Measured
+    on 2 cores (docs/benchmarks.md): one ONNX Runtime thread served more requests/s than two,
+    whose second thread fought the event loop for the same core."""
+    return max(1, _cores() - 1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
@@ -59,7 +66,8 @@ class Settings(BaseSettings):
         "when that provider cannot be used, instead of serving slowly on the CPU.",
     )
     intra_op_threads: int = Field(
-        default_factory=_cores, ge=1, le=1024, description="ONNX Runtime intra-op threads (default: the cores)."
+        default_factory=default_intra_op_threads, ge=1, le=1024,
+        description="ONNX Runtime intra-op threads (default: the cores but one, which the event loop needs).",
     )
 
     # ---------------------------------------------------------------- request limits

@@ -272,3 +272,13 @@ async def test_the_next_batch_is_fetched_while_one_is_scored(bundle, store_url, 
     for got, ref in zip(results[:3], alone):
         np.testing.assert_allclose(got.scored.ctr, ref.scored.ctr, rtol=1e-6)
     assert all(r.scored.ctr.shape == (400,) for r in results)
+
+
+async def test_a_batch_that_cannot_be_built_fails_its_requests_not_the_batcher(bundle, store_url):
+    config = BatcherConfig(max_batch_candidates=1, max_wait_s=0.0, deadline_s=30)
+    async with running(bundle, store_url, config) as (batcher, scorer, batches):
+        broken = {"item_id": candidates(1, 5)["item_id"]}  # no cate_id column: the rows cannot be built
+        with pytest.raises(KeyError, match="cate_id"):
+            await asyncio.wait_for(batcher.submit(1, broken), 5)
+        good = await asyncio.wait_for(batcher.submit(2, candidates(2, 5)), 5)  # the collector still runs
+    assert good.scored.ctr.shape == (5,) and scorer.calls == 1
