@@ -47,7 +47,7 @@ class ServiceBenchConfig:
     users: int = 100_000
     history: int = 50
     candidates: int = 200
-    levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # x the reference scoring requests/s
+    levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.85, 0.95, 1.0, 1.25, 1.5)  # x the reference scoring requests/s
     seconds: float = 6.0  # per level
     threads: int = field(default_factory=default_intra_op_threads)  # the service's ONNX Runtime intra-op threads
     spinning: bool = False

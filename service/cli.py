@@ -689,7 +689,7 @@ def bench_service(
     users: Annotated[int, typer.Option(min=1, help="Synthetic users loaded into Redis.")] = 100_000,
     history: Annotated[int, typer.Option(min=1, help="Behaviours per user.")] = 50,
     candidates: Annotated[int, typer.Option(min=1, help="Candidates per request.")] = 200,
-    levels: Annotated[str, typer.Option(help="Offered loads as multiples of the scoring requests/s.")] = "0.1,0.25,0.5,0.75,1.0,1.25,1.5",
+    levels: Annotated[str, typer.Option(help="Offered loads as multiples of the scoring requests/s.")] = "0.1,0.25,0.5,0.75,0.85,0.95,1.0,1.25,1.5",
     seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load level.")] = 6.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores but one, as the service).")] = None,
     spinning: Annotated[bool, typer.Option(help="ONNX Runtime thread spinning in the service.")] = False,
