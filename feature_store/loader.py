@@ -347,8 +347,8 @@ def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: flo
     return version, state
 
 
-def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
-    """Apply the events parked while `keys.version` was loading (it must be sealed); returns users.
+def merge_pending(client, keys: KeySpace, batch: int = 500) -> list[int]:
+    """Apply the events parked while `keys.version` was loading (it must be sealed); returns the users.
 
     The users come from the per-slot sets the script fills while parking (one SMEMBERS
     per slot, pipelined), not from a SCAN of the whole keyspace.
@@ -359,7 +359,7 @@ def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
         pipe.smembers(keys.pending_users(tag))
     users = sorted({int(u) for members in pipe.execute() for u in members})
     if not users:
-        return 0
+        return []
     client.script_load(APPEND_LUA)
     for a in range(0, len(users), batch):
         pipe = client.pipeline(transaction=False)
@@ -372,7 +372,7 @@ def merge_pending(client, keys: KeySpace, batch: int = 500) -> int:
     for tag in tags:
         pipe.unlink(keys.pending_users(tag))
     pipe.execute()
-    return len(users)
+    return users
 
 
 def load_log(
@@ -443,7 +443,8 @@ def load_log(
         previous_live = _current(client, namespace)
         if previous_live is None:  # the first load: live events during it need a version to land in now
             empty = Fence("N", version, int(max_history), 0, int(user_ttl_s), int(id_window), int(id_ttl_s))
-            previous_live = placeholder = create_empty_version(client, namespace, empty)
+            placeholder, created = _new_empty_version(client, namespace, empty)
+            previous_live, placeholder = placeholder, placeholder if created else None  # else: an appender's
         _redirect(client, namespace, previous_live, "N", version)
         writer = None if is_cluster(client) else SetWriter(client)
         try:
@@ -496,6 +497,8 @@ def load_log(
         }
         t_written = time.perf_counter()
         client.set(keys.meta, json.dumps(meta))
+        if placeholder is not None:  # its appends go to us only from now (parked, so merged below)
+            _redirect(client, namespace, placeholder, "R", version)
         write_fences(client, keys, fence.to("S"))  # seal: from here appends apply directly ...
         merged = merge_pending(client, keys)  # ... and those parked before are merged
         previous = client.set(current_key(namespace), version, get=True)
@@ -514,7 +517,7 @@ def load_log(
         if previous != previous_live:  # another load switched meanwhile: it gets our appends too
             _redirect(client, namespace, previous, "N", version)
         if previous == placeholder:  # it held only the live events of the load's time, now merged
-            retire_version(client, namespace, previous, version)  # a reader missing a user re-checks at once
+            _delete_placeholder(client, KeySpace(namespace=namespace, version=previous), merged)
             previous = None  # not a data version: the report says "first load", as before
         elif not keep_old:
             time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
@@ -531,22 +534,43 @@ def load_log(
         deleted_keys=deleted,
         ads=int(ad_ids.size),
         resumed_from=start,
-        merged_users=merged,
+        merged_users=len(merged),
         prepare_seconds=round(t_prepared - t0, 3),
         write_seconds=round(t_written - t_prepared, 3),
     )
 
 
 def create_empty_version(client, namespace: str, fence: Fence) -> str:
-    """A serving version with no users: the first live event into an empty store creates one,
-    and so does the first load (its live events land there and are carried over).
+    """A serving version with no users (the first live event into an empty store creates it).
+
+    Returns the current version: ours, or the one another process made current first.
+    """
+    return _new_empty_version(client, namespace, fence.to("S"))[0]
+
+
+def _delete_placeholder(client, keys: KeySpace, users: Sequence[int], batch: int = 1000) -> None:
+    """Remove a first load's placeholder version without a SCAN of the (now full) keyspace.
+
+    Its only users are those whose live events were also parked for the load (it was
+    fenced `N` from birth and `R` before the seal), i.e. the merged ones.
+    """
+    client.unlink(keys.meta)
+    for a in range(0, len(users), batch):
+        pipe = client.pipeline(transaction=False)
+        for uid in users[a : a + batch]:
+            pipe.unlink(keys.user(uid), keys.event_ids(uid))  # one slot: same hash tag
+        pipe.execute()
+    delete_fences(client, keys)
+
+
+def _new_empty_version(client, namespace: str, fence: Fence) -> tuple[str, bool]:
+    """(the current version, whether it is the one made here): see create_empty_version.
 
     `fence` is its state: "S", or "N" to send its appends on to a loading version as well.
-    Returns the current version: ours, or the one another process made current first.
     """
     version = str(client.incr(seq_key(namespace)))
     keys = KeySpace(namespace=namespace, version=version)
-    write_fences(client, keys, fence if fence.state == "N" else fence.to("S"))
+    write_fences(client, keys, fence)
     meta = {
         "format_version": FORMAT_VERSION, "profile_fields": [], "ad_fields": list(AD_FIELDS),
         "max_history": fence.max_history, "users": 0, "ads": 0, "events": 0, "user_ttl_s": fence.user_ttl_s,
@@ -555,6 +579,6 @@ def create_empty_version(client, namespace: str, fence: Fence) -> str:
     }
     client.set(keys.meta, json.dumps(meta))
     if client.set(current_key(namespace), version, nx=True):
-        return version
+        return version, True
     delete_version(client, keys)
-    return _current(client, namespace)
+    return _current(client, namespace), False
