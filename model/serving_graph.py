@@ -23,8 +23,13 @@ folded into constants once, at export:
      where s and -s are two extra columns of the producing GEMM, whose Relu ONNX Runtime
      fuses into the GEMM.
 3. Biases and additive terms enter GEMMs as their C input (2-D Gemm), not as extra passes.
-4. One user (U = 1: every request the micro-batcher does not coalesce) broadcasts the
-   user side instead of gathering it per candidate, and pools the attention with one
+4. One user (U = 1: every request the micro-batcher does not coalesce) needs no gathers,
+   and its pair GEMM is turned around: W_p (e_j * v) = v (e_j * W_p), so the first layer
+   is ONE (N, D) x (D, T*H) GEMM against per-behaviour weights e_j * W_p + W_ad (built
+   once per call: T*D*H values instead of the N*T*D of e_j * v and the N*T*H of the C
+   input), with the per-behaviour term as a broadcast C row; its output rows come out in
+   (candidate, behaviour) order, as the rest expects (measured on the first layer and its
+   PReLU, 1x50x200, one thread: median 1.75 -> 1.47 ms). The attention is pooled with one
    (N, T) x (T, .) GEMM; model/export.py joins both variants under an ONNX `If`.
 
 Activations other than PReLU (e.g. Dice, element-wise at inference) are applied as the
@@ -205,12 +210,17 @@ class ServingDIN(_ServingGraph):
 
         # attention, first layer: user part once per user, ad part once per candidate, one GEMM per pair
         first = self.att_layers[0]
-        h_user = e @ first.parts["user"]  # (U, T, H)
-        h_ad = torch.addmm(first.b, v, first.parts["ad"])  # (N, H)
-        c = self._per_user(h_user, cand_user) + h_ad.unsqueeze(1)  # (N, T, H)
         e_n = e if self.single_user else e.index_select(0, cand_user)  # (1 or N, T, D)
-        pair = e_n * v.unsqueeze(1)  # (N, T, D)
-        h = torch.addmm(c.reshape(n * t, -1), pair.reshape(n * t, d), first.parts["pair"])  # (N*T, H)
+        if self.single_user:  # v (e_j * W_p) + v W_ad: per-behaviour weights, (N, D) x (D, T*H)
+            m = e[0].T.unsqueeze(-1) * first.parts["pair"].unsqueeze(1) + first.parts["ad"].unsqueeze(1)  # (D, T, H)
+            c = (e[0] @ first.parts["user"] + first.b).reshape(1, -1)  # (1, T*H)
+            h = torch.addmm(c, v, m.reshape(d, -1)).reshape(n * t, -1)  # (N*T, H), rows (n, t)
+        else:
+            h_user = e @ first.parts["user"]  # (U, T, H)
+            h_ad = torch.addmm(first.b, v, first.parts["ad"])  # (N, H)
+            c = h_user.index_select(0, cand_user) + h_ad.unsqueeze(1)  # (N, T, H)
+            pair = e_n * v.unsqueeze(1)  # (N, T, D)
+            h = torch.addmm(c.reshape(n * t, -1), pair.reshape(n * t, d), first.parts["pair"])  # (N*T, H)
         # attention, the other layers -> a(e_j, v_A), masked
         w = _run_chain(h, self.att_layers, self.att_acts).reshape(n, t)  # (N, T)
         mask_n = mask.expand(n, t) if self.single_user else mask.index_select(0, cand_user)  # (N, T)
