@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="din loadtest", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = LoadTestConfig()
-    run = sub.add_parser("run", help="run the load test (starts the service unless --host)")
+    run = sub.add_parser("run", prog="din loadtest", help="run the load test (starts the service unless --host)")
     run.add_argument("--host", default=None, help="a running service, e.g. http://127.0.0.1:8000")
     run.add_argument("--duration", type=float, default=d.duration_s, help="seconds")
     run.add_argument("--users", type=int, default=d.users)
