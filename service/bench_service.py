@@ -24,6 +24,7 @@ that is the setting the targets are stated for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import subprocess
@@ -250,7 +251,7 @@ async def _drive(url: str, bodies: list[bytes], rps: float, seconds: float, max_
     latencies: list[float] = []
     in_window: list[float] = []  # completions while the load was offered: the achieved rate
     batch_users: list[int] = []
-    errors = 0
+    errors: collections.Counter[str] = collections.Counter()  # what went wrong: "503", "ReadError", ...
     in_flight = 0
     parts = urlsplit(url)
     raw = _RawHttpClient(parts.hostname, parts.port)
@@ -278,9 +279,9 @@ async def _drive(url: str, bodies: list[bytes], rps: float, seconds: float, max_
                     if done <= window_end:
                         in_window.append(done)
                 else:
-                    errors += 1
-            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError):
-                errors += 1
+                    errors[str(status)] += 1
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+                errors[type(e).__name__] += 1
             finally:
                 in_flight -= 1
 
@@ -297,7 +298,7 @@ async def _drive(url: str, bodies: list[bytes], rps: float, seconds: float, max_
             if delay > 0:
                 await asyncio.sleep(delay)
             if in_flight >= max_in_flight:  # the client cannot offer more: counted, not hidden
-                errors += 1
+                errors["client_saturated"] += 1
                 continue
             in_flight += 1
             tasks.append(asyncio.create_task(one(i, scheduled)))
@@ -312,7 +313,8 @@ async def _drive(url: str, bodies: list[bytes], rps: float, seconds: float, max_
         "p50_ms": round(float(np.percentile(lat, 50)), 3),
         "p95_ms": round(float(np.percentile(lat, 95)), 3),
         "p99_ms": round(float(np.percentile(lat, 99)), 3),
-        "errors": errors,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
         "mean_batch_users": round(float(np.mean(batch_users)), 3) if batch_users else 0.0,
         # where the CPU went, per answered request: the profile behind the numbers
         "cpu_ms_per_request": {k: round(v * 1e3 / max(1, len(latencies)), 3) for k, v in cpu.items()},

@@ -511,6 +511,7 @@ def _run_server(settings) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_keep_alive=settings.keep_alive_s,
     )
 
 

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(default="info", description="Log level of the service.")
     log_format: LogFormat = Field(default="json", description="json: one JSON object per line; text: for humans.")
     access_log: bool = Field(default=True, description="One log line per request (with its request id).")
+    keep_alive_s: float = Field(
+        default=75.0, gt=0, le=3600,
+        description="An idle keep-alive connection is closed after this long. Keep it longer than the idle timeout "
+        "of whatever sits in front (AWS ALB 60 s, nginx 75 s): a request sent on a connection the service is closing "
+        "fails (a 502 at the balancer); uvicorn's own default is 5 s.",
+    )
     shutdown_timeout_s: float = Field(
         default=10.0, gt=0, le=3600,
         description="On SIGTERM: stop accepting, then wait this long for in-flight requests before closing.",

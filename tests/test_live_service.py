@@ -160,7 +160,8 @@ def bundle_v2(trained, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def live(trained, tmp_path_factory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("live")
-    with live_service(tmp, trained.bundle.path, REDIS_URL="", MAX_BODY_BYTES="4096", API_KEYS="live-key-0001") as server:
+    with live_service(tmp, trained.bundle.path, REDIS_URL="", MAX_BODY_BYTES="4096", API_KEYS="live-key-0001",
+                      KEEP_ALIVE_S="1.5") as server:
         yield server
 
 
@@ -211,6 +212,33 @@ async def test_raw_chunked_upload_over_the_limit_is_413(live, trained):
     raw = orjson.dumps(rank_body(1, some_candidates(trained.log, 5)))
     ok_status, ok_body = await raw_chunked_post(live.url, "/rank", [raw[:30], raw[30:]], headers)
     assert ok_status == 200 and len(json.loads(ok_body)["ranked"]) == 5  # chunked under the limit: fine
+
+
+@pytest.mark.anyio
+async def test_idle_keep_alive_connections_live_as_long_as_the_setting(live):
+    """KEEP_ALIVE_S reaches uvicorn: a connection idle for less is reused, one idle for longer is closed."""
+    host, port = live.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    async def ask() -> bytes:
+        writer.write(request)
+        await writer.drain()
+        answer = b""
+        while not answer.endswith(b'{"status":"ok"}'):  # the whole answer (head and body may come apart)
+            more = await asyncio.wait_for(reader.read(65536), 10)
+            assert more, f"connection closed after {answer!r}"
+            answer += more
+        return answer
+
+    try:
+        assert (await ask()).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.5)
+        assert (await ask()).startswith(b"HTTP/1.1 200")  # idle 0.5 s < 1.5 s: still open
+        await asyncio.sleep(2.5)
+        assert await asyncio.wait_for(reader.read(65536), 10) == b""  # idle 2.5 s > 1.5 s: closed by the server
+    finally:
+        writer.close()
 
 
 def test_request_id_over_real_http_and_in_the_log(live):
