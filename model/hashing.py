@@ -102,10 +102,9 @@ class HashedIds:
 
 
 def row_counts(mapping: IdMapping, raw_ids: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
-    """Occurrences per embedding row (`n_j` of mini-batch aware regularisation), int64 [num_rows].
+    """Occurrences per embedding row, int64 [num_rows].
 
-    With a HashedIds mapping, `n_j` is per bucket: the ids sharing a row share its count, so
-    the regulariser sees the row as often as training does. Pass `counts` to accumulate
+    With a HashedIds mapping the count is per bucket: the ids sharing a row share it. Pass `counts` to accumulate
     over a stream of chunks (it is updated in place and returned).
     """
     rows = mapping.lookup(np.asarray(raw_ids, dtype=np.int64))

@@ -5,9 +5,9 @@
 - `mba`, mini-batch aware (eq. 6-7): lambda * sum_{j in B} ||w_j||^2 / n_j over the rows
   j of ids PRESENT in the mini-batch B only, each weighted by 1 / n_j, n_j = how often id
   j occurs in the training samples (as candidate, in a history window, or as profile;
-  `id_counts`). The streamed trainer takes n_j from its data plan instead: occurrences in
-  the training events, per bucket with hashed ids (model/data/stream_plan.py), and B is
-  the global batch of all processes (model/train_dist.py).
+  `id_counts`). The streamed trainer counts n_j the same way, block by block
+  (model/data/stream.py `sample_counts`; per bucket with hashed ids), and B is the global
+  batch of all processes (model/train_dist.py).
   Rows absent from the batch get exactly zero gradient; a present row gets 2 lambda w_j / n_j.
 - `dropout`: each id of a training sample is replaced by PAD_ROW with probability
   `id_dropout` (the paper's "randomly discard 50% of feature ids in each sample"). A
@@ -60,23 +60,37 @@ def id_tables(model: nn.Module) -> list[IdTable]:
     return [m for m in model.modules() if isinstance(m, IdTable)]
 
 
+def window_coverage(hist_start: np.ndarray, hist_end: np.ndarray, max_history: int, behaviours: int) -> np.ndarray:
+    """float64 (behaviours,): how many samples' (truncated) history windows hold each behaviour.
+
+    A sample's window is behaviours [max(start, end - max_history), end): +1 at its first
+    behaviour, -1 one past its last, then a running sum (no loop over samples).
+    """
+    lo = np.maximum(hist_start, hist_end - max_history)
+    delta = np.bincount(lo, minlength=behaviours + 1)[: behaviours + 1] - np.bincount(hist_end, minlength=behaviours + 1)[: behaviours + 1]
+    return np.cumsum(delta)[:behaviours].astype(np.float64)
+
+
+def sequence_counts(behaviour_rows: np.ndarray, coverage: np.ndarray, cand_rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """n_j of one sequence field: each behaviour once per window holding it, each candidate once."""
+    return np.bincount(behaviour_rows, weights=coverage, minlength=num_rows)[:num_rows] + np.bincount(
+        cand_rows, minlength=num_rows
+    )[:num_rows]
+
+
 def id_counts(samples: Samples) -> dict[str, np.ndarray]:
     """n_j per field: occurrences of each row in the TRAINING samples, as the model sees them.
 
     A behaviour counts once per training sample whose (truncated) history window holds it;
-    candidates and profile ids once per sample. float64 (rows), PAD_ROW's count is 0.
+    candidates and profile ids once per sample. float64 (rows), PAD_ROW's count is 0. The
+    streamed trainer counts the same way, block by block (model/data/stream.py `sample_counts`).
     """
     spec, s = samples.spec, samples.train
-    lo = np.maximum(s.hist_start, s.hist_end - spec.max_history)
     n_beh = next(iter(samples.behaviour_rows.values())).size
-    delta = np.bincount(lo, minlength=n_beh + 1)[: n_beh + 1] - np.bincount(s.hist_end, minlength=n_beh + 1)[: n_beh + 1]
-    coverage = np.cumsum(delta)[:n_beh].astype(np.float64)  # samples whose window holds behaviour p
+    coverage = window_coverage(s.hist_start, s.hist_end, spec.max_history, n_beh)
     counts: dict[str, np.ndarray] = {}
     for f in spec.sequence_fields:
-        v = spec.vocab_sizes[f]
-        counts[f] = np.bincount(samples.behaviour_rows[f], weights=coverage, minlength=v)[:v] + np.bincount(
-            s.cand_rows[f], minlength=v
-        )[:v]
+        counts[f] = sequence_counts(samples.behaviour_rows[f], coverage, s.cand_rows[f], spec.vocab_sizes[f])
     for f in spec.profile_fields:
         v = spec.vocab_sizes[f]
         counts[f] = np.bincount(s.profile_rows[f], minlength=v)[:v].astype(np.float64)

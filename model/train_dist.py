@@ -6,7 +6,8 @@
 
 What it does, in order:
 1. rank 0 reads the sorted Parquet log once (model/data/stream_plan.py: split, id maps,
-   n_j counts, negative pool, blocks) and saves the plan in the run directory;
+   event counts, negative pool, blocks) and saves the plan in the run directory; with
+   --reg mba it then counts n_j over the training samples (one more pass, kept beside it);
 2. every process builds the same model from the same seed and wraps it in
    DistributedDataParallel (gloo on CPU, nccl on CUDA);
 3. each global step is the union of the virtual shards' batches (model/data/stream.py);
@@ -14,7 +15,7 @@ What it does, in order:
    trainer's): its summed BCE weighted by world / global batch, so DDP's gradient average
    is the gradient of the global batch's mean loss, plus the regulariser at full weight on
    every process (l2, or mba over the rows of the GLOBAL batch, united across processes,
-   n_j from the plan); id dropout's coins are a hash of (sample id, position, seed, epoch),
+   n_j over the training samples); id dropout's coins are a hash of (sample id, position, seed, epoch),
    and Dice's batch statistics are all-reduced (model/dice.py). So the result depends on
    the seed and the shards, not on the number of processes (float rounding aside); a
    process whose shards have run dry in an epoch's last steps takes part with an empty
@@ -68,6 +69,7 @@ from model.data.stream import (
     SampleBatch,
     eval_batches,
     eval_blocks,
+    sample_counts,
     shard_layout,
 )
 from model.data.stream_loader import process_batches
@@ -334,6 +336,32 @@ def _check_resumable(config: DistTrainConfig, state: dict, world: int, path: Pat
         raise ValueError(f"{path} was written by {state['world']} process(es); resume it with --nproc {state['world']}")
 
 
+MBA_COUNTS = "mba_counts.npz"
+
+
+def _mba_counts(config: DistTrainConfig, plan: StreamPlan, reader: LogReader, run_dir: Path, ctx: DistContext):
+    """n_j for --reg mba, counted over the training samples as in memory (`sample_counts`).
+
+    One pass over the training blocks, by rank 0, once per data plan: saved beside the plan
+    (keyed by the data and the plan's settings), read by the other processes and by resumed
+    runs. None for the other regularisers.
+    """
+    if config.reg != "mba":
+        return None
+    path = run_dir / MBA_COUNTS
+    key = hashlib.sha256(json.dumps([plan.fingerprint, asdict(plan.config)], sort_keys=True, default=str).encode()).hexdigest()
+    if ctx.is_main and not (path.is_file() and str(np.load(path)["key"]) == key):
+        t0 = time.perf_counter()
+        counts = sample_counts(plan, reader, progress=config.progress)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, key=np.array(key), **{f"n_{f}": c for f, c in counts.items()})
+        tmp.replace(path)
+        _info(config, ctx, f"MBA n_j over the training samples in {time.perf_counter() - t0:.1f}s")
+    barrier(ctx)
+    with np.load(path) as saved:
+        return {f: saved[f"n_{f}"] for f in plan.spec.sequence_fields}
+
+
 def train_dist(config: DistTrainConfig) -> DistTrainResult:
     """Train in this process (rank from torchrun's environment, or alone); every rank returns the result."""
     with distributed(config.device) as ctx, _deterministic(config.seed, config.threads or _default_threads()):
@@ -385,7 +413,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
     if ctx.distributed:
         ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    objective = Objective.build(plan.spec, config.regularization(), plan.row_counts, ctx.device)  # n_j: the plan's
+    objective = Objective.build(plan.spec, config.regularization(), _mba_counts(config, plan, reader, run_dir, ctx), ctx.device)
 
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_score = None, 0, -np.inf

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from model.config import ModelConfig
-from model.data.stream import shard_layout
+from model.data.stream import LogReader, sample_counts, shard_layout
 from model.data.stream_loader import process_batches
 from model.data.stream_plan import StreamPlan
 from model.dice import Dice
@@ -84,7 +84,7 @@ def mba_gradient(run_dir: Path) -> dict[str, np.ndarray]:
         with torch.no_grad():
             for table in id_tables(model):
                 table.weight.normal_()  # no zero rows: a zero gradient must come from absence
-        objective = Objective.build(plan.spec, RegularizationConfig("mba", MBA_LAMBDA), plan.row_counts)
+        objective = Objective.build(plan.spec, RegularizationConfig("mba", MBA_LAMBDA), sample_counts(plan, LogReader(plan)))
         named = _named_on_device(batch, ctx.device)
         logit, _ = model(*split_inputs(plan.spec, named))
         label = torch.from_numpy(batch.label)

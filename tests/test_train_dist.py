@@ -18,7 +18,8 @@ import torch
 from model.bundle import load_bundle
 from model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from model.data.log import read_log
-from model.data.stream import shard_layout
+from model.data.stream import LogReader, sample_counts, shard_layout
+from model.data.stream_loader import process_batches
 from model.data.stream_plan import TRAIN, StreamConfig, StreamPlan, plan_stream, user_split
 from model.data.synthetic import SyntheticConfig, write_synthetic
 from model.hashing import HashedIds
@@ -211,6 +212,24 @@ def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path)
 
 
 # -- the regularisers and Dice in the streamed trainer ------------------------------------------
+@pytest.mark.parametrize("buckets", [None, 211])
+def test_streamed_mba_counts_are_the_training_samples_occurrences(data, buckets):
+    """n_j as in memory: each candidate once per sample, each behaviour once per sample whose
+    truncated history holds it; brute force: count the ids of every batch of one epoch."""
+    plan = plan_stream(data, StreamConfig(max_history=8, hash_buckets=buckets, block_events=200))
+    counts = sample_counts(plan, LogReader(plan))
+    seen = {f: np.zeros(plan.spec.vocab_sizes[f]) for f in plan.spec.sequence_fields}
+    layout = shard_layout(plan, 1, 4, 64)
+    for batch in process_batches(plan, layout, rank=0, world=1, epoch=1):
+        for f, n in seen.items():
+            hist = batch.hist[f]
+            n += np.bincount(hist[hist != 0].ravel(), minlength=n.size) + np.bincount(batch.cand[f], minlength=n.size)
+    for f, n in seen.items():
+        n[0] = 0.0  # PAD_ROW
+        np.testing.assert_array_equal(counts[f], n)
+        assert counts[f].sum() > plan.row_counts[f].sum()  # histories count: more than the training events
+
+
 def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_counts(data, tmp_path):
     buckets = 211
     run_dir = tmp_path / "run"
@@ -218,8 +237,9 @@ def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_co
     plan.save(run_dir)
     log = read_log(data)
     train = user_split(log.user_id, (0.8, 0.1, 0.1), 0) == TRAIN
-    for f, ids in (("item_id", log.item_id), ("cate_id", log.cate_id)):  # n_j per bucket, over training events
+    for f, ids in (("item_id", log.item_id), ("cate_id", log.cate_id)):  # the plan's counts: per bucket, training events
         np.testing.assert_array_equal(plan.row_counts[f], np.bincount(HashedIds(buckets).lookup(ids[train]), minlength=buckets + 2))
+    mba_n = sample_counts(plan, LogReader(plan))  # what MBA divides by (test above)
 
     ddp_worker.launch("mba", tmp_path, str(run_dir))  # each of 2 processes on its part of global step 0
     parts = [dict(np.load(tmp_path / f"mba-rank{r}.npz")) for r in (0, 1)]
@@ -228,7 +248,7 @@ def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_co
     for f in ("item_id", "cate_id"):
         present = whole[f"rows_{f}"]
         np.testing.assert_array_equal(np.union1d(parts[0][f"rows_{f}"], parts[1][f"rows_{f}"]), present)
-        n = np.maximum(plan.row_counts[f], 1).astype(np.float32)
+        n = np.maximum(mba_n[f], 1).astype(np.float32)
         absent = np.setdiff1d(np.arange(n.size), present)
         assert absent.size > 0 and present.size > 0
         for got in (whole, *parts):  # every process: the penalty of the GLOBAL batch's rows
@@ -242,12 +262,16 @@ def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_co
 def test_dice_and_mba_two_processes_train_the_same_model_as_one(runs):
     (one, r1), (two, r2) = runs["dice_mba1"], runs["dice_mba2"]
     assert r2["replica_checks"] == r2["global_steps"] == r1["global_steps"]
+    # Float rounding only: Dice's statistics are summed in another order over 2 processes, and
+    # the AUC is read off a 2^20-bin histogram (~1e-5). Measured: parameters 1.2e-5 apart, AUC
+    # 1.3e-5, GAUC equal; switching off the Dice sync or MBA's row union moves them by ~0.06.
+    tol = 5e-5
     for k in ("auc", "gauc", "logloss"):
-        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=1e-5)
+        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=tol)
     for h1, h2 in zip(r1["validation"], r2["validation"], strict=True):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
     final = _final_state(two)
-    assert _max_diff(_final_state(one), final) < 1e-5  # parameters and Dice's running statistics
+    assert _max_diff(_final_state(one), final) < tol  # parameters and Dice's running statistics
     assert any("running_mean" in k for k in final)
     # the runs include steps where a process's shards have run dry (an empty batch in Dice's all-reduce)
     plan = StreamPlan.load(two.run_path)

@@ -401,3 +401,28 @@ def eval_batches(
     samples = block_samples(plan, block, cols, split)
     for i in range(0, len(samples), batch_size):
         yield samples.take(np.arange(i, min(i + batch_size, len(samples))), plan.config.max_history)
+
+
+def sample_counts(plan: StreamPlan, reader: LogReader, progress: bool = False) -> dict[str, np.ndarray]:
+    """n_j of mini-batch aware regularisation, per field: occurrences of each row in the
+    TRAINING samples, counted exactly as the in-memory trainer counts them
+    (model/regularization.py `id_counts`): each candidate (negatives included: a block's
+    negatives are the same in every epoch) once, each behaviour once per sample whose
+    truncated history window holds it. One pass over the training blocks; float64 [rows].
+    """
+    from tqdm import tqdm
+
+    from model.regularization import sequence_counts, window_coverage
+
+    counts = {f: np.zeros(plan.spec.vocab_sizes[f], np.float64) for f in plan.spec.sequence_fields}
+    blocks = np.flatnonzero(plan.block_samples[:, TRAIN] > 0)
+    for block in tqdm(blocks, desc="n_j for --reg mba", unit="block", disable=not progress, leave=False):
+        cols = reader.read(int(plan.block_rows[block]), int(plan.block_rows[block + 1]))
+        s = block_samples(plan, int(block), cols, TRAIN)
+        n_beh = next(iter(s.behaviour_rows.values())).size
+        coverage = window_coverage(s.hist_start, s.hist_end, plan.config.max_history, n_beh)
+        for f, c in counts.items():
+            c += sequence_counts(s.behaviour_rows[f], coverage, s.cand[f], c.size)
+    for c in counts.values():
+        c[PAD_ROW] = 0.0
+    return counts

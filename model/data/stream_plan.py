@@ -9,7 +9,8 @@ record batches, and keeps only what is O(vocabulary) or O(1):
 - the split: users go to train / validation / test by a seeded hash of their id (no
   global user list needed, the same user always lands in the same split);
 - id -> row maps fitted on the training users (vocabularies), or hashed buckets, and the
-  per-row counts `n_j` over training events (mini-batch aware regularisation);
+  per-row counts over the training events (how often each row's ids occur; mini-batch aware
+  regularisation's n_j counts samples instead, model/data/stream.py `sample_counts`);
 - the negative-sampling pool: a uniform sample of training events (bottom-k), so
   negatives follow training popularity as in model/data/samples.py;
 - blocks: row ranges cut at user boundaries once they hold `block_events` events, with
@@ -115,7 +116,7 @@ class StreamPlan:
     config: StreamConfig
     spec: FeatureSpec
     mappings: dict[str, IdMapping]  # field -> Vocabulary or HashedIds
-    row_counts: dict[str, np.ndarray]  # field -> int64 [rows]: n_j over training events
+    row_counts: dict[str, np.ndarray]  # field -> int64 [rows]: occurrences in the training events
     block_rows: np.ndarray  # int64 [blocks + 1]: block b is rows [block_rows[b], block_rows[b + 1])
     block_samples: np.ndarray  # int64 [blocks, 3]: samples of each split in each block
     pool_item: np.ndarray  # raw ids of the negative pool (training events)
