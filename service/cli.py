@@ -611,10 +611,13 @@ def demo(
     add_help_option=False,
 )
 def loadtest(ctx: typer.Context) -> None:
-    """Load-test the service with locust (headless); report, plot, thresholds. See --help."""
+    """Load-test the service with locust (headless); report, plot, thresholds. See --help.
+
+    `din loadtest population --data SPEC --out FILE` writes the traffic's population file only."""
     from loadtest.run import main as run_loadtest
 
-    raise typer.Exit(run_loadtest(["run", *ctx.args]))
+    args = list(ctx.args) if ctx.args[:1] == ["population"] else ["run", *ctx.args]
+    raise typer.Exit(run_loadtest(args))
 
 
 

@@ -174,6 +174,19 @@ def test_population_orders_users_by_activity_and_maps_items_to_their_category(tm
     assert capped["users"] == [7, 3]
 
 
+def test_din_loadtest_writes_the_population_file_and_names_itself_in_help(tmp_path):
+    log = tmp_path / "events.csv"
+    log.write_text("user_id,item_id,cate_id,timestamp\n7,100,1,1\n7,101,2,2\n3,100,1,3\n")
+    cli = [sys.executable, "-m", "service.cli", "loadtest"]
+    run = subprocess.run([*cli, "population", "--data", f"events:{log}", "--out", str(tmp_path / "pop.json")],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr
+    pop = json.loads((tmp_path / "pop.json").read_text())
+    assert pop["users"] == [7, 3] and pop["items"] == [100, 101]
+    usage = subprocess.run([*cli, "--help"], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: din loadtest [")
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="duration_s"):
         LoadTestConfig(duration_s=0)
