@@ -107,10 +107,6 @@ def _service_loop():
     return uvloop.new_event_loop
 
 
-def _loop_name() -> str:
-    return "asyncio" if _service_loop() is None else "uvloop"
-
-
 async def _read_rate(store: RedisHistoryStore, users: int, batch: int, calls: int, seed: int) -> float:
     ids = np.random.default_rng(seed).integers(0, users, (calls, batch)).tolist()
     await store.get_histories(ids[0])  # connect, resolve the version
@@ -191,8 +187,9 @@ def run_store_bench(config: StoreBenchConfig, progress: bool = False, log=print)
                 finally:
                     await reader.close()
 
-            details["event_loop"] = _loop_name()
-            with asyncio.Runner(loop_factory=_service_loop()) as runner:
+            loop_factory = _service_loop()
+            details["event_loop"] = "asyncio" if loop_factory is None else "uvloop"
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
                 batch1, ours64, theirs64, get1_rps, append = runner.run(reads_and_appends())
             batch64 = float(np.median(ours64))
             # memory of the ads and fences, measured by deleting them: the rest is users

@@ -443,8 +443,8 @@ def load_log(
         previous_live = _current(client, namespace)
         if previous_live is None:  # the first load: live events during it need a version to land in now
             empty = Fence("N", version, int(max_history), 0, int(user_ttl_s), int(id_window), int(id_ttl_s))
-            placeholder, created = _new_empty_version(client, namespace, empty)
-            previous_live, placeholder = placeholder, placeholder if created else None  # else: an appender's
+            previous_live, created = _new_empty_version(client, namespace, empty)
+            placeholder = previous_live if created else None  # an appender's empty version is a normal predecessor
         _redirect(client, namespace, previous_live, "N", version)
         writer = None if is_cluster(client) else SetWriter(client)
         try:

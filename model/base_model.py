@@ -9,7 +9,6 @@ exactly the limitation DIN's local activation removes.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from model.activation import activation_factory
@@ -17,7 +16,7 @@ from model.config import ModelConfig
 from model.contract import FeatureSpec
 from model.embedding import FieldEmbeddings
 from model.mlp import MLP
-from model.pooling import sum_pool, zero_attention
+from model.pooling import pooled_input, zero_attention
 
 
 class BaseModel(nn.Module):
@@ -38,15 +37,8 @@ class BaseModel(nn.Module):
         cand_user: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """-> (logit (N,), attention (N, T) of zeros)."""
-        # embed
-        e = self.embed.behaviours(hist)  # (U, T, D)
-        mask = self.embed.mask(hist)  # (U, T)
-        v_a = self.embed.ads(cand)  # (N, D)
-        # pool: v_U = sum_j e_j, once per user
-        v_u = sum_pool(e, mask)  # (U, D)
+        # embed, and pool v_U = sum_j e_j once per user: [profile, v_U, v_A] per candidate
+        x, mask = pooled_input(self.embed, hist, profile, cand, cand_user)  # (N, P + 2D)
         # mlp -> logit
-        parts = [v_u.index_select(0, cand_user), v_a]  # (N, D), (N, D)
-        if self.embed.profile_fields:
-            parts.insert(0, self.embed.profile(profile).index_select(0, cand_user))  # (N, P)
-        logit = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
+        logit = self.mlp(x).squeeze(-1)  # (N,)
         return logit, zero_attention(mask, cand_user)

@@ -18,7 +18,7 @@ from model.embedding import FieldEmbeddings
 from model.interactions import fm_interaction
 from model.linear_terms import LinearTerms
 from model.mlp import MLP
-from model.pooling import sum_pool, zero_attention
+from model.pooling import pooled_input, zero_attention
 
 
 class DeepFM(nn.Module):
@@ -40,13 +40,8 @@ class DeepFM(nn.Module):
         cand_user: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """-> (logit (N,), attention (N, T) of zeros)."""
-        # embed and pool
-        e = self.embed.behaviours(hist)  # (U, T, D)
-        mask = self.embed.mask(hist)  # (U, T)
-        user = sum_pool(e, mask)  # (U, D)
-        if self.embed.profile_fields:
-            user = torch.cat([self.embed.profile(profile), user], dim=-1)  # (U, P + D)
-        x = torch.cat([user.index_select(0, cand_user), self.embed.ads(cand)], dim=-1)  # (N, F * k)
+        # embed and pool, as the BaseModel
+        x, mask = pooled_input(self.embed, hist, profile, cand, cand_user)  # (N, F * k)
         # first order + FM second order + deep
         linear = self.linear(hist, profile, cand, cand_user, mask)  # (N,)
         fm = fm_interaction(torch.stack(self.embed.per_field(x), dim=1))  # (N,)

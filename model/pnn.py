@@ -18,7 +18,7 @@ from model.contract import FeatureSpec
 from model.embedding import FieldEmbeddings
 from model.interactions import inner_products, pair_index
 from model.mlp import MLP
-from model.pooling import sum_pool, zero_attention
+from model.pooling import pooled_input, zero_attention
 
 
 class PNN(nn.Module):
@@ -41,13 +41,8 @@ class PNN(nn.Module):
         cand_user: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """-> (logit (N,), attention (N, T) of zeros)."""
-        # embed and pool
-        e = self.embed.behaviours(hist)  # (U, T, D)
-        mask = self.embed.mask(hist)  # (U, T)
-        user = sum_pool(e, mask)  # (U, D)
-        if self.embed.profile_fields:
-            user = torch.cat([self.embed.profile(profile), user], dim=-1)  # (U, P + D)
-        x = torch.cat([user.index_select(0, cand_user), self.embed.ads(cand)], dim=-1)  # (N, F * k)
+        # embed and pool, as the BaseModel
+        x, mask = pooled_input(self.embed, hist, profile, cand, cand_user)  # (N, F * k)
         # product layer: every pair of field vectors
         v = torch.stack(self.embed.per_field(x), dim=1)  # (N, F, k)
         products = inner_products(v, self.pairs)  # (N, F(F-1)/2)

@@ -168,6 +168,13 @@ class _ServingGraph(nn.Module):
         """A per-user (U, ...) tensor, per candidate: a broadcast for one user, else a gather."""
         return x if self.single_user else x.index_select(0, cand_user)
 
+    def _fold_ctr_mlp(self, mlp: nn.Sequential) -> None:
+        """The CTR MLP, its first layer split by input part ([profile, pooled, ad]), PReLUs folded."""
+        linears, acts = _mlp_chain(mlp)
+        self.mlp_layers = [_Dense.of(linears[0], self._mlp_splits()), *(_Dense.of(m) for m in linears[1:])]
+        self.mlp_acts = _fold_chain(self.mlp_layers, acts)
+        self._register("mlp_", self.mlp_layers, self.mlp_acts)
+
     def _mlp_splits(self) -> dict[str, slice]:
         p, d = self.profile_dim, self.dim
         splits = {"pooled": slice(p, p + d), "ad": slice(p + d, p + 2 * d)}
@@ -195,10 +202,7 @@ class ServingDIN(_ServingGraph):
         self.softmax = att.softmax
         self._register("attention_", self.att_layers, self.att_acts)
 
-        linears, acts = _mlp_chain(model.mlp)
-        self.mlp_layers = [_Dense.of(linears[0], self._mlp_splits()), *(_Dense.of(m) for m in linears[1:])]
-        self.mlp_acts = _fold_chain(self.mlp_layers, acts)
-        self._register("mlp_", self.mlp_layers, self.mlp_acts)
+        self._fold_ctr_mlp(model.mlp)
 
     def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
         """Flat ONNX inputs -> (ctr (N,), attention (N, T))."""
@@ -247,10 +251,7 @@ class ServingBase(_ServingGraph):
 
     def __init__(self, model: nn.Module, spec: FeatureSpec, single_user: bool = False):
         super().__init__(model, spec, single_user)
-        linears, acts = _mlp_chain(model.mlp)
-        self.mlp_layers = [_Dense.of(linears[0], self._mlp_splits()), *(_Dense.of(m) for m in linears[1:])]
-        self.mlp_acts = _fold_chain(self.mlp_layers, acts)
-        self._register("mlp_", self.mlp_layers, self.mlp_acts)
+        self._fold_ctr_mlp(model.mlp)
 
     def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
         hist, profile, cand, cand_user = split_flat(self.spec, flat)

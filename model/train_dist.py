@@ -350,7 +350,14 @@ def _mba_counts(config: DistTrainConfig, plan: StreamPlan, reader: LogReader, ru
         return None
     path = run_dir / MBA_COUNTS
     key = hashlib.sha256(json.dumps([plan.fingerprint, asdict(plan.config)], sort_keys=True, default=str).encode()).hexdigest()
-    if ctx.is_main and not (path.is_file() and str(np.load(path)["key"]) == key):
+
+    def saved_counts() -> dict[str, np.ndarray] | None:
+        if not path.is_file():
+            return None
+        with np.load(path) as saved:
+            return {f: saved[f"n_{f}"] for f in plan.spec.sequence_fields} if str(saved["key"]) == key else None
+
+    if ctx.is_main and saved_counts() is None:
         t0 = time.perf_counter()
         counts = sample_counts(plan, reader, progress=config.progress)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
@@ -358,8 +365,7 @@ def _mba_counts(config: DistTrainConfig, plan: StreamPlan, reader: LogReader, ru
         tmp.replace(path)
         _info(config, ctx, f"MBA n_j over the training samples in {time.perf_counter() - t0:.1f}s")
     barrier(ctx)
-    with np.load(path) as saved:
-        return {f: saved[f"n_{f}"] for f in plan.spec.sequence_fields}
+    return saved_counts()
 
 
 def train_dist(config: DistTrainConfig) -> DistTrainResult:

@@ -8,7 +8,6 @@ DIN paper feeds it: cross products of the user's behaviours with the candidate.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from model.activation import activation_factory
@@ -17,7 +16,7 @@ from model.contract import FeatureSpec
 from model.cross_product import CrossProductWide
 from model.embedding import FieldEmbeddings
 from model.mlp import MLP
-from model.pooling import sum_pool, zero_attention
+from model.pooling import pooled_input, zero_attention
 
 
 class WideDeep(nn.Module):
@@ -39,15 +38,9 @@ class WideDeep(nn.Module):
         cand_user: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """-> (logit (N,), attention (N, T) of zeros)."""
-        # embed
-        e = self.embed.behaviours(hist)  # (U, T, D)
-        mask = self.embed.mask(hist)  # (U, T)
-        v_a = self.embed.ads(cand)  # (N, D)
         # deep: the BaseModel
-        parts = [sum_pool(e, mask).index_select(0, cand_user), v_a]  # (N, D), (N, D)
-        if self.embed.profile_fields:
-            parts.insert(0, self.embed.profile(profile).index_select(0, cand_user))  # (N, P)
-        deep = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (N,)
+        x, mask = pooled_input(self.embed, hist, profile, cand, cand_user)  # (N, P + 2D)
+        deep = self.mlp(x).squeeze(-1)  # (N,)
         # wide: cross products of the behaviours with the ad
         wide = self.wide(hist, cand, cand_user, mask)  # (N,)
         return wide + deep, zero_attention(mask, cand_user)

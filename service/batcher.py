@@ -312,11 +312,11 @@ class Batcher:
         """Form, fetch and hand over one batch; its answers are set when the scoring thread is done."""
         await self._wait_for_batch()
         await self._slots.acquire()  # formed only now: requests that came meanwhile ride along
+        handed_over = False  # else the slot goes back below
         try:
             formed = time.monotonic()
             jobs = self._take_batch()
             if not jobs:
-                self._slots.release()
                 return
             depth = len(self._queue)
             try:
@@ -332,13 +332,13 @@ class Batcher:
                 inputs = [rank_input(scorer, h, fetched.profile_fields, j.candidates) for j, h in zip(jobs, fetched.histories)]
                 batch = build_batch(scorer.bundle, inputs)
             except Exception as e:
-                self._slots.release()
                 self._fail(jobs, e)
                 return
             scoring = asyncio.get_running_loop().run_in_executor(self._executor, self._score, scorer, batch)
-        except BaseException:
-            self._slots.release()
-            raise
+            handed_over = True
+        finally:
+            if not handed_over:
+                self._slots.release()
         self._in_flight.add(scoring)
         scoring.add_done_callback(lambda done: self._answer(done, jobs, fetched, scorer, depth, formed, fetched_at))
 

@@ -35,7 +35,6 @@ Needs torch (the `train` extra): the baseline is a PyTorch model.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,12 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+from service.settings import cores
+
 CASES: tuple[tuple[int, int, int], ...] = ((1, 50, 200), (1, 100, 500), (16, 50, 3200))
 IMPLS: tuple[str, ...] = ("torch_eager_naive", "onnx_naive", "onnx_optimized")
-
-
-def cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

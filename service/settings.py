@@ -24,7 +24,8 @@ CPU_BATCH_CANDIDATES = 256  # per-candidate speed on the CPU falls as a call out
 GPU_BATCH_CANDIDATES = 8192
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The CPU cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -32,7 +33,7 @@ def default_intra_op_threads() -> int:
     """The cores but one: the event loop (HTTP, JSON, Redis) needs a core of its own. Measured
     on 2 cores (docs/benchmarks.md): one ONNX Runtime thread served more requests/s than two,
     whose second thread fought the event loop for the same core."""
-    return max(1, _cores() - 1)
+    return max(1, cores() - 1)
 
 
 class Settings(BaseSettings):

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from model.contract import CAND_USER, PAD_ROW, cand_input, hist_input
 from model.data.stream_plan import SEQUENCE_FIELDS, TRAIN, StreamPlan, batch_columns, log_columns, user_split
+from model.regularization import sequence_counts, window_coverage
 
 DEFAULT_SHARDS = 8
 DEFAULT_SHUFFLE_WINDOW = 1 << 16  # samples shuffled together in one shard (memory: shards x this)
@@ -410,10 +412,6 @@ def sample_counts(plan: StreamPlan, reader: LogReader, progress: bool = False) -
     negatives are the same in every epoch) once, each behaviour once per sample whose
     truncated history window holds it. One pass over the training blocks; float64 [rows].
     """
-    from tqdm import tqdm
-
-    from model.regularization import sequence_counts, window_coverage
-
     counts = {f: np.zeros(plan.spec.vocab_sizes[f], np.float64) for f in plan.spec.sequence_fields}
     blocks = np.flatnonzero(plan.block_samples[:, TRAIN] > 0)
     for block in tqdm(blocks, desc="n_j for --reg mba", unit="block", disable=not progress, leave=False):
