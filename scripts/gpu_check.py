@@ -35,7 +35,11 @@ def main() -> int:
         )  # fmt: skip
         cpu = Scorer.load(str(result.bundle), options=RuntimeOptions(device="cpu", intra_op_threads=4))
         gpu = Scorer.load(str(result.bundle), options=RuntimeOptions(device=args.device, shape_buckets=True))
-        report = {"device": args.device, "providers": gpu.providers, "device_problem": gpu.device_problem}
+        auto = Scorer.load(str(result.bundle), options=RuntimeOptions(device="auto"))  # what a default deployment gets
+        report = {
+            "device": args.device, "providers": gpu.providers, "device_problem": gpu.device_problem,
+            "auto_providers": auto.providers,
+        }  # fmt: skip
         if gpu.device_problem:
             print(json.dumps(report))
             return 2
