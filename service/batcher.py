@@ -130,6 +130,7 @@ class _Job:
     arrived: float
     deadline: float
     future: asyncio.Future = field(repr=False)
+    explain: bool = False  # needs the attention weights
 
 
 FetchFn = Callable[[list[int]], Awaitable[Fetched]]
@@ -213,8 +214,10 @@ class Batcher:
         return self._queued_candidates
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, user_id: int, candidates: dict[str, np.ndarray], deadline_s: float | None = None) -> Ranked:
-        """Queue one request and wait for its scores.
+    async def submit(
+        self, user_id: int, candidates: dict[str, np.ndarray], deadline_s: float | None = None, explain: bool = False
+    ) -> Ranked:
+        """Queue one request and wait for its scores (with the attention weights when `explain`).
 
         Raises QueueFull (at once), DeadlineExceeded (at the deadline: a timer answers it,
         and the collector drops it if it is still queued), BatcherClosed.
@@ -228,7 +231,7 @@ class Batcher:
             raise QueueFull(len(self._queue), self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()  # the event loop's clock too
-        job = _Job(user_id, candidates, n, now, now + budget if budget else math.inf, loop.create_future())
+        job = _Job(user_id, candidates, n, now, now + budget if budget else math.inf, loop.create_future(), explain)
         self._queue.append(job)
         self._queued_candidates += n
         self._arrived.set()
@@ -330,7 +333,7 @@ class Batcher:
             # load and should only run the graph (~0.1 ms of numpy per request moves over).
             try:
                 inputs = [rank_input(scorer, h, fetched.profile_fields, j.candidates) for j, h in zip(jobs, fetched.histories)]
-                batch = build_batch(scorer.bundle, inputs)
+                batch = build_batch(scorer.bundle, inputs, attention=any(j.explain for j in jobs))
             except Exception as e:
                 self._fail(jobs, e)
                 return

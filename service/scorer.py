@@ -67,7 +67,7 @@ class RankInput:
 @dataclass(frozen=True)
 class Scored:
     ctr: np.ndarray  # (n,) float32, in request order
-    attention: np.ndarray  # (n, history_length) float32
+    attention: np.ndarray | None  # (n, history_length) float32; None when the batch did not ask for it
     history_length: int  # behaviours scored against (after truncation)
 
 
@@ -81,13 +81,15 @@ class ScoringBatch:
     cand_user: np.ndarray  # (N,) int64 in [0, U)
     history_lengths: np.ndarray  # (U,) int64
     cand_offsets: np.ndarray = field(repr=False)  # (U + 1,): user u owns [off[u], off[u+1])
+    attention: bool = True  # return the attention weights (some request explains)
 
 
-def build_batch(bundle: Bundle, requests: Sequence[RankInput]) -> ScoringBatch:
+def build_batch(bundle: Bundle, requests: Sequence[RankInput], *, attention: bool = True) -> ScoringBatch:
     """Map raw ids to rows (unknown -> UNK_ROW) and pad histories to T for U users at once.
 
     T = the longest history in the batch, capped by the bundle's max_history, at least 1
-    (a fully padded slot scores exactly as an empty history).
+    (a fully padded slot scores exactly as an empty history). `attention`: return the
+    attention weights too (explain); without it a GPU leaves them on the device.
     """
     spec, vocabs = bundle.spec, bundle.vocabularies
     if not requests:
@@ -122,7 +124,7 @@ def build_batch(bundle: Bundle, requests: Sequence[RankInput]) -> ScoringBatch:
     }
     cand_user = np.repeat(np.arange(u, dtype=np.int64), counts)  # (N,)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ScoringBatch(hist_rows, profile_rows, cand_rows, cand_user, lengths, offsets)
+    return ScoringBatch(hist_rows, profile_rows, cand_rows, cand_user, lengths, offsets, attention)
 
 
 def rank_order(ctr: np.ndarray, top_k: int | None = None) -> np.ndarray:
@@ -298,7 +300,9 @@ class _DeviceBuffers:
             self._buffers[key] = buf
         return buf
 
-    def run(self, feeds: dict[str, np.ndarray], n: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], n: int, t: int, attention: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """One run; the (N, T) attention comes back to the host only when asked for (explain):
+        at 200k candidates its copy took ~40% of the call on an H200 (docs/benchmarks.md, run J)."""
         with self._lock:
             binding = self.session.io_binding()
             for name, arr in feeds.items():
@@ -306,11 +310,11 @@ class _DeviceBuffers:
                 buf.update_inplace(arr)
                 binding.bind_ortvalue_input(name, buf)
             ctr = self._buffer(CTR, (n,), np.float32)
-            attention = self._buffer(ATTENTION, (n, t), np.float32)
+            weights = self._buffer(ATTENTION, (n, t), np.float32)
             binding.bind_ortvalue_output(CTR, ctr)
-            binding.bind_ortvalue_output(ATTENTION, attention)
+            binding.bind_ortvalue_output(ATTENTION, weights)
             self.session.run_with_iobinding(binding)
-            return ctr.numpy(), attention.numpy()
+            return ctr.numpy(), weights.numpy() if attention else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -432,8 +436,9 @@ class Scorer:
         profile_rows: dict[str, np.ndarray],
         cand_rows: dict[str, np.ndarray],
         cand_user: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows in, (ctr (N,), attention (N, T)) out: exactly one ONNX Runtime call."""
+        attention: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows in, (ctr (N,), attention (N, T) or None when not asked for) out: exactly one ONNX Runtime call."""
         n = cand_user.shape[0]
         t = next(iter(hist_rows.values())).shape[1]
         if self.shape_buckets:
@@ -448,12 +453,12 @@ class Scorer:
         self.calls += 1
         if self._device_buffers is not None:
             n_run, t_run = feeds[CAND_USER].shape[0], feeds[hist_input(self.bundle.spec.sequence_fields[0])].shape[1]
-            ctr, attention = self._device_buffers.run(feeds, n_run, t_run)
+            ctr, weights = self._device_buffers.run(feeds, n_run, t_run, attention)
         else:
-            ctr, attention = self.session.run([CTR, ATTENTION], feeds)
-        if ctr.shape[0] != n or attention.shape[1] != t:
-            ctr, attention = ctr[:n], attention[:n, :t]
-        return ctr, attention
+            ctr, weights = self.session.run([CTR, ATTENTION], feeds)  # on the CPU it costs nothing more
+        if not attention:
+            return ctr[:n], None
+        return ctr[:n], weights[:n, :t]
 
     def score_requests(self, requests: Sequence[RankInput]) -> list[Scored]:
         """Score U users' requests in one call; results come back per request, in order."""
@@ -461,12 +466,12 @@ class Scorer:
 
     def score_batch(self, batch: ScoringBatch) -> list[Scored]:
         """`score_requests` for a batch already built (the batcher builds it off the scoring thread)."""
-        ctr, attention = self.score(batch.hist_rows, batch.profile_rows, batch.cand_rows, batch.cand_user)
+        ctr, attention = self.score(batch.hist_rows, batch.profile_rows, batch.cand_rows, batch.cand_user, batch.attention)
         off = batch.cand_offsets
         return [
             Scored(
                 ctr=ctr[off[i] : off[i + 1]],
-                attention=attention[off[i] : off[i + 1], : batch.history_lengths[i]],
+                attention=None if attention is None else attention[off[i] : off[i + 1], : batch.history_lengths[i]],
                 history_length=int(batch.history_lengths[i]),
             )
             for i in range(len(batch.history_lengths))

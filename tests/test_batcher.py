@@ -64,7 +64,8 @@ async def test_concurrent_requests_share_one_graph_call_and_one_mget(bundle, sto
     config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.05, deadline_s=30)
     async with running(bundle, store_url, config) as (batcher, scorer, batches):
         before = mget_calls(store_url)
-        results = await asyncio.gather(*(batcher.submit(u, c) for u, c in requests))
+        # one request explains: the batch then carries the attention weights for all
+        results = await asyncio.gather(*(batcher.submit(u, c, explain=u == USERS[-1]) for u, c in requests))
         assert scorer.calls == 1  # one ONNX Runtime call for all eight requests
         assert mget_calls(store_url) - before == 1  # one store round trip for all eight users
         assert [b.users for b in batches] == [8] and batches[0].candidates == sum(3 + u for u in USERS)
@@ -83,6 +84,19 @@ async def test_concurrent_requests_share_one_graph_call_and_one_mget(bundle, sto
         np.testing.assert_allclose(got.scored.ctr, want.ctr, rtol=0, atol=1e-6)
         np.testing.assert_allclose(got.scored.attention, want.attention, rtol=0, atol=1e-6)
     assert np.ptp(np.concatenate([r.scored.ctr for r in results])) > 1e-3
+
+
+async def test_a_batch_without_explain_leaves_the_attention_out(bundle, store_url):
+    requests = [(u, candidates(u, 4)) for u in USERS[:4]]
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.05, deadline_s=30)
+    async with running(bundle, store_url, config) as (batcher, scorer, batches):
+        plain = await asyncio.gather(*(batcher.submit(u, c) for u, c in requests))
+        explained = await asyncio.gather(*(batcher.submit(u, c, explain=u == USERS[0]) for u, c in requests))
+    assert [b.users for b in batches] == [4, 4]
+    assert all(r.scored.attention is None for r in plain)  # (a GPU would not copy them back)
+    for p, e in zip(plain, explained):
+        assert e.scored.attention.shape == (4, e.scored.history_length)
+        np.testing.assert_array_equal(p.scored.ctr, e.scored.ctr)
 
 
 async def test_a_lone_request_goes_after_max_wait(bundle, store_url):

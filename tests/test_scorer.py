@@ -130,6 +130,10 @@ def test_a_batch_of_users_scores_as_each_user_alone(trained_bundle):
         assert np.abs(together[2].attention).sum() > 0
     else:
         assert not together[2].attention.any()
+    batch = build_batch(trained_bundle, requests, attention=False)  # no request explains
+    for got, want in zip(scorer.score_batch(batch), together):
+        assert got.attention is None
+        np.testing.assert_array_equal(got.ctr, want.ctr)
 
 
 def test_unknown_ids_score_as_the_unknown_row(trained_bundle):

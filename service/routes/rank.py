@@ -143,7 +143,7 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
 
     batcher: Batcher = state.batcher
     try:
-        ranked = await batcher.submit(query.user_id, query.candidates())
+        ranked = await batcher.submit(query.user_id, query.candidates(), explain=query.explain)
     except QueueFull as e:
         state.metrics.overload_rejections.labels("queue_full").inc()
         return overloaded_response(str(e), e.retry_after_s)
