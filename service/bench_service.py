@@ -50,6 +50,7 @@ class ServiceBenchConfig:
     candidates: int = 200
     levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.85, 0.95, 1.0, 1.25, 1.5)  # x the reference scoring requests/s
     seconds: float = 6.0  # per level
+    half_seconds: float = 30.0  # the half-saturation level: its p99 is the target, so ~5k requests, not ~1k
     threads: int = field(default_factory=default_intra_op_threads)  # the service's ONNX Runtime intra-op threads
     spinning: bool = False
     batch_max_wait_ms: float = 0.2
@@ -336,9 +337,11 @@ def _client_main(url: str, bodies: list[bytes], levels: list[float], seconds: fl
     return out
 
 
-def _run_client(url: str, bodies: list[bytes], levels: list[float], config: ServiceBenchConfig, pids: dict[str, int]) -> list[dict]:
+def _run_client(
+    url: str, bodies: list[bytes], levels: list[float], config: ServiceBenchConfig, pids: dict[str, int], seconds: float
+) -> list[dict]:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_client_main, url, bodies, levels, config.seconds, config.max_in_flight, pids, config.client).result()
+        return pool.submit(_client_main, url, bodies, levels, seconds, config.max_in_flight, pids, config.client).result()
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,10 +376,11 @@ def run_service_bench(config: ServiceBenchConfig = ServiceBenchConfig(), log: Ca
                 log(f"offering {', '.join(f'{r:.0f}' for r in offered)} requests/s, {config.seconds:.0f} s each")
                 redis_proc = getattr(redis_server, "_proc", None)
                 pids = {"server": proc.pid, "redis": redis_proc.pid if redis_proc else None}
-                levels = _run_client(url, bodies, offered, config, pids)
+                levels = _run_client(url, bodies, offered, config, pids, config.seconds)
                 saturation = max(level["rps"] for level in levels)
-                log(f"saturation {saturation:.0f} requests/s; now half of it")
-                (half,) = _run_client(url, bodies, [saturation / 2], config, pids)
+                log(f"saturation {saturation:.0f} requests/s; now half of it for {config.half_seconds:.0f} s")
+                (half,) = _run_client(url, bodies, [saturation / 2], config, pids, config.half_seconds)
+                half["seconds"] = config.half_seconds
             finally:
                 _stop_server(proc)
         again = reference_scoring_rps(bundle, config)  # the machine is shared: keep the better reading
@@ -392,7 +396,7 @@ def run_service_bench(config: ServiceBenchConfig = ServiceBenchConfig(), log: Ca
             "users": config.users, "history": config.history, "candidates": config.candidates,
             "threads": config.threads, "spinning": config.spinning, "batch_max_wait_ms": config.batch_max_wait_ms,
             "batch_max_candidates": config.batch_max_candidates, "max_queue": config.max_queue,
-            "client": config.client,
+            "client": config.client, "seconds": config.seconds, "half_seconds": config.half_seconds,
         },
     }  # fmt: skip
 

@@ -695,6 +695,7 @@ def bench_service(
     candidates: Annotated[int, typer.Option(min=1, help="Candidates per request.")] = 200,
     levels: Annotated[str, typer.Option(help="Offered loads as multiples of the scoring requests/s.")] = "0.1,0.25,0.5,0.75,0.85,0.95,1.0,1.25,1.5",
     seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load level.")] = 6.0,
+    half_seconds: Annotated[float, typer.Option(min=0.5, help="Seconds at half saturation (the p99 target's level).")] = 30.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="The service's intra-op threads (default: the cores but one, as the service).")] = None,
     spinning: Annotated[bool, typer.Option(help="ONNX Runtime thread spinning in the service.")] = False,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch max wait (BATCH_MAX_WAIT_MS).")] = 0.2,
@@ -715,7 +716,8 @@ def bench_service(
     if not factors or min(factors) <= 0:
         _fail(f"--levels {levels!r}: expected positive numbers, e.g. 0.25,0.5,1.0")
     config = ServiceBenchConfig(
-        users=users, history=history, candidates=candidates, levels=factors, seconds=seconds, spinning=spinning,
+        users=users, history=history, candidates=candidates, levels=factors, seconds=seconds, half_seconds=half_seconds,
+        spinning=spinning,
         batch_max_wait_ms=max_wait_ms, batch_max_candidates=batch_candidates, bundle=bundle, client=client,
     )  # fmt: skip
     if client not in ("raw", "httpx"):

@@ -29,3 +29,28 @@ def test_scoring_bench_json_shape_and_parity_of_the_three_implementations():
         assert c["cand_per_s"] > 0 and c["p99_ms"] >= c["p50_ms"] > 0
         assert abs(c["utilization"] - c["gflops"] / result["peak_gflops"]) < 1e-3
     assert "onnx_optimized" in format_table(result)
+
+
+def test_service_bench_runs_the_real_service_and_reports_every_level(tmp_path):
+    from model.export import export_bundle
+    from service.bench_scoring import build_bench_model
+    from service.bench_service import ServiceBenchConfig, run_service_bench
+
+    m = BenchModel(embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(8,), items=50, categories=5, max_history=6)
+    model, spec, vocabularies = build_bench_model(m)
+    bundle = export_bundle(
+        model, model_type="din", spec=spec, vocabularies=vocabularies, out_dir=tmp_path, data_fingerprint="t", extra={}
+    ).bundle
+    config = ServiceBenchConfig(
+        users=40, history=6, candidates=8, levels=(0.01, 0.02), seconds=1.0, half_seconds=1.5, threads=1,
+        distinct_bodies=50, bundle=bundle,
+    )  # fmt: skip
+    result = run_service_bench(config)
+    assert [round(level["offered_rps"] / result["levels"][0]["offered_rps"]) for level in result["levels"]] == [1, 2]
+    for level in [*result["levels"], result["half_saturation"]]:
+        assert set(level) >= {"offered_rps", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "mean_batch_users"}
+        assert level["rps"] > 0 and level["p99_ms"] >= level["p50_ms"] > 0  # real answers came back
+    assert result["saturation_rps"] == max(level["rps"] for level in result["levels"])
+    assert result["scoring_ratio"] == round(result["saturation_rps"] / result["scoring_rps"], 4)
+    assert result["half_saturation"]["seconds"] == 1.5  # the p99 level runs for its own duration
+    assert abs(result["half_saturation"]["offered_rps"] - result["saturation_rps"] / 2) < 1
