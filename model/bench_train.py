@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from model.cpu import cores
 from model.data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig, write_synthetic
 from model.train_dist import REPORT, DistTrainConfig, launch
 
@@ -55,7 +56,7 @@ def _log(work_dir: Path, synthetic: SyntheticConfig) -> Path:
 def _versions() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": cores()}
 
 
 def bench_train(config: TrainBenchConfig) -> dict:

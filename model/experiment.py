@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.cpu import cores
 from model.data.log import BehaviourLog
 from model.data.samples import SampleConfig, Samples, build_samples
 from model.data.sources import load_source
@@ -219,8 +219,8 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult:
         "command": config.command,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": config.threads or os.cpu_count(),
+            "cpus": cores(),
+            "torch_threads": config.threads or cores(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,

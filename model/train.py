@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model.config import ModelConfig
+from model.cpu import cores
 from model.data.samples import SampleConfig, Samples, SampleSet, build_samples
 from model.data.sources import load_source
 from model.export import export_bundle
@@ -115,7 +115,7 @@ def _deterministic(config: TrainConfig) -> Iterator[None]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     # deterministic mode would also NaN-fill every new tensor (a debugging aid): ~15% of DIN's step
     torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.threads or cores())
     try:
         yield
     finally:

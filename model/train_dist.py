@@ -62,6 +62,7 @@ from model.checkpoint import (
     set_rng_state,
 )
 from model.config import ModelConfig
+from model.cpu import cores
 from model.data.stream import (
     DEFAULT_SHARDS,
     DEFAULT_SHUFFLE_WINDOW,
@@ -250,7 +251,7 @@ def _deterministic(seed: int, threads: int) -> Iterator[None]:
 
 def _default_threads() -> int:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, (os.cpu_count() or 1) // max(local, 1))
+    return max(1, cores() // max(local, 1))
 
 
 def _named_on_device(batch: SampleBatch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -612,7 +613,7 @@ def launch(
     root = str(Path(__file__).resolve().parent.parent)  # run this code base, whatever is installed
     run_env = {**os.environ, **(env or {})}
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
-    run_env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, (os.cpu_count() or 1) // nproc)))
+    run_env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, cores() // nproc)))
     proc = subprocess.run(cmd, env=run_env, timeout=timeout_s, stdout=sys.stderr)  # our stdout stays for --json
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training exited with code {proc.returncode} ({shutil.which('torchrun') or 'torchrun'} {nproc} processes)")

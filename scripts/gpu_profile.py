@@ -59,7 +59,7 @@ def main() -> int:
     from model.serving_graph import serving_modules
     from service.bench_scoring import BenchModel, bench_inputs, build_bench_model, useful_flops, write_bench_bundle
     from service.scorer import RuntimeOptions, Scorer
-    from service.settings import cores
+    from model.cpu import cores
 
     dev = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if args.device == "cuda" else (lambda: None)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.settings import cores
+from model.cpu import cores
 
 CASES: tuple[tuple[int, int, int], ...] = ((1, 50, 200), (1, 100, 500), (16, 50, 3200))
 IMPLS: tuple[str, ...] = ("torch_eager_naive", "onnx_naive", "onnx_optimized")

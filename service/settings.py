@@ -9,12 +9,13 @@ that names the variable (what `din serve` prints instead of a traceback).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.cpu import cores
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -22,11 +23,6 @@ LogFormat = Literal["json", "text"]
 SECRET_FIELDS = frozenset({"admin_token", "api_keys", "redis_url"})
 CPU_BATCH_CANDIDATES = 256  # per-candidate speed on the CPU falls as a call outgrows the caches (docs/benchmarks.md)
 GPU_BATCH_CANDIDATES = 8192
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def default_intra_op_threads() -> int:

@@ -112,3 +112,15 @@ def test_readme_lists_every_setting_with_its_default(clean_env, monkeypatch):
         shown = rows[name.upper()]
         plain = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
         assert plain in shown.replace("`", "").replace(",", ""), f"{name.upper()}: README says {shown!r}, default is {plain}"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs CPU affinity and 2 cores")
+def test_thread_pools_follow_the_cpu_affinity_not_the_hosts_cores():
+    """A pinned process (a container's cpuset, taskset) sizes its pools to its cores."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "from model.cpu import cores; from model.train_dist import _default_threads;"
+        "print(cores(), _default_threads(), os.cpu_count())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    assert out[:2] == ["1", "1"] and int(out[2]) >= 2
