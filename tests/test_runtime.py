@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from service.app import create_app
-from service.scorer import CPU, CUDA, TENSORRT, RankInput, RuntimeOptions, Scorer, bucket
+from service.scorer import CPU, CUDA, TENSORRT, RankInput, RuntimeOptions, Scorer, bucket, build_batch
 from service.settings import Settings
 
 from tests.tiny_bundle import bundle, candidates  # noqa: F401  (fixture)
@@ -70,6 +70,31 @@ def test_shape_buckets_pad_the_run_and_change_no_score(bundle):  # noqa: F811
         np.testing.assert_allclose(got.attention, want.attention, rtol=0, atol=1e-6)
     shapes = padded.warm_up_shapes()
     assert (1, bundle.spec.max_history, 16) in shapes and all(n == bucket(n) for _, _, n in shapes)
+
+
+@pytest.mark.parametrize("buckets", [True, False])
+def test_io_binding_the_gpu_path_scores_as_a_plain_run(bundle, buckets):  # noqa: F811
+    """The GPU's IO-binding code (reused per-shape buffers, attention left in its buffer
+    unless asked for) run with CPU buffers, so CI covers it without a GPU."""
+    plain = Scorer.load(bundle, options=RuntimeOptions(device="cpu", intra_op_threads=1, shape_buckets=False))
+    bound = Scorer.load(bundle, options=RuntimeOptions(device="cpu", intra_op_threads=1, shape_buckets=buckets, io_binding=True))
+    rng = np.random.default_rng(1)
+    requests = [
+        RankInput(history={"item_id": rng.choice(np.arange(100, 140), t), "cate_id": rng.choice(np.arange(1, 6), t)} if t else {},
+                  profile={}, candidates=candidates(t, n))
+        for t, n in ((3, 5), (0, 2), (6, 17), (2, 5))
+    ]  # fmt: skip
+    want = plain.score_requests(requests)
+    first = bound.score_requests(requests)
+    again = bound.score_requests(requests[::-1])[::-1]  # the same shapes: the same buffers, reused
+    for w, a, b in zip(want, first, again):
+        np.testing.assert_allclose(a.ctr, w.ctr, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a.attention, w.attention, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(a.ctr, b.ctr)  # a later run did not overwrite an earlier answer
+    scores_only = bound.score_batch(build_batch(bundle, requests, attention=False))
+    assert all(s.attention is None for s in scores_only)
+    for s, w in zip(scores_only, want):
+        np.testing.assert_allclose(s.ctr, w.ctr, rtol=0, atol=1e-6)
 
 
 def test_optimized_graph_is_saved_and_settings_reach_the_session(bundle, tmp_path):  # noqa: F811
