@@ -1,7 +1,7 @@
 """Where the GPU time of the serving graph goes (run by `scripts/gpu_bench.sh profile`).
 
-`din bench scoring --device cuda` times the Scorer end to end: ids copied in, scores and
-attention copied out. This splits that time: the same ONNX graph with inputs and outputs
+`din bench scoring --device cuda` times the Scorer end to end: ids copied in, scores copied
+out (and the attention weights, for explain). This splits that time: the same ONNX graph with inputs and outputs
 left on the GPU (ONNX Runtime's pure compute), the same serving graph in PyTorch eager on
 the GPU, and a kernel table of the latter (torch.profiler), so a slow run can be placed:
 transfers, ONNX Runtime's kernels, or the graph's own memory traffic.

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from service.bench_scoring import BenchModel, ScoringBenchConfig, format_table, run_scoring_bench, useful_flops
 
 
@@ -54,3 +60,17 @@ def test_service_bench_runs_the_real_service_and_reports_every_level(tmp_path):
     assert result["scoring_ratio"] == round(result["saturation_rps"] / result["scoring_rps"], 4)
     assert result["half_saturation"]["seconds"] == 1.5  # the p99 level runs for its own duration
     assert abs(result["half_saturation"]["offered_rps"] - result["saturation_rps"] / 2) < 1
+
+
+def test_the_gpu_profile_script_runs_on_the_cpu():
+    """scripts/gpu_profile.py runs only where a GPU is lent; its CPU mode keeps it from rotting here."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "scripts/gpu_profile.py", "--device", "cpu", "--cases", "1x6x10,2x6x20", "--repeat", "2", "--top", "3"],
+        cwd=root, capture_output=True, text=True, check=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    rows = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("[{")))
+    impls = ["scorer_with_attention (explain)", "scorer_scores_only (/rank)", "ort_on_device", "torch_eager_serving_graph"]
+    assert [(r["case"], r["impl"]) for r in rows] == [(c, i) for c in ("1x6x10", "2x6x20") for i in impls]
+    assert all(r["ms"] > 0 and r["cand_per_s"] > 0 for r in rows)
+    assert "top kernels" in out.stdout
