@@ -28,11 +28,20 @@ OUT_DIR="${OUT:-$PWD/gpu-out}"
 DEVICE="${DEVICE:-cuda}"
 CASES="${CASES:-1x50x200,1x100x500,16x50x3200,64x50x12800,256x50x51200,1024x50x204800}"
 
+stash() {  # the wheel parts (and checksums) this call carried, into the folder that outlives the call
+    mkdir -p "$STASH"
+    local found=0 part
+    for part in .whl/parts/ort.part.* .whl/parts/SHA256SUMS; do
+        [ -f "$part" ] || continue
+        cp "$part" "$STASH/" && found=1 && echo "stashed $part"
+    done
+    [ "$found" = 1 ]
+}
+
 setup() {  # for run and profile: onnxruntime-gpu and the deps installed, the CUDA libraries found
     mkdir -p "$OUT_DIR"
     # The last (small) part, the checksums and the Python deps travel with this call itself.
-    mkdir -p "$STASH"
-    for part in .whl/parts/ort.part.* .whl/parts/SHA256SUMS; do if [ -f "$part" ]; then cp "$part" "$STASH/"; fi; done
+    stash || true
     if [ -z "${SKIP_INSTALL:-}" ]; then
         if ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
             [ -f "$STASH/SHA256SUMS" ] || { echo "no onnxruntime-gpu: run 'prepare' here and 'receive' per part first" >&2; exit 1; }
@@ -83,13 +92,7 @@ prepare)
     echo "carry each full .whl/parts/ort.part.* in its own 'receive' call, then call 'run' carrying the last part, .whl/parts/SHA256SUMS and .whl/deps"
     ;;
 receive)
-    mkdir -p "$STASH"
-    found=0
-    for part in .whl/parts/ort.part.* .whl/parts/SHA256SUMS; do
-        [ -f "$part" ] || continue
-        cp "$part" "$STASH/" && found=1 && echo "stashed $part"
-    done
-    [ "$found" = 1 ] || { echo "no part carried in this call" >&2; exit 1; }
+    stash || { echo "no part carried in this call" >&2; exit 1; }
     ls -la "$STASH"
     ;;
 profile)

@@ -54,16 +54,20 @@ def test_bucket_sizes():
     assert [bucket(n) for n in (1, 16, 17, 200, 256, 257, 3000)] == [16, 16, 32, 256, 256, 512, 4096]
 
 
+def _requests(rng: np.random.Generator, shapes: tuple[tuple[int, int], ...]) -> list[RankInput]:
+    """One request per (history length, candidates): random known ids, no profile."""
+    return [
+        RankInput(history={"item_id": rng.choice(np.arange(100, 140), t), "cate_id": rng.choice(np.arange(1, 6), t)} if t else {},
+                  profile={}, candidates=candidates(t, n))
+        for t, n in shapes
+    ]  # fmt: skip
+
+
 def test_shape_buckets_pad_the_run_and_change_no_score(bundle):  # noqa: F811
     plain = Scorer.load(bundle, options=RuntimeOptions(device="cpu", intra_op_threads=1, shape_buckets=False))
     padded = Scorer.load(bundle, options=RuntimeOptions(device="cpu", intra_op_threads=1, shape_buckets=True))
     assert padded.shape_buckets and not plain.shape_buckets
-    rng = np.random.default_rng(0)
-    requests = [
-        RankInput(history={"item_id": rng.choice(np.arange(100, 140), t), "cate_id": rng.choice(np.arange(1, 6), t)} if t else {},
-                  profile={}, candidates=candidates(t, n))
-        for t, n in ((3, 5), (0, 2), (6, 17))
-    ]  # fmt: skip
+    requests = _requests(np.random.default_rng(0), ((3, 5), (0, 2), (6, 17)))
     for got, want in zip(padded.score_requests(requests), plain.score_requests(requests)):
         assert got.ctr.shape == want.ctr.shape and got.attention.shape == want.attention.shape
         np.testing.assert_allclose(got.ctr, want.ctr, rtol=0, atol=1e-6)
@@ -78,12 +82,7 @@ def test_io_binding_the_gpu_path_scores_as_a_plain_run(bundle, buckets):  # noqa
     unless asked for) run with CPU buffers, so CI covers it without a GPU."""
     plain = Scorer.load(bundle, options=RuntimeOptions(device="cpu", intra_op_threads=1, shape_buckets=False))
     bound = Scorer.load(bundle, options=RuntimeOptions(device="cpu", intra_op_threads=1, shape_buckets=buckets, io_binding=True))
-    rng = np.random.default_rng(1)
-    requests = [
-        RankInput(history={"item_id": rng.choice(np.arange(100, 140), t), "cate_id": rng.choice(np.arange(1, 6), t)} if t else {},
-                  profile={}, candidates=candidates(t, n))
-        for t, n in ((3, 5), (0, 2), (6, 17), (2, 5))
-    ]  # fmt: skip
+    requests = _requests(np.random.default_rng(1), ((3, 5), (0, 2), (6, 17), (2, 5)))
     want = plain.score_requests(requests)
     first = bound.score_requests(requests)
     again = bound.score_requests(requests[::-1])[::-1]  # the same shapes: the same buffers, reused
