@@ -4,7 +4,8 @@ The graph is user-batched (DESIGN.md, contract 2): history and profile inputs ar
 ([U, T], [U]), candidate inputs are flat ([N]) with `cand_user` naming each candidate's
 user. One request is U = 1; the micro-batcher will hand several requests to
 `Scorer.score_requests` at once. Everything between raw ids and the session is numpy,
-vectorised over candidates; Python loops run over users only.
+vectorised over candidates; Python loops run over users only (on the CPU a big batch runs
+as several calls of whole users, `user_chunks`).
 
 Torch-free: this module runs in the serving image.
 """
@@ -36,6 +37,10 @@ CPU = "CPUExecutionProvider"
 # A user without a profile has raw profile id -1, as in training (UserProfiles.lookup):
 # it maps to the row training learned for "no profile", or to UNK_ROW if there was none.
 NO_PROFILE_ID = -1
+# On the CPU a call's (candidate, behaviour) tensors should stay cache-sized, and the graph's
+# one-user branch beats its batch branch per candidate (docs/benchmarks.md, "Chunked calls"):
+# a big batch is scored in chunks of whole users holding at most this many candidates.
+CPU_CALL_CANDIDATES = 256
 _ORT_DEFAULT_SEVERITY = 2  # warning: ONNX Runtime's own default
 _ORT_SILENT = 4  # fatal only
 
@@ -133,6 +138,28 @@ def rank_order(ctr: np.ndarray, top_k: int | None = None) -> np.ndarray:
     return order if top_k is None else order[:top_k]
 
 
+def user_chunks(counts: np.ndarray, max_candidates: int) -> list[tuple[int, int]]:
+    """Consecutive users [lo, hi) packed greedily into chunks of at most `max_candidates`
+    candidates; a user with more is a chunk of its own (splitting it would repeat its
+    user-side work). `max_candidates` 0: one chunk. A loop over users, not candidates."""
+    if max_candidates <= 0 or int(counts.sum()) <= max_candidates:
+        return [(0, len(counts))]
+    chunks, lo, held = [], 0, 0
+    for u, n in enumerate(counts.tolist()):
+        if held and held + n > max_candidates:
+            chunks.append((lo, u))
+            lo, held = u, 0
+        held += n
+    chunks.append((lo, len(counts)))
+    return chunks
+
+
+def _filled_width(hist_rows: dict[str, np.ndarray]) -> int:
+    """Columns up to the last one any user fills (at least 1): the rest is PAD_ROW only."""
+    filled = np.flatnonzero((next(iter(hist_rows.values())) != PAD_ROW).any(axis=0))
+    return int(filled[-1]) + 1 if filled.size else 1
+
+
 # ---------------------------------------------------------------------------------------
 # ONNX Runtime session and device choice.
 @dataclass(frozen=True)
@@ -154,6 +181,7 @@ class RuntimeOptions:
     io_binding: bool | None = None  # None: on a GPU. On the CPU it gains nothing; the tests use it to run the GPU's binding code
     max_batch_users: int = 64
     max_batch_candidates: int = 4096
+    chunk_candidates: int | None = None  # None: CPU_CALL_CANDIDATES on the CPU, 0 (one call per batch) on a GPU
     trt_fp16: bool = True
     trt_cache_dir: Path | None = None  # engine + timing cache; None: <bundle>/../.trt-cache
 
@@ -361,6 +389,8 @@ class Scorer:
         self.shape_buckets = self.on_gpu if self.options.shape_buckets is None else self.options.shape_buckets
         io_binding = self.on_gpu if self.options.io_binding is None else self.options.io_binding
         self._device_buffers = _DeviceBuffers(session, "cuda" if self.on_gpu else "cpu") if io_binding else None
+        chunk = self.options.chunk_candidates
+        self.chunk_candidates = (0 if self.on_gpu else CPU_CALL_CANDIDATES) if chunk is None else chunk
 
     @classmethod
     def load(
@@ -446,7 +476,50 @@ class Scorer:
         cand_user: np.ndarray,
         attention: bool = True,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows in, (ctr (N,), attention (N, T) or None when not asked for) out: exactly one ONNX Runtime call."""
+        """Rows in, (ctr (N,), attention (N, T) or None when not asked for) out.
+
+        One ONNX Runtime call, or on the CPU one per chunk of whole users (`chunk_candidates`).
+        """
+        counts = np.bincount(cand_user, minlength=next(iter(hist_rows.values())).shape[0])
+        chunks = user_chunks(counts, self.chunk_candidates)
+        if len(chunks) == 1:
+            return self._run(hist_rows, profile_rows, cand_rows, cand_user, attention)
+        # chunks hold consecutive users; sort candidates by user (build_batch's order already)
+        order = None if np.all(cand_user[1:] >= cand_user[:-1]) else np.argsort(cand_user, kind="stable")
+        if order is not None:
+            cand_rows, cand_user = {f: rows[order] for f, rows in cand_rows.items()}, cand_user[order]
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        t = next(iter(hist_rows.values())).shape[1]
+        ctr = np.empty(cand_user.shape[0], dtype=np.float32)
+        weights = np.zeros((cand_user.shape[0], t), dtype=np.float32) if attention else None
+        for lo, hi in chunks:
+            users, cands = slice(lo, hi), slice(offsets[lo], offsets[hi])
+            hist = {f: rows[users] for f, rows in hist_rows.items()}
+            t_chunk = _filled_width(hist)  # this chunk's longest history: padding columns cost work
+            ctr[cands], w = self._run(
+                {f: rows[:, :t_chunk] for f, rows in hist.items()},
+                {f: rows[users] for f, rows in profile_rows.items()},
+                {f: rows[cands] for f, rows in cand_rows.items()},
+                cand_user[cands] - lo,
+                attention,
+            )
+            if weights is not None:
+                weights[cands, :t_chunk] = w
+        if order is not None:
+            back = np.empty_like(order)
+            back[order] = np.arange(order.shape[0])
+            ctr, weights = ctr[back], None if weights is None else weights[back]
+        return ctr, weights
+
+    def _run(
+        self,
+        hist_rows: dict[str, np.ndarray],
+        profile_rows: dict[str, np.ndarray],
+        cand_rows: dict[str, np.ndarray],
+        cand_user: np.ndarray,
+        attention: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Exactly one ONNX Runtime call."""
         n = cand_user.shape[0]
         t = next(iter(hist_rows.values())).shape[1]
         if self.shape_buckets:
@@ -487,10 +560,11 @@ class Scorer:
 
     def warm_up_shapes(self) -> list[tuple[int, int, int]]:
         """(U, T, N) the warm-up runs: one user and a full batch at every candidate bucket
-        (buckets on), else one user at full history with a typical and the largest N."""
+        (buckets on), else one user at full history with a typical and the largest N, and
+        a batch of small requests (the batch branch, which chunked big batches skip)."""
         t, max_n, max_u = self.max_history, self.options.max_batch_candidates, self.options.max_batch_users
         if not self.shape_buckets:
-            return [(1, t, 64), (1, t, 256), (min(max_u, 8), t, min(max_n, 2048))]
+            return [(1, t, 64), (1, t, 256), (min(max_u, 8), t, min(max_n, 2048)), (min(max_u, 8), t, 64)]
         shapes, n = [], bucket(1)
         while n <= bucket(max_n):
             shapes.append((1, t, n))

@@ -136,6 +136,12 @@ class Settings(BaseSettings):
         description="A batch goes at once when it holds this many candidates. Default: 256 on the CPU (per-candidate "
         "speed falls as a call's tensors outgrow the caches), 8192 on a GPU.",
     )
+    score_chunk_candidates: int | None = Field(
+        default=None, ge=0, le=1_000_000,
+        description="A batch with more candidates is scored in several ONNX Runtime calls of whole users, each "
+        "holding at most this many (a bigger user alone). Default: 256 on the CPU, where cache-sized calls score "
+        "faster; 0 (one call) on a GPU. 0: always one call.",
+    )
     batch_max_wait_ms: float = Field(
         default=0.2, ge=0, le=1000, description="A lone request waits at most this long for others to batch with."
     )
@@ -233,7 +239,7 @@ class Settings(BaseSettings):
             device=self.device, intra_op_threads=self.intra_op_threads, allow_spinning=self.ort_spinning,
             optimized_model_dir=self.ort_optimized_model_dir, shape_buckets=self.shape_buckets,
             max_batch_candidates=max(self.batch_candidates(on_gpu=self.device in ("cuda", "tensorrt", "auto")), self.max_candidates),
-            trt_fp16=self.trt_fp16, trt_cache_dir=self.trt_cache_dir,
+            trt_fp16=self.trt_fp16, trt_cache_dir=self.trt_cache_dir, chunk_candidates=self.score_chunk_candidates,
         )  # fmt: skip
 
     def batcher_config(self, on_gpu: bool = False):

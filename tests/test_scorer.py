@@ -11,7 +11,7 @@ import pytest
 
 from model.bundle import Bundle, BundleError, load_bundle
 from model.contract import PAD_ROW, UNK_ROW, FeatureSpec, Vocabulary
-from service.scorer import RankInput, Scorer, build_batch, rank_order
+from service.scorer import RankInput, RuntimeOptions, Scorer, build_batch, rank_order, user_chunks
 
 
 def _i64(*values: int) -> np.ndarray:
@@ -134,6 +134,35 @@ def test_a_batch_of_users_scores_as_each_user_alone(trained_bundle):
     for got, want in zip(scorer.score_batch(batch), together):
         assert got.attention is None
         np.testing.assert_array_equal(got.ctr, want.ctr)
+
+
+def test_user_chunks_pack_whole_consecutive_users():
+    assert user_chunks(_i64(200, 200), 256) == [(0, 1), (1, 2)]  # two one-user calls
+    assert user_chunks(_i64(32, 32, 32, 32), 256) == [(0, 4)]  # small requests stay one call
+    assert user_chunks(np.full(16, 20), 256) == [(0, 12), (12, 16)]
+    assert user_chunks(_i64(500), 256) == [(0, 1)]  # a big user is never split
+    assert user_chunks(_i64(0, 300, 10, 0), 256) == [(0, 2), (2, 4)]  # users without candidates ride along
+    assert user_chunks(_i64(200, 200), 0) == [(0, 2)]  # 0: off
+
+
+def test_chunked_calls_score_as_one_call(trained_bundle):
+    one = Scorer.load(trained_bundle, options=RuntimeOptions(device="cpu", chunk_candidates=0))
+    chunked = Scorer.load(trained_bundle, options=RuntimeOptions(device="cpu", chunk_candidates=8))
+    rng = np.random.default_rng(1)
+    max_history = trained_bundle.spec.max_history
+    shapes = ((max_history + 2, 6), (1, 5), (0, 3), (2, 9), (max_history, 2), (1, 1))  # histories shorter than T too
+    batch = build_batch(trained_bundle, [_request(rng, length, n) for length, n in shapes])
+    shuffle = rng.permutation(batch.cand_user.shape[0])  # candidates in any order, not only grouped by user
+    for order in (np.arange(shuffle.shape[0]), shuffle):
+        args = (batch.hist_rows, batch.profile_rows, {f: r[order] for f, r in batch.cand_rows.items()}, batch.cand_user[order])
+        one.calls = chunked.calls = 0
+        want_ctr, want_attention = one.score(*args)
+        got_ctr, got_attention = chunked.score(*args)
+        assert one.calls == 1 and chunked.calls == 4  # (6) (5 3) (9) (2 1): whole users, at most 8 unless alone
+        np.testing.assert_allclose(got_ctr, want_ctr, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got_attention, want_attention, rtol=0, atol=1e-6)
+        assert chunked.score(*args, attention=False)[1] is None
+    assert np.ptp(want_ctr) > 1e-4
 
 
 def test_unknown_ids_score_as_the_unknown_row(trained_bundle):
