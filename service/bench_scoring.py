@@ -77,6 +77,7 @@ class ScoringBenchConfig:
     rounds: int = 10
     device: str = "cpu"  # cpu | cuda | tensorrt: ONNX Runtime's device (torch follows on CUDA)
     allow_spinning: bool = False  # ORT workers spin between ops: on a shared machine spinning loses (measured)
+    chunk_candidates: int | None = None  # RuntimeOptions.chunk_candidates (None: the service's default)
     model: BenchModel = BenchModel()
     peak_sizes: tuple[int, ...] = (768, 1024, 1536)  # square GEMMs for the peak
 
@@ -231,7 +232,8 @@ def _onnx_runner(bundle_path: Path, config: ScoringBenchConfig, x: dict[str, np.
     from service.scorer import RuntimeOptions, Scorer
 
     options = RuntimeOptions(
-        device=config.device, intra_op_threads=config.threads, allow_spinning=config.allow_spinning, shape_buckets=False
+        device=config.device, intra_op_threads=config.threads, allow_spinning=config.allow_spinning, shape_buckets=False,
+        chunk_candidates=config.chunk_candidates,
     )
     scorer = Scorer.load(str(bundle_path), options=options)
     if scorer.device_problem:
@@ -242,6 +244,15 @@ def _onnx_runner(bundle_path: Path, config: ScoringBenchConfig, x: dict[str, np.
     # as /rank without explain: the scores come back to the host, the attention weights stay
     # where they were computed (on a GPU, as torch_eager_naive's do; on the CPU no difference)
     return lambda: scorer.score(hist, {}, cand, x[CAND_USER], attention=False)
+
+
+def _chunk_candidates(config: ScoringBenchConfig) -> int:
+    """What onnx_optimized's Scorer chunks at (0: one call per batch)."""
+    from service.scorer import CPU_CALL_CANDIDATES
+
+    if config.chunk_candidates is not None:
+        return config.chunk_candidates
+    return CPU_CALL_CANDIDATES if config.device == "cpu" else 0
 
 
 def _torch_runner(naive, spec, config: ScoringBenchConfig, x: dict[str, np.ndarray]) -> Callable[[], object]:
@@ -379,6 +390,7 @@ def run_scoring_bench(config: ScoringBenchConfig = ScoringBenchConfig(), log: Ca
         "threads": config.threads,
         "device": config.device,
         "peak_by_library": {k: round(v, 2) for k, v in peak.items() if k != "peak"},
+        "chunk_candidates": _chunk_candidates(config),
         "useful_flops_per_call": {f"{u}x{t}x{n}": useful_flops(u, t, n, m) for u, t, n in config.cases},
     }
 

@@ -665,6 +665,7 @@ def bench_scoring(
     seconds: Annotated[float, typer.Option(min=0.1, help="Timed seconds per implementation and case.")] = 2.0,
     device: Annotated[str, typer.Option(help="cpu | cuda | tensorrt (ONNX Runtime; torch follows on CUDA).")] = "cpu",
     spinning: Annotated[bool, typer.Option(help="ONNX Runtime intra-op thread spinning.")] = False,
+    chunk_candidates: Annotated[Optional[int], typer.Option(min=0, help="onnx_optimized scores a batch in calls of whole users with at most this many candidates (default: the service's, 256 on the CPU; 0: one call).")] = None,
 ) -> None:
     """Naive vs optimised DIN scoring side by side: candidates/s, latency, GFLOP/s, utilisation."""
     _setup_logging()
@@ -676,7 +677,7 @@ def bench_scoring(
         _fail(f"--device {device!r}: choose cpu, cuda or tensorrt")
     config = ScoringBenchConfig(
         cases=_parse_cases(cases), impls=tuple(i.strip() for i in impls.split(",") if i.strip()),
-        seconds=seconds, device=device, allow_spinning=spinning,
+        seconds=seconds, device=device, allow_spinning=spinning, chunk_candidates=chunk_candidates,
     )  # fmt: skip
     if threads is not None:
         config = replace(config, threads=threads)

@@ -24,9 +24,11 @@ def test_useful_flops_is_the_hand_count():
 
 def test_scoring_bench_json_shape_and_parity_of_the_three_implementations():
     m = BenchModel(embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(8,), items=50, categories=5, max_history=6)
-    config = ScoringBenchConfig(cases=((1, 6, 10), (2, 4, 6)), threads=1, seconds=0.02, rounds=1, model=m, peak_sizes=(64,))
+    config = ScoringBenchConfig(
+        cases=((1, 6, 10), (2, 4, 6)), threads=1, seconds=0.02, rounds=1, model=m, peak_sizes=(64,), chunk_candidates=3
+    )  # 2x4x6 runs as two one-user calls
     result = run_scoring_bench(config)  # raises if an implementation disagrees with the training graph
-    assert result["peak_gflops"] > 0 and result["threads"] == 1
+    assert result["peak_gflops"] > 0 and result["threads"] == 1 and result["chunk_candidates"] == 3
     assert [(c["impl"], c["users"], c["history"], c["candidates"]) for c in result["cases"]] == [
         (impl, u, t, n) for u, t, n in config.cases for impl in ("torch_eager_naive", "onnx_naive", "onnx_optimized")
     ]
