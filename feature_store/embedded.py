@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -57,11 +58,39 @@ def find_redis_server() -> Path:
     )
 
 
+PORT_RANGE_ENV = "DIN_FREE_PORTS"
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that was free a moment ago.
+
+    The OS picks it, unless `$DIN_FREE_PORTS` ("LOW-HIGH") names a range to pick from. Processes
+    that pick ports side by side (parallel test workers) each get a range of their own: a port
+    the OS hands out can be handed to another process before the first one binds it.
+    """
+    span = os.environ.get(PORT_RANGE_ENV)
+    if not span:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    try:
+        low, high = (int(part) for part in span.split("-"))
+    except ValueError:
+        raise EmbeddedRedisError(f"{PORT_RANGE_ENV}={span!r}: expected LOW-HIGH, e.g. 20000-25999") from None
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise EmbeddedRedisError(f"no free port in {PORT_RANGE_ENV}={span}")
 
 
 def _load_prctl():

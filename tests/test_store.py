@@ -399,6 +399,21 @@ def test_embedded_redis_persists_across_restarts(tmp_path, tmp_log):
         assert h.records["item_id"].tolist() == [105, 101, 104, 103, 106, 102]
 
 
+def test_free_port_keeps_to_its_range_when_one_is_given(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("DIN_FREE_PORTS", "21000-21009")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 21000))  # a port in use is skipped
+        ports = [free_port() for _ in range(4)]
+    assert len(set(ports)) == 4 and all(21001 <= p <= 21009 for p in ports)  # never one handed out before
+    monkeypatch.setenv("DIN_FREE_PORTS", "21000")
+    with pytest.raises(EmbeddedRedisError, match="expected LOW-HIGH"):
+        free_port()
+    monkeypatch.delenv("DIN_FREE_PORTS")
+    assert free_port() > 0  # the OS picks
+
+
 def test_resolve_redis(tmp_path):
     with resolve_redis("redis://example.invalid:1/0", tmp_path) as url:
         assert url == "redis://example.invalid:1/0"
