@@ -1,11 +1,12 @@
-"""Cross-request micro-batching: concurrent /rank requests -> one ONNX Runtime call.
+"""Cross-request micro-batching: concurrent /rank requests -> one scoring step.
 
 Requests wait in a bounded queue. One collector task on the event loop forms a batch as
 soon as the scorer is free: every queued request up to `max_batch_candidates`, going at
 once when that is full and otherwise waiting at most `max_wait_s` after the oldest
 request arrived. The batch's histories come from the store in one round trip (MGET), the
-batch is scored in ONE graph call on a dedicated scoring thread (U users, N candidates,
-`cand_user`), and every request gets its slice back. The event loop never blocks on
+batch is scored in ONE step on a dedicated scoring thread (U users, N candidates,
+`cand_user`: one graph call, or on the CPU a few calls of whole users when the batch is
+bigger than the scorer's chunk size), and every request gets its slice back. The event loop never blocks on
 inference, so it keeps parsing requests while a batch is scored, and those form the next
 batch. Batches are pipelined (`pipeline_depth`, default 2): while one batch is scored, the
 next is formed, its histories fetched, and it waits in the scoring thread's queue, so the

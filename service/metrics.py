@@ -64,11 +64,11 @@ class ServiceMetrics:
         )
         # Scoring (the micro-batcher sets queue depth and batch sizes; one request is a batch of 1)
         self.batch_requests = Histogram(
-            "din_scoring_batch_requests", "Requests scored together in one ONNX Runtime call.",
+            "din_scoring_batch_requests", "Requests scored together in one micro-batch.",
             buckets=BATCH_BUCKETS, registry=r,
         )
         self.batch_candidates = Histogram(
-            "din_scoring_batch_candidates", "Candidates scored in one ONNX Runtime call.",
+            "din_scoring_batch_candidates", "Candidates scored in one micro-batch.",
             buckets=CANDIDATE_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(

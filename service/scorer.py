@@ -1,4 +1,4 @@
-"""The scoring runtime: raw ids of U users' requests -> one ONNX Runtime call -> CTRs.
+"""The scoring runtime: raw ids of U users' requests -> ONNX Runtime -> CTRs.
 
 The graph is user-batched (DESIGN.md, contract 2): history and profile inputs are per user
 ([U, T], [U]), candidate inputs are flat ([N]) with `cand_user` naming each candidate's

@@ -1,4 +1,4 @@
-"""The scoring runtime: raw ids -> rows -> one ONNX Runtime call, for U users at once."""
+"""The scoring runtime: raw ids -> rows -> ONNX Runtime, for U users at once (one call, or chunks of users)."""
 
 from __future__ import annotations
 
