@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from service.app import create_app
-from service.scorer import CPU, CUDA, TENSORRT, RankInput, RuntimeOptions, Scorer, bucket, build_batch
+from service.scorer import CPU, CPU_CALL_CANDIDATES, CUDA, TENSORRT, RankInput, RuntimeOptions, Scorer, bucket, build_batch
 from service.settings import Settings
 
 from tests.tiny_bundle import bundle, candidates  # noqa: F401  (fixture)
@@ -109,6 +109,9 @@ def test_optimized_graph_is_saved_and_settings_reach_the_session(bundle, tmp_pat
     assert config.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     batching = settings.batcher_config()
     assert batching.max_batch_candidates == 777 and batching.max_wait_s == settings.batch_max_wait_ms / 1000
+    assert scorer.chunk_candidates == CPU_CALL_CANDIDATES  # unset: the CPU's default
+    chunked = Scorer.load(bundle, options=Settings(bundle=bundle.path, score_chunk_candidates=0).runtime_options())
+    assert chunked.chunk_candidates == 0
 
 
 def test_batch_size_default_depends_on_the_device(bundle):  # noqa: F811
