@@ -2,17 +2,17 @@
 
 Requests wait in a bounded queue. One collector task on the event loop forms a batch as
 soon as the scorer is free: every queued request up to `max_batch_candidates`, going at
-once when that is full and otherwise waiting at most `max_wait_s` after the oldest
-request arrived. The batch's histories come from the store in one round trip (MGET), the
-batch is scored in ONE step on a dedicated scoring thread (U users, N candidates,
-`cand_user`: one graph call, or on the CPU a few calls of whole users when the batch is
-bigger than the scorer's chunk size), and every request gets its slice back. The event
-loop never blocks on inference, so it keeps parsing requests while a batch is scored, and
-those form the next batch. Batches are pipelined (`pipeline_depth`, default 2): while one batch is scored, the
-next is formed, its histories fetched, and it waits in the scoring thread's queue, so the
-scoring thread goes from one graph call straight to the next instead of idling through
-a store round trip and two thread hand-offs per batch (measured: those gaps capped the
-service at about half the scorer's rate).
+once when that is full and otherwise waiting at most `max_wait_s` after the oldest request
+arrived. The batch's histories come from the store in one round trip (MGET), the batch is
+scored in ONE step on a dedicated scoring thread (U users, N candidates, `cand_user`: one
+graph call, or on the CPU a few calls of whole users when the batch is bigger than the
+scorer's chunk size), and every request gets its slice back. The event loop never blocks
+on inference, so it keeps parsing requests while a batch is scored, and those form the
+next batch. Batches are pipelined (`pipeline_depth`, default 2): while one batch is
+scored, the next is formed, its histories fetched, and it waits in the scoring thread's
+queue, so the scoring thread goes from one graph call straight to the next instead of
+idling through a store round trip and two thread hand-offs per batch (measured: those gaps
+capped the service at about half the scorer's rate).
 
 Overload: `submit` raises QueueFull at once (the route answers 503 with Retry-After) when
 `max_queue` requests wait, or when the queue already holds more work than half the
