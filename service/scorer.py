@@ -425,7 +425,7 @@ class Scorer:
         if problem:
             log.error("%s", problem)
         log.info(
-            "model %s (%s) on %s (device=%s, intra-op threads=%d, spinning=%s, shape buckets=%s%s)",
+            "model %s (%s) on %s (device=%s, intra-op threads=%d, spinning=%s, shape buckets=%s, calls of %s%s)",
             bundle.model_version,
             bundle.model_type,
             ", ".join(scorer.providers),
@@ -433,6 +433,7 @@ class Scorer:
             options.intra_op_threads,
             "on" if options.allow_spinning else "off",
             "on" if scorer.shape_buckets else "off",
+            f"at most {scorer.chunk_candidates} candidates" if scorer.chunk_candidates else "a whole batch",
             f", optimised graph saved to {optimized}" if optimized else "",
         )
         return scorer
