@@ -162,8 +162,10 @@ class RedisHistoryStore(HistoryStore):
     def _refreshed(self, task: asyncio.Future) -> None:
         if self._refreshing is task:
             self._refreshing = None
-        if not task.cancelled():
-            task.exception()  # retrieved: the callers that awaited it got it
+        if task.cancelled() or task.exception() is not None:  # retrieved: the callers that awaited it got it
+            # the version was not read: the next reader reads it, instead of going on for
+            # version_refresh_s with what the store knew before (at start-up: nothing loaded)
+            self._checked_at = float("-inf")
 
     async def _version_now(self) -> None:
         """Refresh the version when it is older than version_refresh_s, or wait for the read in flight."""

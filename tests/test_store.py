@@ -365,6 +365,32 @@ def test_store_recovers_after_redis_restart(redis_server, redis_url, tmp_log):
     assert run(go()).records["item_id"][0] == 105
 
 
+def test_a_failed_version_read_is_retried_by_the_next_reader(redis_url, tmp_log):
+    """A store whose first version read timed out must not answer "nothing loaded" until its
+    next scheduled refresh: no users to sample, every ad unknown (and cached so)."""
+    RedisHistoryStore.from_url(redis_url).bulk_load(tmp_log, grace_s=0.0)
+    store = RedisHistoryStore.from_url(redis_url, socket_timeout=0.05, retries=0, version_refresh_s=60.0)
+    admin = redis.Redis.from_url(redis_url)
+
+    async def go():
+        admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        with pytest.raises(StoreUnavailableError):
+            await store.get_history(1)  # its first version read times out
+        await asyncio.to_thread(admin.ping)  # returns when the pause is over
+        ids = await store.scan_user_ids(10)  # no miss to trigger a refresh here (histories have one)
+        h = await store.get_history(1)
+        await store.close()
+        return h, ids
+
+    try:
+        h, ids = run(go())
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert h is not None and h.records["item_id"][0] == 105
+    assert 1 in ids
+
+
 def test_namespaces_are_separate_and_validated(redis_url, tmp_log):
     RedisHistoryStore.from_url(redis_url, namespace="a").bulk_load(tmp_log)
     (ha,), _ = run(read(redis_url, [1], namespace="a"))
