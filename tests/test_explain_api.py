@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+import redis
 from torch import nn
 
 import model.train as trainer
@@ -263,6 +264,21 @@ async def test_sample_draws_users_and_ads_from_the_loaded_data(trained, loaded_r
     assert len(capped["user_ids"]) == 40 and len(capped["candidates"]) == 15  # MAX_CANDIDATES caps ads
     assert len(default["user_ids"]) == 20 and len(default["candidates"]) == 15  # n defaults to 20
     assert bad == [422, 422, 422]
+
+
+async def test_sample_rides_out_a_store_that_stalls_briefly(trained, loaded_redis):
+    """Each store command has /rank's 20 ms timeout; the sample's budget is 2 s, so a short stall
+    (here CLIENT PAUSE, on CI a starved machine) is retried, not answered 503."""
+    admin = redis.Redis.from_url(loaded_redis, socket_timeout=30)
+    try:
+        async with serving(settings_for(trained.din, loaded_redis)) as client:
+            admin.execute_command("CLIENT", "PAUSE", 250, "ALL")
+            r = await client.get("/api/sample", params={"n": 5})
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert r.status_code == 200, r.text
+    assert len(r.json()["user_ids"]) == 5
 
 
 async def test_sample_caps_candidates_to_what_explain_allows(trained, loaded_redis):

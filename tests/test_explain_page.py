@@ -240,6 +240,15 @@ def _open(page, service: Service) -> None:
     page.wait_for_selector("body[data-ready]")
 
 
+def _filled_or_error(page, field: str) -> None:
+    """Wait until the sample fills `#field` or the page shows an error, and fail with that error."""
+    page.wait_for_function(
+        f"document.getElementById('{field}').value !== '' || "
+        "(!document.getElementById('message').hidden && document.getElementById('message').classList.contains('msg-error'))"
+    )
+    assert page.input_value(f"#{field}") != "", f"the page shows an error: {page.inner_text('#message')}"
+
+
 def _rank(page, user: int, candidates: list[tuple[int, int]]) -> None:
     page.fill("#user-id", str(user))
     page.fill("#candidates", ", ".join(f"{i}:{c}" for i, c in candidates))
@@ -382,13 +391,13 @@ def test_sample_buttons_fill_the_form_from_the_service(browser, din_service: Ser
 
     page.fill("#user-id", "")
     page.click("#random-user")
-    page.wait_for_function("document.getElementById('user-id').value !== ''")
+    _filled_or_error(page, "user-id")
     assert int(page.input_value("#user-id")) in set(log.user_id.tolist())
 
     page.fill("#candidates", "")
     page.fill("#sample-n", "7")
     page.click("#sample-candidates")
-    page.wait_for_function("document.getElementById('candidates').value !== ''")
+    _filled_or_error(page, "candidates")
     pairs = [tuple(map(int, tok.split(":"))) for tok in re.split(r"[,\s]+", page.input_value("#candidates").strip())]
     catalogue = set(zip(log.item_id.tolist(), log.cate_id.tolist()))
     assert len(pairs) == 7 and set(pairs) <= catalogue

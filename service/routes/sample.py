@@ -30,6 +30,7 @@ MAX_SAMPLE = 200
 POOL_USERS = 1000
 CATALOGUE_USERS = 64
 TIMEOUT_S = 2.0  # a demo endpoint: SCAN may take longer than one history read
+ATTEMPTS = 4  # within TIMEOUT_S; backoff 50, 100, 200 ms
 _rng = np.random.default_rng()
 
 
@@ -40,6 +41,25 @@ class Sample(BaseModel):
 
 def _unavailable(detail: str) -> Response:
     return json_response({"detail": detail}, status_code=503)
+
+
+async def _read_sample(store, n: int) -> tuple[np.ndarray, list]:
+    """Some users of the population and their histories, retrying a store that failed.
+
+    The store's per-command timeouts are /rank's (tens of milliseconds, so /rank degrades
+    fast); this route's budget is TIMEOUT_S. A command cut off by a moment's stall (a busy
+    machine, a paused Redis) is tried again with backoff instead of failing the page.
+    """
+    for attempt in range(ATTEMPTS):
+        try:
+            pool = np.array(await store.scan_user_ids(POOL_USERS), dtype=np.int64)
+            picked = _rng.permutation(pool)[: max(n, CATALOGUE_USERS)]
+            return picked, await store.get_histories(picked.tolist())
+        except StoreUnavailableError:
+            if attempt == ATTEMPTS - 1:
+                raise
+            await anyio.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 @router.get(
@@ -58,9 +78,7 @@ async def sample(
         return _unavailable("no history store is configured (set REDIS_URL): there is no population to sample")
     try:
         with anyio.fail_after(TIMEOUT_S):
-            pool = np.array(await store.scan_user_ids(POOL_USERS), dtype=np.int64)
-            picked = _rng.permutation(pool)[: max(n, CATALOGUE_USERS)]
-            histories = await store.get_histories(picked.tolist())
+            picked, histories = await _read_sample(store, n)
     except NotImplementedError as e:
         return _unavailable(f"this history store cannot list its users: {e}")
     except TimeoutError:
