@@ -57,7 +57,7 @@ def test_synth_load_serve_rank(trained, redis_url):
     port = free_port()
     server = subprocess.Popen(
         [*DIN, "serve", "--bundle", str(work / "bundles"), "--port", str(port), "--redis-url", redis_url],
-        cwd=ROOT, env={**env, "STORE_TIMEOUT_MS": "5000"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT, env={**env, "STORE_TIMEOUT_MS": "5000", "STORE_READ_TIMEOUT_MS": "5000", "STORE_CONNECT_TIMEOUT_MS": "5000"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"

@@ -82,7 +82,10 @@ def loaded_redis(redis_url: str, trained: Trained) -> str:
 
 
 def settings_for(bundle: Bundle, redis_url: str | None, **overrides) -> Settings:
-    values = dict(bundle=bundle.path, redis_url=redis_url, intra_op_threads=1, store_timeout_ms=5000)
+    values = dict(
+        bundle=bundle.path, redis_url=redis_url, intra_op_threads=1,
+        store_timeout_ms=5000, store_read_timeout_ms=5000, store_connect_timeout_ms=5000,  # a loaded CI box: never degraded
+    )
     return Settings(**(values | overrides))
 
 
@@ -271,7 +274,8 @@ async def test_sample_rides_out_a_store_that_stalls_briefly(trained, loaded_redi
     (here CLIENT PAUSE, on CI a starved machine) is retried, not answered 503."""
     admin = redis.Redis.from_url(loaded_redis, socket_timeout=30)
     try:
-        async with serving(settings_for(trained.din, loaded_redis)) as client:
+        served = settings_for(trained.din, loaded_redis, store_read_timeout_ms=20, store_connect_timeout_ms=20)  # the defaults
+        async with serving(served) as client:
             admin.execute_command("CLIENT", "PAUSE", 250, "ALL")
             r = await client.get("/api/sample", params={"n": 5})
     finally:

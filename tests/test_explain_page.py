@@ -114,6 +114,8 @@ def _env(tmp: Path) -> dict[str, str]:
         DIN_HOME=str(tmp / "din_home"),
         MAX_CANDIDATES=str(MAX_CANDIDATES),
         STORE_TIMEOUT_MS="10000",  # a slow CI box must not turn a history read into "degraded"
+        STORE_READ_TIMEOUT_MS="10000",
+        STORE_CONNECT_TIMEOUT_MS="10000",
         DEVICE="cpu",
         INTRA_OP_THREADS="1",
     )
