@@ -78,9 +78,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         low, high = (int(part) for part in span.split("-"))
     except ValueError:
         raise EmbeddedRedisError(f"{PORT_RANGE_ENV}={span!r}: expected LOW-HIGH, e.g. 20000-25999") from None
-    rng = random.Random()
     for _ in range(200):
-        port = rng.randint(low, high)
+        port = random.randint(low, high)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -246,15 +246,6 @@ def _onnx_runner(bundle_path: Path, config: ScoringBenchConfig, x: dict[str, np.
     return lambda: scorer.score(hist, {}, cand, x[CAND_USER], attention=False)
 
 
-def _chunk_candidates(config: ScoringBenchConfig) -> int:
-    """What onnx_optimized's Scorer chunks at (0: one call per batch)."""
-    from service.scorer import CPU_CALL_CANDIDATES
-
-    if config.chunk_candidates is not None:
-        return config.chunk_candidates
-    return CPU_CALL_CANDIDATES if config.device == "cpu" else 0
-
-
 def _torch_runner(naive, spec, config: ScoringBenchConfig, x: dict[str, np.ndarray]) -> Callable[[], object]:
     import torch
 
@@ -322,6 +313,7 @@ def run_scoring_bench(config: ScoringBenchConfig = ScoringBenchConfig(), log: Ca
 
     from model.export import to_onnx, torch_scores
     from model.naive_din import NaiveDIN
+    from service.scorer import RuntimeOptions
 
     unknown = set(config.impls) - set(IMPLS)
     if unknown:
@@ -390,7 +382,7 @@ def run_scoring_bench(config: ScoringBenchConfig = ScoringBenchConfig(), log: Ca
         "threads": config.threads,
         "device": config.device,
         "peak_by_library": {k: round(v, 2) for k, v in peak.items() if k != "peak"},
-        "chunk_candidates": _chunk_candidates(config),
+        "chunk_candidates": RuntimeOptions(chunk_candidates=config.chunk_candidates).call_candidates(on_gpu=config.device != "cpu"),
         "useful_flops_per_call": {f"{u}x{t}x{n}": useful_flops(u, t, n, m) for u, t, n in config.cases},
     }
 

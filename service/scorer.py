@@ -185,6 +185,12 @@ class RuntimeOptions:
     trt_fp16: bool = True
     trt_cache_dir: Path | None = None  # engine + timing cache; None: <bundle>/../.trt-cache
 
+    def call_candidates(self, on_gpu: bool) -> int:
+        """`chunk_candidates`, or its default where the session runs (0: one call per batch)."""
+        if self.chunk_candidates is not None:
+            return self.chunk_candidates
+        return 0 if on_gpu else CPU_CALL_CANDIDATES
+
 
 @contextlib.contextmanager
 def _ort_quiet() -> Iterator[None]:
@@ -389,8 +395,7 @@ class Scorer:
         self.shape_buckets = self.on_gpu if self.options.shape_buckets is None else self.options.shape_buckets
         io_binding = self.on_gpu if self.options.io_binding is None else self.options.io_binding
         self._device_buffers = _DeviceBuffers(session, "cuda" if self.on_gpu else "cpu") if io_binding else None
-        chunk = self.options.chunk_candidates
-        self.chunk_candidates = (0 if self.on_gpu else CPU_CALL_CANDIDATES) if chunk is None else chunk
+        self.chunk_candidates = self.options.call_candidates(self.on_gpu)
 
     @classmethod
     def load(
@@ -485,16 +490,13 @@ class Scorer:
         chunks = user_chunks(counts, self.chunk_candidates)
         if len(chunks) == 1:
             return self._run(hist_rows, profile_rows, cand_rows, cand_user, attention)
-        # chunks hold consecutive users; sort candidates by user (build_batch's order already)
-        order = None if np.all(cand_user[1:] >= cand_user[:-1]) else np.argsort(cand_user, kind="stable")
-        if order is not None:
-            cand_rows, cand_user = {f: rows[order] for f, rows in cand_rows.items()}, cand_user[order]
+        by_user = np.argsort(cand_user, kind="stable")  # a chunk's candidates: by_user[offsets[lo]:offsets[hi]]
         offsets = np.concatenate([[0], np.cumsum(counts)])
         t = next(iter(hist_rows.values())).shape[1]
         ctr = np.empty(cand_user.shape[0], dtype=np.float32)
         weights = np.zeros((cand_user.shape[0], t), dtype=np.float32) if attention else None
         for lo, hi in chunks:
-            users, cands = slice(lo, hi), slice(offsets[lo], offsets[hi])
+            users, cands = slice(lo, hi), by_user[offsets[lo] : offsets[hi]]
             hist = {f: rows[users] for f, rows in hist_rows.items()}
             t_chunk = _filled_width(hist)  # this chunk's longest history: padding columns cost work
             ctr[cands], w = self._run(
@@ -506,10 +508,6 @@ class Scorer:
             )
             if weights is not None:
                 weights[cands, :t_chunk] = w
-        if order is not None:
-            back = np.empty_like(order)
-            back[order] = np.arange(order.shape[0])
-            ctr, weights = ctr[back], None if weights is None else weights[back]
         return ctr, weights
 
     def _run(
