@@ -231,7 +231,10 @@ async def test_batched_requests_keep_category_lookup_explain_and_metrics(bundle,
     want = [[c["cate_id"] if c.get("cate_id") is not None else (int(k) if f else None)
              for c, k, f in zip(b["candidates"], a.column("cate_id"), a.found)] for b, a in zip(bodies, ads)]
 
-    settings = Settings(bundle=bundle.path, redis_url=store_url, intra_op_threads=1, batch_max_wait_ms=300, request_deadline_ms=30_000)
+    settings = Settings(
+        bundle=bundle.path, redis_url=store_url, intra_op_threads=1, batch_max_wait_ms=300, request_deadline_ms=30_000,
+        store_timeout_ms=5000, store_read_timeout_ms=5000, store_connect_timeout_ms=5000,  # a loaded CI box: never degraded
+    )  # fmt: skip
     async with serving(settings) as (client, app):
         answers = await asyncio.gather(*(client.post("/rank", json=b) for b in bodies))
         alone = []
