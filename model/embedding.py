@@ -5,8 +5,9 @@ behaviour and a candidate ad are vectors of the same size D = embedding_dim * fi
 Row PAD_ROW is zero and never trained; the models still mask padding explicitly, so a
 score never depends on what the padding row holds.
 
-Every table indexed by a field's rows is an `IdTable` that knows its field: that is what
-the mini-batch aware regulariser (model/regularization.py) walks over.
+Every table indexed by a field's rows is an `IdTable` that knows its field and the inputs
+that index it: that is what the mini-batch aware regulariser (model/regularization.py)
+walks over.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.contract import PAD_ROW, FeatureSpec
+from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
 
 INIT_STD = 0.05
 
 
 class IdTable(nn.Embedding):
-    """One row per id of `field` (row PAD_ROW zero, never trained); `init_std` 0 = all zeros."""
+    """One row per id of `field` (row PAD_ROW zero, never trained); `init_std` 0 = all zeros.
 
-    def __init__(self, field: str, rows: int, dim: int, init_std: float = INIT_STD):
+    `inputs` names the model inputs whose ids index it (model/contract.py), so that
+    mini-batch aware regularisation penalises exactly the rows a batch uses: a field's
+    embedding serves its histories and candidates alike, while lr's first-order weights
+    keep "the ad is X" and "the history holds X" apart, in two tables of one input each.
+    """
+
+    def __init__(self, field: str, rows: int, dim: int, *, inputs: tuple[str, ...], init_std: float = INIT_STD):
         super().__init__(rows, dim, padding_idx=PAD_ROW)
         self.field = field
+        self.inputs = inputs
         if init_std > 0:
             nn.init.normal_(self.weight, std=init_std)
         else:
@@ -51,7 +59,8 @@ class FieldEmbeddings(nn.Module):
         self.sequence_fields = tuple(spec.sequence_fields)
         self.profile_fields = tuple(spec.profile_fields)
         self.tables = nn.ModuleDict(
-            {f: IdTable(f, spec.vocab_sizes[f], dim) for f in (*self.sequence_fields, *self.profile_fields)}
+            {f: IdTable(f, spec.vocab_sizes[f], dim, inputs=(hist_input(f), cand_input(f))) for f in self.sequence_fields}
+            | {f: IdTable(f, spec.vocab_sizes[f], dim, inputs=(profile_input(f),)) for f in self.profile_fields}
         )
         self.dim = dim  # k, per field
         self.behaviour_dim = dim * len(self.sequence_fields)  # D

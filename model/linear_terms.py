@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.contract import FeatureSpec
+from model.contract import FeatureSpec, cand_input, hist_input, profile_input
 from model.embedding import IdTable, check_vocab_sizes
 
 
@@ -22,9 +22,10 @@ class LinearTerms(nn.Module):
         check_vocab_sizes(spec)
         self.sequence_fields = tuple(spec.sequence_fields)
         self.profile_fields = tuple(spec.profile_fields)
-        self.ad = nn.ModuleDict({f: IdTable(f, spec.vocab_sizes[f], 1, init_std=0) for f in self.sequence_fields})
-        self.bag = nn.ModuleDict({f: IdTable(f, spec.vocab_sizes[f], 1, init_std=0) for f in self.sequence_fields})
-        self.user = nn.ModuleDict({f: IdTable(f, spec.vocab_sizes[f], 1, init_std=0) for f in self.profile_fields})
+        table = lambda f, input: IdTable(f, spec.vocab_sizes[f], 1, inputs=(input,), init_std=0)  # noqa: E731
+        self.ad = nn.ModuleDict({f: table(f, cand_input(f)) for f in self.sequence_fields})
+        self.bag = nn.ModuleDict({f: table(f, hist_input(f)) for f in self.sequence_fields})
+        self.user = nn.ModuleDict({f: table(f, profile_input(f)) for f in self.profile_fields})
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(

@@ -40,7 +40,7 @@ from model.regularization import (
 class Objective:
     spec: FeatureSpec
     reg: RegularizationConfig
-    counts: Mapping[str, Tensor] | None = None  # mba: float n_j >= 1 per field
+    counts: Mapping[str, Tensor] | None = None  # mba: float n_j per id input
 
     @classmethod
     def build(
@@ -50,12 +50,12 @@ class Objective:
         counts: Mapping[str, np.ndarray] | None = None,
         device: torch.device | str = "cpu",
     ) -> "Objective":
-        """`counts`: n_j per field (row occurrences), needed by mba only; clamped to >= 1 here."""
+        """`counts`: n_j per id input (row occurrences, `id_counts`), needed by mba only."""
         if reg.kind != "mba":
             return cls(spec, reg)
         if counts is None:
-            raise ValueError("--reg mba needs the n_j counts of every id field")
-        return cls(spec, reg, {f: torch.from_numpy(np.maximum(c, 1.0)).float().to(device) for f, c in counts.items()})
+            raise ValueError("--reg mba needs the n_j counts of every id input")
+        return cls(spec, reg, {name: torch.from_numpy(c).float().to(device) for name, c in counts.items()})
 
     def drop(self, inputs: Mapping[str, Tensor], coins: torch.Generator | HashedCoins) -> Mapping[str, Tensor]:
         """The inputs the model trains on: ids dropped with --reg dropout, unchanged otherwise."""
@@ -64,7 +64,7 @@ class Objective:
         return drop_ids(self.spec, inputs, self.reg.id_dropout, coins)
 
     def rows(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """MBA's present rows of these inputs per field ({} for the other regularisers)."""
+        """MBA's present rows of these inputs, per id input ({} for the other regularisers)."""
         return present_rows(self.spec, inputs) if self.reg.kind == "mba" else {}
 
     def __call__(

@@ -4,10 +4,13 @@
   the plain approach, whose cost grows with the vocabulary, not the batch.
 - `mba`, mini-batch aware (eq. 6-7): lambda * sum_{j in B} ||w_j||^2 / n_j over the rows
   j of ids PRESENT in the mini-batch B only, each weighted by 1 / n_j, n_j = how often id
-  j occurs in the training samples (as candidate, in a history window, or as profile;
-  `id_counts`). The streamed trainer counts n_j the same way, block by block
-  (model/data/stream.py `sample_counts`; per bucket with hashed ids), and B is the global
-  batch of all processes (model/train_dist.py).
+  j occurs in the training samples. Both are per table, over the inputs that index it
+  (`IdTable.inputs`): a field's embedding counts an id as candidate and in history windows,
+  lr's first-order `ad` weights only as candidate, its `bag` weights only in histories, so
+  each feature is penalised only in the batches that hold it. Rows and counts are therefore
+  kept per input (`present_rows`, `id_counts`). The streamed trainer counts n_j the same way,
+  block by block (model/data/stream.py `sample_counts`; per bucket with hashed ids), and B is
+  the global batch of all processes (model/train_dist.py).
   Rows absent from the batch get exactly zero gradient; a present row gets 2 lambda w_j / n_j.
 - `dropout`: each id of a training sample is replaced by PAD_ROW with probability
   `id_dropout` (the paper's "randomly discard 50% of feature ids in each sample"). A
@@ -71,15 +74,19 @@ def window_coverage(hist_start: np.ndarray, hist_end: np.ndarray, max_history: i
     return np.cumsum(delta)[:behaviours].astype(np.float64)
 
 
-def sequence_counts(behaviour_rows: np.ndarray, coverage: np.ndarray, cand_rows: np.ndarray, num_rows: int) -> np.ndarray:
-    """n_j of one sequence field: each behaviour once per window holding it, each candidate once."""
-    return np.bincount(behaviour_rows, weights=coverage, minlength=num_rows)[:num_rows] + np.bincount(
-        cand_rows, minlength=num_rows
-    )[:num_rows]
+def sequence_counts(
+    behaviour_rows: np.ndarray, coverage: np.ndarray, cand_rows: np.ndarray, num_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """n_j of one sequence field's two inputs: (each behaviour once per window holding it,
+    each candidate once), float64 (rows) each."""
+    in_histories = np.bincount(behaviour_rows, weights=coverage, minlength=num_rows)[:num_rows]
+    as_candidate = np.bincount(cand_rows, minlength=num_rows)[:num_rows].astype(np.float64)
+    return in_histories, as_candidate
 
 
 def id_counts(samples: Samples) -> dict[str, np.ndarray]:
-    """n_j per field: occurrences of each row in the TRAINING samples, as the model sees them.
+    """n_j per id input (hist_f, cand_f, profile_p): occurrences of each row in the TRAINING
+    samples, as the model sees them.
 
     A behaviour counts once per training sample whose (truncated) history window holds it;
     candidates and profile ids once per sample. float64 (rows), PAD_ROW's count is 0. The
@@ -90,10 +97,12 @@ def id_counts(samples: Samples) -> dict[str, np.ndarray]:
     coverage = window_coverage(s.hist_start, s.hist_end, spec.max_history, n_beh)
     counts: dict[str, np.ndarray] = {}
     for f in spec.sequence_fields:
-        counts[f] = sequence_counts(samples.behaviour_rows[f], coverage, s.cand_rows[f], spec.vocab_sizes[f])
+        counts[hist_input(f)], counts[cand_input(f)] = sequence_counts(
+            samples.behaviour_rows[f], coverage, s.cand_rows[f], spec.vocab_sizes[f]
+        )
     for f in spec.profile_fields:
         v = spec.vocab_sizes[f]
-        counts[f] = np.bincount(s.profile_rows[f], minlength=v)[:v].astype(np.float64)
+        counts[profile_input(f)] = np.bincount(s.profile_rows[f], minlength=v)[:v].astype(np.float64)
     for c in counts.values():
         c[PAD_ROW] = 0.0
     return counts
@@ -105,13 +114,9 @@ def l2_penalty(model: nn.Module, lam: float) -> Tensor:
 
 
 def present_rows(spec: FeatureSpec, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per field, the distinct rows a batch uses (PAD_ROW excluded): its ids j in B."""
-    rows: dict[str, Tensor] = {}
-    for f in spec.sequence_fields:
-        rows[f] = torch.unique(torch.cat([inputs[hist_input(f)].reshape(-1), inputs[cand_input(f)].reshape(-1)]))
-    for f in spec.profile_fields:
-        rows[f] = torch.unique(inputs[profile_input(f)].reshape(-1))
-    return {f: r[r != PAD_ROW] for f, r in rows.items()}
+    """Per id input, the distinct rows a batch uses (PAD_ROW excluded): its ids j in B."""
+    rows = {name: torch.unique(inputs[name].reshape(-1)) for name in id_inputs(spec)}
+    return {name: r[r != PAD_ROW] for name, r in rows.items()}
 
 
 def mba_penalty(
@@ -119,18 +124,23 @@ def mba_penalty(
 ) -> Tensor:
     """lambda * sum_{j in B} ||w_j||^2 / n_j over every id table (eq. 7 for one mini-batch).
 
-    `counts` per field: float tensors of n_j (id_counts, clamped to >= 1 by the caller).
+    `counts` per id input: float tensors of n_j (id_counts).
     """
     return mba_penalty_on_rows(model, present_rows(spec, inputs), counts, lam)
 
 
 def mba_penalty_on_rows(model: nn.Module, rows: Mapping[str, Tensor], counts: Mapping[str, Tensor], lam: float) -> Tensor:
-    """The same over given present rows per field (data-parallel training passes the global batch's)."""
+    """The same over given present rows per input (data-parallel training passes the global batch's).
+
+    A table's j in B are the rows any of its inputs uses; its n_j sums their counts (at
+    least 1: a row counted nowhere, e.g. a hashed bucket, is not divided by zero).
+    """
     total = torch.zeros((), device=next(model.parameters()).device)
     for table in id_tables(model):
-        r = rows[table.field]
-        w = table.weight.index_select(0, r)  # (|B_f|, dim)
-        total = total + (w.pow(2).sum(dim=1) / counts[table.field].index_select(0, r)).sum()
+        r = torch.unique(torch.cat([rows[name] for name in table.inputs]))
+        n = sum(counts[name].index_select(0, r) for name in table.inputs).clamp_min(1.0)
+        w = table.weight.index_select(0, r)  # (|B|, dim)
+        total = total + (w.pow(2).sum(dim=1) / n).sum()
     return lam * total
 
 

@@ -62,6 +62,7 @@ from model.checkpoint import (
     set_rng_state,
 )
 from model.config import ModelConfig
+from model.contract import cand_input, hist_input
 from model.cpu import cores
 from model.data.stream import (
     DEFAULT_SHARDS,
@@ -350,13 +351,15 @@ def _mba_counts(config: DistTrainConfig, plan: StreamPlan, reader: LogReader, ru
     if config.reg != "mba":
         return None
     path = run_dir / MBA_COUNTS
-    key = hashlib.sha256(json.dumps([plan.fingerprint, asdict(plan.config)], sort_keys=True, default=str).encode()).hexdigest()
+    # "per input": counts kept per id input (hist_f, cand_f); a file of the older per-field counts is recounted
+    key = hashlib.sha256(json.dumps([plan.fingerprint, asdict(plan.config), "per input"], sort_keys=True, default=str).encode()).hexdigest()
+    names = [name for f in plan.spec.sequence_fields for name in (hist_input(f), cand_input(f))]
 
     def saved_counts() -> dict[str, np.ndarray] | None:
         if not path.is_file():
             return None
         with np.load(path) as saved:
-            return {f: saved[f"n_{f}"] for f in plan.spec.sequence_fields} if str(saved["key"]) == key else None
+            return {name: saved[f"n_{name}"] for name in names} if str(saved["key"]) == key else None
 
     if ctx.is_main and saved_counts() is None:
         t0 = time.perf_counter()

@@ -93,7 +93,7 @@ def mba_gradient(run_dir: Path) -> dict[str, np.ndarray]:
         (loss - data).backward()  # the penalty's gradient alone (the data term's upstream gradient is 1 - 1 = 0)
         out = {}
         for table in id_tables(model):
-            out[f"rows_{table.field}"] = local[table.field].numpy()
+            out[f"rows_{table.field}"] = np.union1d(*(local[name].numpy() for name in table.inputs))  # DIN: hist and cand
             out[f"weight_{table.field}"] = table.weight.detach().numpy()
             out[f"grad_{table.field}"] = table.weight.grad.numpy()
         return out

@@ -10,6 +10,7 @@ from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile
 from model.data.log import BehaviourLog, UserProfiles
 from model.data.samples import SampleConfig, build_samples
 from model.embedding import IdTable
+from model.inputs import split_inputs
 from model.regularization import (
     RegularizationConfig,
     drop_ids,
@@ -30,38 +31,70 @@ BATCH = {
     cand_input("cate_id"): torch.tensor([4, 2]),
     "cand_user": torch.tensor([0, 1]),
 }
-PRESENT = {"item_id": {3, 4, 7}, "cate_id": {2, 3, 4}, "gender": {2, 3}}
+PRESENT = {  # per id input: its rows in BATCH, padding excluded
+    hist_input("item_id"): {3, 4}, cand_input("item_id"): {3, 7},
+    hist_input("cate_id"): {2, 3}, cand_input("cate_id"): {2, 4},
+    profile_input("gender"): {2, 3},
+}  # fmt: skip
 
 
 def test_present_rows_are_the_batch_ids_without_padding():
     rows = present_rows(SPEC, BATCH)
-    assert {f: set(r.tolist()) for f, r in rows.items()} == PRESENT
+    assert {name: set(r.tolist()) for name, r in rows.items()} == PRESENT
 
 
-@pytest.mark.parametrize("name", ["deepfm", "din"])
+def _counts() -> dict[str, torch.Tensor]:
+    """n_j per input, different per input so that a table's sum is visible: (j + 1) * (k + 1)."""
+    return {
+        name: torch.arange(1, SPEC.vocab_sizes[name.split("_", 1)[1]] + 1, dtype=torch.float32) * (k + 1)
+        for k, name in enumerate(PRESENT)
+    }
+
+
+@pytest.mark.parametrize("name", ["deepfm", "din", "lr"])
 def test_mba_gradient_is_zero_on_absent_rows_and_2_lambda_w_over_n_on_present_rows(name):
     torch.manual_seed(0)
     model = build_model(name, SPEC, ModelConfig(embedding_dim=3))
     with torch.no_grad():
         for t in id_tables(model):
-            t.weight.normal_()  # also the zero-initialised first-order tables of DeepFM
-    counts = {f: torch.arange(1, n + 1, dtype=torch.float32) * 2.0 for f, n in SPEC.vocab_sizes.items()}  # n_j = 2 (j + 1)
+            t.weight.normal_()  # also the zero-initialised first-order tables of lr and DeepFM
+    counts = _counts()
     lam = 0.3
     penalty = mba_penalty(model, SPEC, BATCH, counts, lam)
     penalty.backward()
     tables = id_tables(model)
-    assert len(tables) == (3 if name == "din" else 3 + 5)  # DeepFM: + ad, bag per field and the profile weights
+    assert len(tables) == {"din": 3, "deepfm": 3 + 5, "lr": 5}[name]  # first-order: ad, bag per field, profile weights
     expected_total = 0.0
     for t in tables:
-        present = sorted(PRESENT[t.field])
-        absent = [j for j in range(t.weight.shape[0]) if j not in PRESENT[t.field]]
-        w, n = t.weight.detach(), counts[t.field]
-        assert torch.all(t.weight.grad[absent] == 0)
+        present = sorted(set().union(*(PRESENT[i] for i in t.inputs)))
+        absent = [j for j in range(t.weight.shape[0]) if j not in present]
+        w, n = t.weight.detach(), sum(counts[i] for i in t.inputs)
+        assert torch.all(t.weight.grad[absent] == 0), (t.inputs, t.weight.grad)
         torch.testing.assert_close(t.weight.grad[present], 2 * lam * w[present] / n[present].unsqueeze(1), rtol=1e-6, atol=0)
         expected_total += float((w[present].pow(2).sum(1) / n[present]).sum())
     assert float(penalty.detach()) == pytest.approx(lam * expected_total, rel=1e-6)
     # only id tables get a gradient: the MLPs are not regularised
     assert all(p.grad is None for n, p in model.named_parameters() if "mlp" in n)
+
+
+def test_mba_leaves_a_first_order_weight_alone_in_a_batch_without_its_feature():
+    """lr's "the ad is item 4" weight: item 4 is only in a history here, so the batch does not
+    hold that feature (its data gradient is 0) and MBA must not shrink it either; the shared
+    embedding of item 4 (used by that history) is penalised."""
+    torch.manual_seed(0)
+    model = build_model("lr", SPEC)
+    with torch.no_grad():
+        for t in id_tables(model):
+            t.weight.normal_()
+    logit, _ = model(*split_inputs(SPEC, BATCH))
+    data = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([1.0, 0.0]))
+    penalty = mba_penalty(model, SPEC, BATCH, _counts(), 0.3)
+    (data + penalty).backward()
+    ad = next(t for t in id_tables(model) if t.inputs == (cand_input("item_id"),))
+    bag = next(t for t in id_tables(model) if t.inputs == (hist_input("item_id"),))
+    assert ad.weight.grad[4].item() == 0.0  # item 4: history only
+    assert bag.weight.grad[7].item() == 0.0  # item 7: candidate only
+    assert ad.weight.grad[7].item() != 0.0 and bag.weight.grad[4].item() != 0.0
 
 
 def test_plain_l2_reaches_every_row():
@@ -85,15 +118,15 @@ def test_id_counts_are_occurrences_in_the_training_samples():
     s = build_samples(log, SampleConfig(max_history=3, seed=1))
     counts = id_counts(s)
     batch = s.batch(s.train, np.arange(len(s.train)))
-    for f, v in s.spec.vocab_sizes.items():
-        if f in s.spec.sequence_fields:
-            rows = torch.cat([batch.inputs[hist_input(f)].reshape(-1), batch.inputs[cand_input(f)]])
-        else:
-            rows = batch.inputs[profile_input(f)]
-        want = np.bincount(rows.numpy(), minlength=v).astype(float)
+    inputs = {name: f for f in s.spec.sequence_fields for name in (hist_input(f), cand_input(f))}
+    inputs |= {profile_input(f): f for f in s.spec.profile_fields}
+    assert counts.keys() == inputs.keys()
+    for name, f in inputs.items():
+        want = np.bincount(batch.inputs[name].reshape(-1).numpy(), minlength=s.spec.vocab_sizes[f]).astype(float)
         want[PAD_ROW] = 0
-        np.testing.assert_array_equal(counts[f], want)
-    assert counts["item_id"].sum() > len(s.train)  # histories are counted, not only candidates
+        np.testing.assert_array_equal(counts[name], want)
+    assert counts[hist_input("item_id")].sum() > len(s.train)  # every behaviour of every window
+    assert counts[cand_input("item_id")].sum() == len(s.train)  # one candidate per sample
 
 
 def test_id_dropout_drops_each_id_independently_to_padding():

@@ -17,6 +17,7 @@ import torch
 
 from model.bundle import load_bundle
 from model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from model.contract import cand_input, hist_input
 from model.data.log import read_log
 from model.data.stream import LogReader, sample_counts, shard_layout
 from model.data.stream_loader import process_batches
@@ -218,16 +219,20 @@ def test_streamed_mba_counts_are_the_training_samples_occurrences(data, buckets)
     truncated history holds it; brute force: count the ids of every batch of one epoch."""
     plan = plan_stream(data, StreamConfig(max_history=8, hash_buckets=buckets, block_events=200))
     counts = sample_counts(plan, LogReader(plan))
-    seen = {f: np.zeros(plan.spec.vocab_sizes[f]) for f in plan.spec.sequence_fields}
+    fields = plan.spec.sequence_fields
+    seen = {name: np.zeros(plan.spec.vocab_sizes[f]) for f in fields for name in (hist_input(f), cand_input(f))}
+    assert counts.keys() == seen.keys()
     layout = shard_layout(plan, 1, 4, 64)
     for batch in process_batches(plan, layout, rank=0, world=1, epoch=1):
-        for f, n in seen.items():
+        for f in fields:
             hist = batch.hist[f]
-            n += np.bincount(hist[hist != 0].ravel(), minlength=n.size) + np.bincount(batch.cand[f], minlength=n.size)
-    for f, n in seen.items():
+            seen[hist_input(f)] += np.bincount(hist[hist != 0].ravel(), minlength=plan.spec.vocab_sizes[f])
+            seen[cand_input(f)] += np.bincount(batch.cand[f], minlength=plan.spec.vocab_sizes[f])
+    for name, n in seen.items():
         n[0] = 0.0  # PAD_ROW
-        np.testing.assert_array_equal(counts[f], n)
-        assert counts[f].sum() > plan.row_counts[f].sum()  # histories count: more than the training events
+        np.testing.assert_array_equal(counts[name], n)
+    for f in fields:  # histories count: more than the training events
+        assert counts[hist_input(f)].sum() > plan.row_counts[f].sum()
 
 
 def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_counts(data, tmp_path):
@@ -248,7 +253,7 @@ def test_streamed_mba_gradient_is_over_the_global_batch_with_the_plans_bucket_co
     for f in ("item_id", "cate_id"):
         present = whole[f"rows_{f}"]
         np.testing.assert_array_equal(np.union1d(parts[0][f"rows_{f}"], parts[1][f"rows_{f}"]), present)
-        n = np.maximum(mba_n[f], 1).astype(np.float32)
+        n = np.maximum(mba_n[hist_input(f)] + mba_n[cand_input(f)], 1).astype(np.float32)  # DIN: one table serves both
         absent = np.setdiff1d(np.arange(n.size), present)
         assert absent.size > 0 and present.size > 0
         for got in (whole, *parts):  # every process: the penalty of the GLOBAL batch's rows

@@ -410,17 +410,21 @@ def sample_counts(plan: StreamPlan, reader: LogReader, progress: bool = False) -
     TRAINING samples, counted exactly as the in-memory trainer counts them
     (model/regularization.py `id_counts`): each candidate (negatives included: a block's
     negatives are the same in every epoch) once, each behaviour once per sample whose
-    truncated history window holds it. One pass over the training blocks; float64 [rows].
+    truncated history window holds it. Per id input (hist_f, cand_f); one pass over the
+    training blocks; float64 [rows].
     """
-    counts = {f: np.zeros(plan.spec.vocab_sizes[f], np.float64) for f in plan.spec.sequence_fields}
+    fields = plan.spec.sequence_fields
+    counts = {name: np.zeros(plan.spec.vocab_sizes[f], np.float64) for f in fields for name in (hist_input(f), cand_input(f))}
     blocks = np.flatnonzero(plan.block_samples[:, TRAIN] > 0)
     for block in tqdm(blocks, desc="n_j for --reg mba", unit="block", disable=not progress, leave=False):
         cols = reader.read(int(plan.block_rows[block]), int(plan.block_rows[block + 1]))
         s = block_samples(plan, int(block), cols, TRAIN)
         n_beh = next(iter(s.behaviour_rows.values())).size
         coverage = window_coverage(s.hist_start, s.hist_end, plan.config.max_history, n_beh)
-        for f, c in counts.items():
-            c += sequence_counts(s.behaviour_rows[f], coverage, s.cand[f], c.size)
+        for f in fields:
+            in_histories, as_candidate = sequence_counts(s.behaviour_rows[f], coverage, s.cand[f], plan.spec.vocab_sizes[f])
+            counts[hist_input(f)] += in_histories
+            counts[cand_input(f)] += as_candidate
     for c in counts.values():
         c[PAD_ROW] = 0.0
     return counts
