@@ -39,6 +39,7 @@ exporter then exports the training graph as it is.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +102,8 @@ def _fold_chain(layers: list[_Dense], acts: list[nn.Module]) -> list[_Act]:
     out: list[_Act] = []
     for i, act in enumerate(acts):
         prev, nxt = layers[i], layers[i + 1]
-        if not isinstance(act, PReLU):
-            out.append(_Act("module", module=act))
+        if not isinstance(act, PReLU):  # e.g. Dice: element-wise on its frozen statistics, as trained
+            out.append(_Act("module", module=copy.deepcopy(act).requires_grad_(False).eval()))
             continue
         a = act.alpha.detach()
         if nxt.w.shape[1] == 1:  # w . prelu(h) = (w(1-a)) . relu(h) + relu(s) - relu(-s)
@@ -160,6 +161,8 @@ class _ServingGraph(nn.Module):
         for i, act in enumerate(acts):
             if act.slope is not None:
                 self.register_buffer(f"{prefix}act{i}_slope", act.slope)
+            if act.module is not None:  # its parameters and statistics become initializers too
+                self.add_module(f"{prefix}act{i}", act.module)
 
     def _embed(self, rows: dict[str, Tensor], fields: tuple[str, ...]) -> Tensor:
         return torch.cat([F.embedding(rows[f], self.tables[f]) for f in fields], dim=-1)
@@ -272,9 +275,9 @@ class ServingBase(_ServingGraph):
 def serving_modules(model: nn.Module, spec: FeatureSpec) -> tuple[nn.Module, nn.Module] | None:
     """(general graph, one-user graph) for a model this module knows, else None."""
     from model.base_model import BaseModel
-    from model.din import DIN
+    from model.din import DIN, DINDice
 
-    kind = {DIN: ServingDIN, BaseModel: ServingBase}.get(type(model))
+    kind = {DIN: ServingDIN, DINDice: ServingDIN, BaseModel: ServingBase}.get(type(model))
     if kind is None:
         return None
     try:

@@ -1,7 +1,7 @@
 """The serving graph: the training graph's function, rearranged; parity pinned at 1e-5.
 
 PReLU slopes above 1, below 0, exactly 0 and 1 exercise the reflection and the relu-split
-rewrites; U = 1 and U > 1 run the two branches of the `If`.
+rewrites; U = 1 and U > 1 run the two branches of the `If`; Dice runs as the trained module.
 """
 
 import json
@@ -29,6 +29,8 @@ CASES = {
     "din_one_attention_layer": ("din", SPEC, ModelConfig(embedding_dim=3, attention_hidden=(7,), mlp_hidden=(9,))),
     "din_deep": ("din", SPEC_PROFILE, ModelConfig(embedding_dim=4, attention_hidden=(9, 6, 5), mlp_hidden=(11, 7, 3))),
     "base_profile": ("base", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    "din_dice_profile": ("din_dice", SPEC_PROFILE, ModelConfig(embedding_dim=4)),
+    "base_dice": ("base", SPEC, ModelConfig(embedding_dim=4, activation="dice")),
 }
 
 
@@ -76,6 +78,15 @@ def test_serving_graph_matches_the_training_graph(exported, case):
         assert np.max(np.abs(got_ctr - want_ctr)) <= 1e-5, (users, slots, candidates)
         assert np.max(np.abs(got_att - want_att)) <= 1e-5, (users, slots, candidates)
     assert np.ptp(want_ctr) > 1e-3  # the scores really vary: the comparison means something
+
+
+@pytest.mark.parametrize("case", ["din_dice_profile", "base_dice"])
+def test_dice_models_get_the_serving_graph(exported, case):
+    """Dice runs as the trained module (element-wise on its frozen statistics) inside the serving
+    graph: din_dice, and any model built with activation="dice", are not left on the training graph."""
+    model, onnx_bytes = exported[case]
+    assert serving_modules(model, CASES[case][1]) is not None
+    assert [n.op_type for n in onnx.load_from_string(onnx_bytes).graph.node if n.op_type == "If"] == ["If"]
 
 
 def test_one_user_and_batch_branches_run_where_they_should(exported, tmp_path):
