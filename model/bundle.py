@@ -125,6 +125,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"{manifest_path} is not valid JSON ({e}); the bundle is corrupt") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} holds a JSON {type(manifest).__name__}, not an object; the bundle is corrupt")
     version = manifest.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise BundleError(
@@ -135,8 +137,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         spec = FeatureSpec.from_json(manifest["feature_spec"])
         for key in ("model_version", "model_type"):
             manifest[key]
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{manifest_path} lacks a required entry ({e}); the bundle is corrupt") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: an entry of the wrong JSON type
+        raise BundleError(f"{manifest_path} lacks a required entry or has one of the wrong type ({e!r}); the bundle is corrupt") from None
     if not (path / ONNX_FILE).is_file():
         raise BundleError(f"{path / ONNX_FILE} is missing; the bundle is incomplete")
     vocabularies: dict[str, IdMapping] = {}
@@ -145,8 +147,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if name in id_mapping:
             try:
                 hashed = HashedIds.from_json(id_mapping[name])
-            except (KeyError, TypeError, ValueError) as e:
-                raise BundleError(f"{manifest_path}: id_mapping.{name} is not usable ({e}); re-export the model") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise BundleError(f"{manifest_path}: id_mapping.{name} is not usable ({e!r}); re-export the model") from None
             if hashed.num_rows != spec.vocab_sizes.get(name):
                 raise BundleError(
                     f"{manifest_path}: id_mapping.{name} has {hashed.num_rows} rows but the feature spec "
@@ -157,8 +159,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         vocab_path = path / VOCAB_DIR / f"{name}.npy"
         try:
             vocab = Vocabulary(np.load(vocab_path, allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise BundleError(f"vocabulary {vocab_path} cannot be read ({e}); the bundle is corrupt") from None
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty or truncated .npy
+            raise BundleError(f"vocabulary {vocab_path} cannot be read ({e!r}); the bundle is corrupt") from None
         if vocab.num_rows != spec.vocab_sizes.get(name):
             raise BundleError(
                 f"vocabulary {vocab_path} has {vocab.num_rows} rows but bundle.json says "

@@ -18,7 +18,10 @@ UNK_ROW = 1  # an id the vocabulary has never seen
 FIRST_ID_ROW = 2
 
 # ---------------------------------------------------------------------------------------
-# ONNX scoring graph (user-batched): U users, T behaviour slots, N candidates.
+# ONNX scoring graph (user-batched): U users, T behaviour slots, N candidates; every one
+# at least 1 (a user without history is one PAD_ROW slot; the service never scores an
+# empty request). ONNX Runtime's Gemm and broadcasting kernels refuse some zero-sized
+# operands, so the exported graph is only promised for U, T, N >= 1.
 CAND_USER = "cand_user"  # int64 [N]: which of the U users each candidate belongs to
 CTR = "ctr"  # float32 [N]
 ATTENTION = "attention"  # float32 [N, T]; zeros for models without attention

@@ -176,9 +176,7 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult:
     started = time.perf_counter()
     behaviour_log = load_source(config.data)
     samples = build_samples(behaviour_log, SampleConfig(max_history=config.max_history, seed=config.split_seed))
-    for name in ("train", "validation", "test"):
-        if len(samples.split(name)) == 0:
-            raise ValueError(f"data {config.data!r} gave an empty {name} split; it needs more users")
+    samples.require_every_split(config.data)
     stats = data_statistics(behaviour_log, samples)
     log.info(
         "experiment on %s: %d samples (train %d, validation %d, test %d); %d models x %d seeds x %d epochs",

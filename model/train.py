@@ -165,9 +165,7 @@ def _train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     behaviour_log = load_source(config.data)
     samples = build_samples(behaviour_log, config.sample_config())
-    for name in ("train", "validation", "test"):
-        if len(samples.split(name)) == 0:
-            raise ValueError(f"data {config.data!r} gave an empty {name} split; it needs more users")
+    samples.require_every_split(config.data)
     _info(
         config,
         f"data {config.data}: {len(behaviour_log)} events; samples train {len(samples.train)}, "
@@ -237,7 +235,8 @@ def _fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None) 
             disable=not config.progress,
             leave=False,
         )
-        running = 0.0
+        running = 0.0  # the progress bar's recent loss (about the last 50 batches)
+        loss_sum, seen = 0.0, 0  # the epoch's mean per sample: what history records, as the streamed trainer does
         for i, batch in enumerate(bar, 1):
             inputs = objective.drop(batch.inputs, drop_generator)
             logit, _ = model(*split_inputs(samples.spec, inputs))
@@ -246,14 +245,16 @@ def _fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None) 
             loss.backward()
             optimizer.step()
             running += (data_loss.item() - running) / min(i, 50)
+            loss_sum, seen = loss_sum + data_loss.item() * len(batch), seen + len(batch)
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
         bar.close()
         val = evaluate(model, samples, samples.validation, config.eval_batch_size)
-        history.append({"epoch": epoch, "train_loss": running, **val})
+        train_loss = loss_sum / max(seen, 1)
+        history.append({"epoch": epoch, "train_loss": train_loss, **val})
         _info(
             config,
-            f"{config.model} epoch {epoch}: train loss {running:.4f}; validation auc {val['auc']:.4f} "
+            f"{config.model} epoch {epoch}: train loss {train_loss:.4f}; validation auc {val['auc']:.4f} "
             f"gauc {val['gauc']:.4f} logloss {val['logloss']:.4f}",
         )
         score = val["gauc"] if np.isfinite(val["gauc"]) else val["auc"]

@@ -125,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for doubt in settings.doubtful():
+            log.warning("%s", doubt)
         scorer, seconds = await load_scorer(resolve_bundle(settings.bundle), settings)
         metrics.set_model(scorer.model_version, scorer.bundle.model_type, seconds)
         store = _connect_store(settings)

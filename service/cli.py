@@ -73,6 +73,19 @@ def _load_bundle(path: Path):
         _fail(str(e))
 
 
+def _refuse_unloadable_model(bundle) -> None:
+    """Open model.onnx once (no optimisation, CPU) so a corrupt graph is one line here, not a
+    traceback from the server's start-up."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(bundle.onnx_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
+        _fail(f"{bundle.onnx_path} cannot be loaded by ONNX Runtime ({str(e).strip()}); the bundle is corrupt")
+
+
 def _load_log(spec: str):
     from model.data.log import LogFormatError
     from model.data.sources import load_source
@@ -99,8 +112,12 @@ def synth(
 
     if items < categories:
         _fail(f"--items ({items}) must be at least --categories ({categories}): every category needs an item")
-    config = replace(DEFAULT_SYNTHETIC, users=users, items=items, categories=categories, seed=seed)
-    path = write_synthetic(config, out)
+    interests = tuple(min(k, categories) for k in DEFAULT_SYNTHETIC.interests_per_user)  # a user cannot like more than exist
+    config = replace(DEFAULT_SYNTHETIC, users=users, items=items, categories=categories, seed=seed, interests_per_user=interests)
+    try:
+        path = write_synthetic(config, out)
+    except OSError as e:
+        _fail(f"cannot write --out {str(out)!r}: {e}")
     typer.echo(str(path))
 
 
@@ -129,6 +146,7 @@ def train(
     from dataclasses import replace
 
     from model.bundle import update_latest
+    from model.data.log import NotEnoughUsersError
     from model.registry import MODELS
     from model.train import TrainConfig
     from model.train import train as run_training
@@ -158,7 +176,10 @@ def train(
         _fail(str(e))
     if epochs is not None:
         config = replace(config, epochs=epochs)
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except NotEnoughUsersError as e:
+        _fail(str(e))
     update_latest(out, result.bundle)
     payload = {"bundle": str(result.bundle), "model": result.model, "metrics": result.metrics}
     if json_output:
@@ -241,7 +262,9 @@ def bench_train(
     try:
         counts = tuple(int(p) for p in procs.split(","))
     except ValueError:
-        _fail(f"--procs {procs!r} must be comma-separated integers, e.g. 1,2")
+        counts = ()
+    if not counts or min(counts) < 1:
+        _fail(f"--procs {procs!r} must be comma-separated process counts of at least 1, e.g. 1,2")
     result = run_bench(TrainBenchConfig(work_dir=work_dir or DIN_HOME / "bench" / "train", users=users, procs=counts,
                                         steps=steps, batch_size=batch_size, device=device, threads=threads))  # fmt: skip
     if json_output:
@@ -285,6 +308,7 @@ def experiment(
 ) -> None:
     """Compare models like the paper's Table 3: every model x seed, test once, report + figures."""
     _setup_logging()
+    from model.data.log import NotEnoughUsersError
     from model.experiment import ExperimentConfig, finite, run_experiment
     from model.report import comparison_table, data_table, din_vs_base
 
@@ -300,7 +324,10 @@ def experiment(
         )
     except ValueError as e:
         _fail(str(e))
-    result = run_experiment(config)
+    try:
+        result = run_experiment(config)
+    except NotEnoughUsersError as e:
+        _fail(str(e))
     if json_output:
         typer.echo(json.dumps(finite(result.results), allow_nan=False))
     else:
@@ -491,7 +518,7 @@ def serve(
         bundle_path = resolve_bundle(settings.bundle)
     except BundleError as e:
         _fail(str(e))
-    _load_bundle(bundle_path)  # refuse a bad bundle before starting anything
+    _refuse_unloadable_model(_load_bundle(bundle_path))  # refuse a bad bundle before starting anything
     with resolve_redis(settings.redis_url, DIN_HOME / "redis") as url:
         _run_server(settings.model_copy(update={"redis_url": url}))
 

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from feature_store.connection import RedisAddress
+from feature_store.keys import check_name
 from model.cpu import cores
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -200,7 +202,10 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(k.strip() for k in value.split(",") if k.strip()) or None
+            keys = tuple(k.strip() for k in value.split(",") if k.strip())
+            if value.strip() and not keys:  # e.g. " , ": meant to protect /rank, would leave it open
+                raise ValueError("holds no key; list keys separated by commas, or leave it empty to keep /rank open")
+            return keys or None
         return value or None
 
     @field_validator("api_keys")
@@ -216,12 +221,36 @@ class Settings(BaseSettings):
         """`ADMIN_TOKEN=` (as docker compose passes an unset variable) means "not configured"."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_usable(cls, url: str | None) -> str | None:
+        """Checked here, not when the service connects: a typo stops `din serve` before the model loads."""
+        if url is not None:
+            RedisAddress.parse(url)  # raises naming the scheme it cannot use
+        return url
+
+    @field_validator("redis_namespace")
+    @classmethod
+    def _namespace_usable(cls, namespace: str) -> str:
+        return check_name(namespace, "namespace")
+
     @field_validator("admin_token")
     @classmethod
     def _token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
         if token is not None and len(token.get_secret_value()) < 8:
             raise ValueError("the admin token must have at least 8 characters")
         return token
+
+    def doubtful(self) -> list[str]:
+        """Valid but probably unintended combinations, logged as warnings when the service starts."""
+        found = []
+        if self.store_timeout_ms >= self.request_deadline_ms:
+            found.append(
+                f"STORE_TIMEOUT_MS ({self.store_timeout_ms:g}) is not below REQUEST_DEADLINE_MS "
+                f"({self.request_deadline_ms:g}): a slow store makes /rank answer 503 (deadline) instead of "
+                "ranking degraded without history"
+            )
+        return found
 
     @property
     def store_timeout_s(self) -> float:
@@ -257,11 +286,14 @@ def settings_error_message(error: ValidationError) -> str:
     """One line naming each bad variable, its value (secrets hidden) and what is wrong."""
     parts = []
     for e in error.errors(include_url=False):
-        field = str(e["loc"][0]) if e["loc"] else "?"
+        if not e["loc"]:  # a rule across variables: its message names them
+            parts.append(e["msg"].removeprefix("Value error, "))
+            continue
+        field = str(e["loc"][0])
         var = field.upper()
         if e["type"] == "missing":
             parts.append(f"{var} is required but not set")
             continue
         shown = "" if field in SECRET_FIELDS or "input" not in e else f"={e['input']!r}"
-        parts.append(f"{var}{shown}: {e['msg']}")
+        parts.append(f"{var}{shown}: {e['msg'].removeprefix('Value error, ')}")
     return "invalid settings: " + "; ".join(parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,3 +101,35 @@ def test_bad_inputs_give_clear_cli_errors(tmp_path):
     assert r.returncode != 0 and "transformer" in r.stderr and "din" in r.stderr
     r = din("serve", "--bundle", str(tmp_path / "missing"), env=env, check=False)
     assert r.returncode != 0 and "no model bundle" in r.stderr
+
+
+def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
+    """Each of these used to end in a Python traceback."""
+    work, env, _, out = trained
+    few = tmp_path / "two_users.csv"  # readable, but two users cannot fill train, validation and test
+    few.write_text("user_id,item_id,cate_id,timestamp\n" + "".join(f"{u},{t % 7 + 1},{t % 3 + 1},{t}\n" for u in (1, 2) for t in range(20)))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(Path(json.loads(out.stdout)["bundle"]), corrupt)
+    (corrupt / "model.onnx").write_bytes(b"\x08\x07garbage, not a graph")
+    cases = [
+        (["train", "--data", f"events:{few}", "--epochs", "1", "--out", str(tmp_path / "b")], "empty validation split; it needs more users"),
+        (["experiment", "--data", f"events:{few}", "--epochs", "1", "--seeds", "1", "--models", "din", "--out", str(tmp_path / "x")],
+         "empty validation split; it needs more users"),
+        (["bench", "train", "--procs", "0", "--steps", "1", "--users", "50"], "--procs '0' must be comma-separated process counts of at least 1"),
+        (["synth", "--out", "/dev/null/x.parquet", "--users", "5"], "cannot write --out '/dev/null/x.parquet'"),
+        (["serve", "--bundle", str(corrupt), "--port", "1"], "cannot be loaded by ONNX Runtime"),
+    ]  # fmt: skip
+    for args, says in cases:
+        r = din(*args, env=env, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert says in r.stderr, (args, r.stderr[-2000:])
+
+
+def test_synth_takes_fewer_categories_than_a_users_interests(tmp_path):
+    """--categories 2 (below the generator's 3-6 interests per user) makes a log, not an error about interests."""
+    out = tmp_path / "few_cats.parquet"
+    r = din("synth", "--users", "20", "--items", "10", "--categories", "2", "--out", str(out), env={**os.environ, "DIN_HOME": str(tmp_path)}, check=False)
+    assert r.returncode == 0, r.stderr
+    import pyarrow.parquet as pq
+
+    assert set(pq.read_table(out).column("cate_id").to_pylist()) <= {0, 1, 2} and out.is_file()

@@ -201,6 +201,16 @@ def _missing_vocab(bundle: Path, tmp: Path) -> Path:
     return dest
 
 
+def _rewritten(bundle: Path, tmp: Path, name: str, manifest=None, vocab: bytes | None = None) -> Path:
+    """A copy whose bundle.json is `manifest(parsed)` (JSON of any type) or whose item vocabulary is `vocab`."""
+    dest = copy_bundle(bundle, tmp, f"din-test-{name}")
+    if manifest is not None:
+        (dest / "bundle.json").write_text(json.dumps(manifest(json.loads((dest / "bundle.json").read_text()))))
+    if vocab is not None:
+        (dest / "vocab" / "item_id.npy").write_bytes(vocab)
+    return dest
+
+
 async def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(trained, bundles, tmp_path):
     v1 = trained.bundle.model_version
     cases = [
@@ -209,6 +219,11 @@ async def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(trained, 
         (_future_format(trained.bundle.path, tmp_path), 422, "format version 99 is not supported"),
         (_incompatible(trained.bundle.path, tmp_path), 422, "'brand_id', which POST /rank does not carry"),
         (_missing_vocab(trained.bundle.path, tmp_path), 422, "item_id.npy cannot be read"),
+        (_rewritten(trained.bundle.path, tmp_path, "null", manifest=lambda m: None), 422, "holds a JSON NoneType, not an object"),
+        (_rewritten(trained.bundle.path, tmp_path, "list", manifest=lambda m: [1, 2]), 422, "holds a JSON list, not an object"),
+        (_rewritten(trained.bundle.path, tmp_path, "sizes", manifest=lambda m: m | {"feature_spec": m["feature_spec"] | {"vocab_sizes": [1, 2]}}),
+         422, "of the wrong type"),
+        (_rewritten(trained.bundle.path, tmp_path, "emptyvocab", vocab=b""), 422, "item_id.npy cannot be read"),
         (tmp_path / "empty", 422, "no model bundle at"),  # a directory without any bundle in it
     ]
     (tmp_path / "empty").mkdir()

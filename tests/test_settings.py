@@ -64,8 +64,27 @@ def test_error_message_is_one_line_naming_each_variable_and_hiding_secrets(clean
     assert "MAX_CANDIDATES='0': Input should be greater than or equal to 1" in msg
     assert "STORE_TIMEOUT_MS='fast'" in msg
     assert "LOG_FORMAT='xml': Input should be 'json' or 'text'" in msg
-    assert "ADMIN_TOKEN: Value error, the admin token must have at least 8 characters" in msg
+    assert "ADMIN_TOKEN: the admin token must have at least 8 characters" in msg
     assert "short" not in msg
+
+
+@pytest.mark.parametrize(
+    "env,says",
+    [
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL: Redis URL 'localhost:6379' has scheme 'localhost'; use redis://"),
+        ({"REDIS_NAMESPACE": "din:prod"}, "REDIS_NAMESPACE='din:prod': namespace 'din:prod' is not allowed"),
+        ({"API_KEYS": " , "}, "API_KEYS: holds no key"),  # would have left /rank open
+    ],
+)
+def test_values_that_would_fail_later_are_refused_up_front(clean_env, monkeypatch, env, says):
+    """Each used to pass validation and then crash start-up after the model loaded (a traceback),
+    or silently leave /rank open (an API_KEYS value without a key)."""
+    monkeypatch.setenv("BUNDLE", "/b")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    assert says in settings_error_message(e.value)
 
 
 def test_din_serve_with_a_bad_variable_prints_one_line_and_exits_2(tmp_path):
@@ -124,3 +143,14 @@ def test_thread_pools_follow_the_cpu_affinity_not_the_hosts_cores():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
     assert out[:2] == ["1", "1"] and int(out[2]) >= 2
+
+
+def test_a_store_timeout_past_the_request_deadline_is_flagged(clean_env, monkeypatch):
+    """Valid (tests give the store room this way) but in production it turns a slow store's
+    degraded answers into 503s: the service warns at start-up (service/app.py logs `doubtful`)."""
+    monkeypatch.setenv("BUNDLE", "/b")
+    assert Settings().doubtful() == []
+    monkeypatch.setenv("STORE_TIMEOUT_MS", "500")
+    monkeypatch.setenv("REQUEST_DEADLINE_MS", "400")
+    (warning,) = Settings().doubtful()
+    assert "STORE_TIMEOUT_MS (500) is not below REQUEST_DEADLINE_MS (400)" in warning

@@ -135,3 +135,17 @@ def test_every_model_trains_and_exports(tiny_log_path, tmp_path, model):
 
 def _samples(path):
     return build_samples(read_log(path), tiny_config(path, Path("unused")).sample_config())
+
+
+def test_recorded_train_loss_is_the_epochs_mean_per_sample(tiny_log_path, tmp_path):
+    """As the streamed trainer records it. With a learning rate of ~0 the model does not move,
+    so the epoch's mean data loss is the (unmoved) model's log loss over the training samples;
+    the progress bar's moving average over ~50 batches of 8 would not be."""
+    from model.train import evaluate
+
+    config = tiny_config(tiny_log_path, tmp_path, model="base", batch_size=8, lr=1e-12)
+    samples = build_samples(read_log(tiny_log_path), config.sample_config())
+    assert samples.num_batches(samples.train, 8) > 100
+    fitted = fit(config, samples)
+    want = evaluate(fitted.model, samples, samples.train, 4096)["logloss"]
+    assert fitted.validation[0]["train_loss"] == pytest.approx(want, abs=2e-5)

@@ -33,6 +33,10 @@ class LogFormatError(ValueError):
     """A behaviour log that cannot be read; the message names the file and the column."""
 
 
+class NotEnoughUsersError(ValueError):
+    """A readable log whose users do not fill the train, validation and test splits."""
+
+
 @dataclass
 class UserProfiles:
     """Profile ids per user: `fields[name][i]` belongs to `user_id[i]`."""

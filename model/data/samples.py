@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from model.contract import CAND_USER, PAD_ROW, FeatureSpec, Vocabulary, cand_input, hist_input, profile_input
-from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog
+from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog, NotEnoughUsersError
 
 SEQUENCE_FIELDS = ("item_id", "cate_id")
 
@@ -101,6 +101,12 @@ class Samples:
         if name not in ("train", "validation", "test"):
             raise ValueError(f"unknown split {name!r}; use train, validation or test")
         return getattr(self, name)
+
+    def require_every_split(self, data: str) -> None:
+        """Training needs samples in all three splits (users are split, not events)."""
+        for name in ("train", "validation", "test"):
+            if len(self.split(name)) == 0:
+                raise NotEnoughUsersError(f"data {data!r} gave an empty {name} split; it needs more users")
 
     def batch(self, samples: SampleSet, index: np.ndarray) -> Batch:
         """Gather the samples at `index` into one batch; T = longest history in the batch."""

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.contract import FeatureSpec, Vocabulary
-from model.data.log import REQUIRED_COLUMNS, LogFormatError, int_column
+from model.data.log import REQUIRED_COLUMNS, LogFormatError, NotEnoughUsersError, int_column
 from model.data.reservoir import BottomKSample
 from model.hashing import HashedIds, IdMapping, row_counts, unit_interval
 
@@ -366,7 +366,7 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
     )
     for i, name in enumerate(SPLIT_NAMES):
         if plan.num_samples(i) == 0:
-            raise ValueError(f"{path} gave an empty {name} split ({plan.users[i]} users); it needs more users")
+            raise NotEnoughUsersError(f"{path} gave an empty {name} split ({plan.users[i]} users); it needs more users")
     if not has_label and plan.pool_item.size == 0:
         raise ValueError(f"{path}: no training events to draw negatives from")
     return plan
