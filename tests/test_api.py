@@ -391,3 +391,57 @@ def test_the_rank_route_runs_no_dependency_in_a_worker_thread():
     ]
     assert len(calls) >= 4 and sync == []
     assert inspect.iscoroutinefunction(route.endpoint)
+
+
+async def test_category_lookups_go_through_the_store_guard(trained, loaded_redis):
+    """Candidates without cate_id read the store's categories through the same guard as the
+    histories: once the circuit is open they skip Redis (counted as circuit_open), not wait on it."""
+    import redis as redis_py
+    from test_observability import samples, value
+
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    def no_categories(k: int) -> dict:  # new ads each time: the ad cache never answers for them
+        return {"user_id": int(user), "candidates": [{"item_id": 10**9 + 100 * k + i} for i in range(5)]}
+
+    settings = settings_for(
+        trained.bundle.path, loaded_redis, store_timeout_ms=200, store_read_timeout_ms=5000,
+        breaker_failure_threshold=2, breaker_reset_ms=60_000,
+    )  # fmt: skip
+    admin = redis_py.Redis.from_url(loaded_redis, socket_timeout=30)
+    try:
+        async with serving(settings) as client:
+            assert (await client.post("/rank", json=no_categories(0))).json()["degraded"] is False
+            admin.execute_command("CLIENT", "PAUSE", 5_000, "ALL")  # Redis accepts and answers nothing
+            answers = [await client.post("/rank", json=no_categories(k)) for k in range(1, 5)]
+            m = samples((await client.get("/metrics")).text)
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert [(r.status_code, r.json()["degraded"]) for r in answers] == [(200, True)] * 4
+    assert all(x["cate_id"] is None for r in answers for x in r.json()["ranked"])  # unknown ads, unknown categories
+    failures = sum(value(m, "din_store_errors_total", op=op, reason="timeout") for op in ("get_ad_features", "get_histories"))
+    assert failures == 2  # the threshold: then the circuit is open for both reads
+    assert value(m, "din_store_errors_total", op="get_ad_features", reason="circuit_open") >= 1
+
+
+async def test_a_data_version_without_categories_ranks_degraded_not_500(trained, loaded_redis):
+    """A version whose meta lists other ad fields (no cate_id): the categories are unknown."""
+    import json as json_module
+
+    import redis as redis_py
+
+    from feature_store.keys import KeySpace, current_key
+
+    c = redis_py.Redis.from_url(loaded_redis)
+    keys = KeySpace(namespace="din", version=c.get(current_key("din")).decode())
+    meta = json_module.loads(c.get(keys.meta))
+    c.set(keys.meta, json_module.dumps(meta | {"ad_fields": ["brand_id"]}))
+    try:
+        async with serving(settings_for(trained.bundle.path, loaded_redis)) as client:
+            item = int(trained.log.item_id[0])
+            answers = [await client.post("/rank", json={"user_id": 1, "candidates": [{"item_id": item}]}) for _ in range(2)]
+    finally:
+        c.set(keys.meta, json_module.dumps(meta))
+        c.close()
+    assert [r.status_code for r in answers] == [200, 200], answers[0].text
+    assert all(r.json()["degraded"] is True and r.json()["ranked"][0]["cate_id"] is None for r in answers)
