@@ -26,7 +26,8 @@ folded into constants once, at export:
 4. One user (U = 1: every request the micro-batcher does not coalesce) needs no gathers,
    and its pair GEMM is turned around: W_p (e_j * v) = v (e_j * W_p), so the first layer
    is ONE (N, D) x (D, T*H) GEMM against per-behaviour weights e_j * W_p + W_ad (built
-   once per call: T*D*H values instead of the N*T*D of e_j * v and the N*T*H of the C
+   once per call, as one batched [e_j, 1] x [W_p; W_ad] MatMul: T*D*H values instead of the
+   N*T*D of e_j * v and the N*T*H of the C
    input), with the per-behaviour term as a broadcast C row; its output rows come out in
    (candidate, behaviour) order, as the rest expects (measured on the first layer and its
    PReLU, 1x50x200, one thread: median 1.75 -> 1.47 ms). The attention is pooled with one
@@ -204,6 +205,10 @@ class ServingDIN(_ServingGraph):
         self.att_acts = _fold_chain(self.att_layers, [att.first_act, *rest_acts])
         self.softmax = att.softmax
         self._register("attention_", self.att_layers, self.att_acts)
+        # one user: per-behaviour weights e_j * W_p + W_ad as ONE batched (T, 2) x (2, H) MatMul per
+        # embedding dimension: 1.6-2x faster than a broadcast Mul and Add over the (D, T, H) values
+        first = self.att_layers[0]
+        self.register_buffer("attention_0_pair_ad", torch.stack([first.parts["pair"], first.parts["ad"]], dim=1))  # (D, 2, H)
 
         self._fold_ctr_mlp(model.mlp)
 
@@ -219,7 +224,8 @@ class ServingDIN(_ServingGraph):
         first = self.att_layers[0]
         e_n = e if self.single_user else e.index_select(0, cand_user)  # (1 or N, T, D)
         if self.single_user:  # v (e_j * W_p) + v W_ad: per-behaviour weights, (N, D) x (D, T*H)
-            m = e[0].T.unsqueeze(-1) * first.parts["pair"].unsqueeze(1) + first.parts["ad"].unsqueeze(1)  # (D, T, H)
+            e_1 = torch.stack([e[0].T, torch.ones_like(e[0].T)], dim=-1)  # (D, T, 2): [e_j, 1] per dimension
+            m = e_1 @ self.attention_0_pair_ad  # (D, T, H) = e_j * W_p + W_ad
             c = (e[0] @ first.parts["user"] + first.b).reshape(1, -1)  # (1, T*H)
             h = torch.addmm(c, v, m.reshape(d, -1)).reshape(n * t, -1)  # (N*T, H), rows (n, t)
         else:
