@@ -20,7 +20,13 @@ request's deadline at the recent scoring pace (it would likely time out: better 
 now and spend the scorer on requests that can still make it; measured: without this, an
 offered load of 1.5x capacity collapsed the goodput to a third, as queued requests expired
 mid-batch). A request still waiting at its
-deadline is answered DeadlineExceeded (503) and dropped from the queue unscored.
+deadline is answered DeadlineExceeded (503) and dropped from the queue unscored, at once
+(so is one whose caller went away): only requests still waiting count against `max_queue`
+and the expected wait.
+
+Shutdown (`close`) drains: the collector stops taking new requests, scores every queued one
+and the batch it is forming, and exits on its own; it is not cancelled mid-batch, where the
+requests it has taken are in neither the queue nor the scoring thread.
 
 Counters (`stats`, `queue_depth`, `on_batch`) are plain attributes and a callback, so
 metrics can be hooked in without touching this module.
@@ -130,8 +136,10 @@ class _Job:
     n: int
     arrived: float
     deadline: float
+    budget: float | None  # the deadline's length, for its message
     future: asyncio.Future = field(repr=False)
     explain: bool = False  # needs the attention weights
+    queued: bool = True  # in Batcher._queue (and counted in _queued_candidates)
 
 
 FetchFn = Callable[[list[int]], Awaitable[Fetched]]
@@ -185,24 +193,27 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="din-batcher")
 
     async def close(self) -> None:
-        """Take no new requests, finish the queued ones, stop the collector and the thread."""
+        """Take no new requests, finish the queued ones, stop the collector and the thread.
+
+        The collector is woken and exits by itself once the queue is empty, after handing
+        over the batch it was forming: cancelling it could catch it inside that batch's
+        history fetch, with requests taken from the queue that nobody would answer.
+        """
         self._closed = True
         if self._task is not None:
-            while self._queue and not self._task.done():
-                self._arrived.set()
-                await asyncio.sleep(0.001)
-            self._task.cancel()
+            self._arrived.set()
             try:
                 await self._task
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # it was cancelled by someone else: see _run_one_batch
                 pass
             self._task = None
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
-        for job in self._queue:
+        while self._queue:  # only if the collector died or never ran
+            job = self._queue[0]
+            self._unqueue(job)
             if not job.future.done():
                 job.future.set_exception(BatcherClosed("the service is shutting down"))
-        self._queue.clear()
         self._executor.shutdown(wait=True)
 
     @property
@@ -232,21 +243,34 @@ class Batcher:
             raise QueueFull(len(self._queue), self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()  # the event loop's clock too
-        job = _Job(user_id, candidates, n, now, now + budget if budget else math.inf, loop.create_future(), explain)
+        job = _Job(user_id, candidates, n, now, now + budget if budget else math.inf, budget, loop.create_future(), explain)
         self._queue.append(job)
         self._queued_candidates += n
         self._arrived.set()
-        timer = loop.call_at(job.deadline, self._expire, job, budget) if budget else None
+        timer = loop.call_at(job.deadline, self._expire, job) if budget else None
         try:
             return await job.future
         finally:
             if timer is not None:
                 timer.cancel()
+            self._unqueue(job)  # the caller went away (cancelled) while it waited
 
-    def _expire(self, job: _Job, budget: float) -> None:
+    def _unqueue(self, job: _Job) -> None:
+        """Drop a job from the queue now, so it stops counting against admission and the metrics.
+
+        O(its position): one that leaves at its deadline is usually near the head.
+        """
+        if job.queued:
+            job.queued = False
+            self._queue.remove(job)  # identity (eq=False)
+            self._queued_candidates -= job.n
+
+    def _expire(self, job: _Job) -> None:
+        """(its timer, or _take_batch if first) The deadline passed unscored: answer 503, drop the job."""
+        self._unqueue(job)
         if not job.future.done():
             self.stats.rejected_deadline += 1
-            job.future.set_exception(DeadlineExceeded(f"not scored within the {budget * 1000:.0f} ms request deadline"))
+            job.future.set_exception(DeadlineExceeded(f"not scored within the {job.budget * 1000:.0f} ms request deadline"))
 
     def expected_wait_s(self) -> float:
         """How long a new request would wait behind the queued work at the recent pace.
@@ -264,7 +288,8 @@ class Batcher:
 
     # ------------------------------------------------------------------ the collector
     async def _collect(self) -> None:
-        while True:
+        """Run batches until closed with nothing left to take (see close)."""
+        while not (self._closed and not self._queue):
             try:
                 await self._run_one_batch()
             except asyncio.CancelledError:
@@ -273,12 +298,19 @@ class Batcher:
                 log.exception("a scoring batch failed")
 
     async def _wait_for_batch(self) -> None:
-        """Return when the queue holds a full batch or its oldest request has waited max_wait."""
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
+        """Return when the queue holds a full batch or its oldest request has waited max_wait,
+        or at once when closing (then possibly with an empty queue).
+
+        Requests also leave the queue while it waits (at their deadline), so it may empty.
+        """
         cfg, loop = self.config, asyncio.get_running_loop()
-        while self._queued_candidates < cfg.max_batch_candidates:
+        while not self._closed:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if self._queued_candidates >= cfg.max_batch_candidates:
+                return
             left = self._queue[0].arrived + cfg.max_wait_s - time.monotonic()
             if left <= 0:
                 return
@@ -290,8 +322,10 @@ class Batcher:
                 continue
             self._arrived.clear()
             timer = loop.call_later(left, self._arrived.set)
-            await self._arrived.wait()
-            timer.cancel()
+            try:
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
 
     def _take_batch(self) -> list[_Job]:
         """Live jobs from the head of the queue, up to max_batch_candidates (at least one)."""
@@ -301,12 +335,11 @@ class Batcher:
             job = self._queue[0]
             if jobs and total + job.n > self.config.max_batch_candidates:
                 break
-            self._queue.popleft()
-            self._queued_candidates -= job.n
-            if job.future.done():  # its deadline passed while it waited (submit cancelled it)
+            if now > job.deadline:  # due, and its timer has not run yet
+                self._expire(job)
                 continue
-            if now > job.deadline:
-                job.future.cancel()
+            self._unqueue(job)  # the head: O(1)
+            if job.future.done():  # its caller was cancelled a moment ago (submit drops it next)
                 continue
             jobs.append(job)
             total += job.n
@@ -315,6 +348,8 @@ class Batcher:
     async def _run_one_batch(self) -> None:
         """Form, fetch and hand over one batch; its answers are set when the scoring thread is done."""
         await self._wait_for_batch()
+        if not self._queue:  # closing, nothing left
+            return
         await self._slots.acquire()  # formed only now: requests that came meanwhile ride along
         handed_over = False  # else the slot goes back below
         try:
@@ -325,6 +360,9 @@ class Batcher:
             depth = len(self._queue)
             try:
                 fetched = await self.fetch([j.user_id for j in jobs])
+            except asyncio.CancelledError:  # the collector was cancelled: these jobs are nowhere else
+                self._fail(jobs, BatcherClosed("the service is shutting down"))
+                raise
             except Exception as e:  # the fetch function should not raise; rank degraded if it does
                 log.warning("history fetch for a batch failed (%s: %s); ranking without histories", type(e).__name__, e)
                 fetched = Fetched(histories=[None] * len(jobs), degraded=True)

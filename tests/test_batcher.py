@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ import redis
 from feature_store.redis_store import RedisHistoryStore
 from model.bundle import Bundle
 from service.app import create_app
-from service.batcher import Batcher, BatcherConfig, BatchStats, DeadlineExceeded, QueueFull
+from service.batcher import Batcher, BatcherClosed, BatcherConfig, BatchStats, DeadlineExceeded, QueueFull
 from service.metrics import ServiceMetrics
 from service.routes.rank import fetch_histories
 from service.scorer import RankInput, RuntimeOptions, Scorer
@@ -140,6 +141,127 @@ async def test_a_request_not_scored_by_its_deadline_is_refused_and_dropped(bundl
     assert ok.scored.ctr.shape == (3,) and scorer.calls == 1
 
 
+@contextlib.contextmanager
+def scoring_held(scorer: Scorer):
+    """Hold the scoring thread inside its next graph call (a GC pause, a cold GPU kernel, a
+    huge batch) until the block ends. Yields an event set once it is held."""
+    started, release = threading.Event(), threading.Event()
+    real = scorer.score_batch
+
+    def held(batch):
+        started.set()
+        release.wait(60)
+        return real(batch)
+
+    scorer.score_batch = held
+    try:
+        yield started
+    finally:
+        release.set()
+
+
+async def test_expired_and_cancelled_requests_leave_the_queue_at_once(bundle, store_url):
+    """Review item 9: a request answered at its deadline (or whose caller went away) no longer
+    counts against the queue bound, the expected wait or the queue-depth metric, even while
+    the collector cannot reach the queue because the scorer is busy."""
+    config = BatcherConfig(max_batch_candidates=1, max_wait_s=0.0, max_queue=3, deadline_s=0.1, pipeline_depth=1)
+    async with running(bundle, store_url, config) as (batcher, scorer, _):
+        with scoring_held(scorer) as started:
+            first = asyncio.create_task(batcher.submit(1, candidates(1, 3), deadline_s=60))
+            assert await asyncio.to_thread(started.wait, 30)  # on the scoring thread: the collector waits for its slot
+            expired = await asyncio.gather(*(batcher.submit(u, candidates(u, 3)) for u in (2, 3, 4)), return_exceptions=True)
+            assert [type(e) for e in expired] == [DeadlineExceeded] * 3 and batcher.stats.rejected_deadline == 3
+            assert batcher.queue_depth == 0 and batcher.queued_candidates == 0 and batcher.expected_wait_s() == 0
+
+            gone = asyncio.create_task(batcher.submit(5, candidates(5, 3), deadline_s=60))
+            await asyncio.sleep(0)
+            assert batcher.queue_depth == 1
+            gone.cancel()  # the client hung up
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert batcher.queue_depth == 0 and batcher.queued_candidates == 0
+
+            late = asyncio.create_task(batcher.submit(6, candidates(6, 3), deadline_s=60))  # not a QueueFull
+            await asyncio.sleep(0)
+            assert batcher.queue_depth == 1 and batcher.stats.rejected_queue_full == 0
+        results = await asyncio.wait_for(asyncio.gather(first, late), 30)
+    assert [r.scored.ctr.shape for r in results] == [(3,), (3,)] and scorer.calls == 2  # the dropped ones unscored
+
+
+async def test_a_request_found_overdue_when_taken_gets_the_deadline_answer(bundle, store_url):
+    """The collector can take a request whose deadline has passed before its timer ran: it is
+    answered DeadlineExceeded like the timer would, not a CancelledError leaking into the route."""
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.3, deadline_s=30)
+    async with running(bundle, store_url, config) as (batcher, scorer, _):
+        req = asyncio.create_task(batcher.submit(1, candidates(1, 3)))
+        await asyncio.sleep(0)
+        batcher._queue[0].deadline = 0.0  # overdue, its timer (at 30 s) not yet run
+        with pytest.raises(DeadlineExceeded, match="30000 ms"):
+            await asyncio.wait_for(req, 30)
+    assert batcher.queue_depth == 0 and scorer.calls == 0 and batcher.stats.rejected_deadline == 1
+
+
+@pytest.mark.parametrize("deadline_s", [None, 30.0])
+async def test_close_finishes_the_batch_being_fetched(bundle, store_url, deadline_s):
+    """Review item 10: close() while the collector awaits a batch's histories scores that batch:
+    its requests are in neither the queue nor the scoring thread (they used to hang, or get a
+    deadline 503)."""
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.0, deadline_s=deadline_s)
+    async with running(bundle, store_url, config) as (batcher, scorer, _):
+        fetching, release = asyncio.Event(), asyncio.Event()
+        fetch = batcher.fetch
+
+        async def held_fetch(users):
+            fetching.set()
+            await release.wait()  # a store read in progress
+            return await fetch(users)
+
+        batcher.fetch = held_fetch
+        taken = asyncio.create_task(batcher.submit(1, candidates(1, 3)))
+        await asyncio.wait_for(fetching.wait(), 30)
+        assert batcher.queue_depth == 0  # taken from the queue, being fetched
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.05)  # close() is under way (the old one cancelled the collector here)
+        release.set()
+        result = await asyncio.wait_for(taken, 10)
+        await asyncio.wait_for(closing, 30)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(2, candidates(2, 3))
+    assert result.scored.ctr.shape == (3,) and scorer.calls == 1
+
+
+async def test_close_scores_the_queued_requests_at_once(bundle, store_url):
+    """close() sends what is queued without waiting for company (max_wait)."""
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=60.0, deadline_s=None)
+    async with running(bundle, store_url, config) as (batcher, scorer, batches):
+        queued = [asyncio.create_task(batcher.submit(u, candidates(u, 3))) for u in (1, 2, 3)]
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 3  # the collector waits up to 60 s for more
+        await asyncio.wait_for(batcher.close(), 20)
+        results = await asyncio.wait_for(asyncio.gather(*queued), 10)
+    assert [r.batch_users for r in results] == [3, 3, 3] and [b.users for b in batches] == [3]
+
+
+async def test_a_cancelled_collector_fails_the_batch_it_was_fetching(bundle, store_url):
+    """If the collector is cancelled anyway (its loop shuts down), the requests it took are
+    answered BatcherClosed instead of waiting forever (no deadline here)."""
+    config = BatcherConfig(max_batch_candidates=10_000, max_wait_s=0.0, deadline_s=None)
+    async with running(bundle, store_url, config) as (batcher, scorer, _):
+        fetching = asyncio.Event()
+
+        async def stuck_fetch(users):
+            fetching.set()
+            await asyncio.Event().wait()
+
+        batcher.fetch = stuck_fetch
+        req = asyncio.create_task(batcher.submit(1, candidates(1, 3)))
+        await asyncio.wait_for(fetching.wait(), 30)
+        batcher._task.cancel()
+        with pytest.raises(BatcherClosed):
+            await asyncio.wait_for(req, 10)
+    assert scorer.calls == 0
+
+
 async def test_without_a_store_the_batch_is_degraded(bundle):
     async with running(bundle, None, BatcherConfig(max_wait_s=0.0)) as (batcher, _, _):
         r = await batcher.submit(1, candidates(0, 3))
@@ -176,7 +298,7 @@ async def test_http_overload_and_deadline_are_503_with_retry_after(bundle, store
         await asyncio.gather(*queued)
         ok = await client.post("/rank", json=body(3, 4))
         assert ok.status_code == 200 and ok.headers["x-batch-users"] == "1"
-    settings = Settings(bundle=bundle.path, redis_url=store_url, intra_op_threads=1, batch_max_wait_ms=1000, request_deadline_ms=20)
+    settings = Settings(bundle=bundle.path, redis_url=store_url, intra_op_threads=1, batch_max_wait_ms=1000, request_deadline_ms=20, store_timeout_ms=10)
     async with serving(settings) as (client, _):
         r = await client.post("/rank", json=body(3, 4))
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "deadline" in r.json()["detail"]
