@@ -11,6 +11,8 @@ Reply {status, next version or "-", applied, duplicates}; status is
       "ok" | "repaired" (the old value was corrupt and was replaced) | "pending" (parked:
       the version is loading) | "retired" (go to `next`) | "stale" (no such version).
 
+The event-id ring keeps the user's latest `id_window` ids, or all of the latest call's
+when it brought more (so the same call, retried, appends nothing).
 Everything a version decides (max history, profile count, TTLs, the dedup window) is
 read from the fence, so the script needs no other key. Ids and timestamps stay opaque
 8-byte strings except for the comparison of timestamps, done on exact 32-bit halves
@@ -131,7 +133,9 @@ if #fresh > 0 then
   for a = 1, #fresh, 1000 do
     redis.call('LPUSH', KEYS[2], unpack(fresh, a, math.min(a + 999, #fresh)))
   end
-  redis.call('LTRIM', KEYS[2], 0, id_window - 1)
+  -- keep every id of this call even past the window: a retry of this very batch is then
+  -- all duplicates, however many of its events are this user's
+  redis.call('LTRIM', KEYS[2], 0, math.max(id_window, #fresh) - 1)
 end
 if id_ttl > 0 and (#fresh > 0 or dups > 0) then redis.call('EXPIRE', KEYS[2], id_ttl) end
 return {status, nxt, applied, dups}

@@ -28,6 +28,14 @@ class StoreUnavailableError(RuntimeError):
     """The store cannot be reached (connection refused, timeout); the message says where."""
 
 
+class StoreError(RuntimeError):
+    """The store answered, but cannot do what was asked; the message says what to do.
+
+    Redis is up (refusing writes when out of memory, a key holding data it cannot use), so
+    the service refuses or degrades this call but does not count it as an outage.
+    """
+
+
 @dataclass(frozen=True)
 class AdFeatures:
     """Features of N requested ads: `values[:, j]` is field `fields[j]`; -1 where not `found`."""

@@ -1,4 +1,9 @@
-"""Prometheus counters of the feature store (default registry: GET /metrics shows them)."""
+"""Prometheus counters of the feature store, in the default registry of the process.
+
+The service's registry (service/metrics.py) registers CORRUPT_VALUES too, so GET /metrics
+shows `din_store_corrupt_values_total{kind}`; events are counted per app by POST /events
+(`din_events_total{outcome}`), the two below serve other embedders of the store.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The Redis backend of the history store: one round trip per batch of users.
 
-Reads go through redis.asyncio on the service's event loop: GET for one user, MGET for a
-batch (split per slot on a Redis Cluster), the keys of the data version that
-`{ns}:current` names. The version is re-read lazily at most every `version_refresh_s`
+Reads go through redis.asyncio on the service's event loop: one MGET per batch of users
+(split per slot on a Redis Cluster; a key of the wrong type reads as nil), the keys of the
+data version that `{ns}:current` names. The version is re-read lazily at most every `version_refresh_s`
 seconds (and on a miss, at most every `miss_refresh_s`), so a new bulk load is picked up
 without a restart and a reader never uses a version older than that; the loader waits
 longer than this before deleting the old version. Live appends run the Lua script of
@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from feature_store import metrics
 from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
-from feature_store.base import AdFeatures, HistoryStore, StoreStats, StoreUnavailableError
+from feature_store.base import AdFeatures, HistoryStore, StoreError, StoreStats, StoreUnavailableError
 from feature_store.connection import RedisAddress, async_client, redacted_url, sync_client
 from feature_store.events import AppendReport, EventBatch
 from feature_store.fences import Fence, user_fence_tag
@@ -49,11 +49,7 @@ _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 MAX_APPEND_HOPS = 6  # version redirects one append may follow (normally 1, 2 during a load)
 STATS_SAMPLE = 1000  # user keys whose MEMORY USAGE / STRLEN `stats` averages
 
-__all__ = ["RedisHistoryStore", "redacted_url"]
-
-
-class StoreError(RuntimeError):
-    """The store answered, but cannot do what was asked; the message says what to do."""
+__all__ = ["RedisHistoryStore", "StoreError", "redacted_url"]
 
 
 class RedisHistoryStore(HistoryStore):
@@ -145,6 +141,10 @@ class RedisHistoryStore(HistoryStore):
     def _unavailable(self, e: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"Redis at {self.url} is unavailable: {e.__class__.__name__}: {e}")
 
+    def _refused(self, e: redis.ResponseError, what: str) -> StoreError:
+        """An error reply (OOM, WRONGTYPE, NOAUTH...): Redis is up but did not do it."""
+        return StoreError(f"Redis at {self.url} refused {what}: {e}")
+
     async def refresh_version(self) -> str | None:
         """Re-read `{ns}:current` now (and the meta when the version changed).
 
@@ -173,19 +173,30 @@ class RedisHistoryStore(HistoryStore):
             await self.refresh_version()
 
     async def _read_version(self) -> str | None:
-        raw = await self._redis.get(current_key(self.namespace))
-        version = raw.decode() if raw is not None else None
-        if version == self.version:
-            return version
-        if version is None:
-            self._keys, self._meta = None, {}
-            return None
-        keys = KeySpace(namespace=self.namespace, version=version)
-        raw_meta = await self._redis.get(keys.meta)
+        """Read the pointer; one that is garbage or of the wrong type is a StoreError (Redis
+        is up, its data is not usable), not a crash of the caller."""
+        pointer = current_key(self.namespace)
         try:
+            raw = await self._redis.get(pointer)
+        except redis.ResponseError as e:  # WRONGTYPE: something else wrote the pointer key
+            raise StoreError(f"{pointer} in Redis at {self.url} is not a data version pointer ({e}): "
+                             f"run `din load` to write a data version") from e
+        try:
+            version = raw.decode() if raw is not None else None
+            if version == self.version:
+                return version
+            if version is None:
+                self._keys, self._meta = None, {}
+                return None
+            keys = KeySpace(namespace=self.namespace, version=version)
+        except ValueError as e:  # not UTF-8, or not a version name
+            raise StoreError(f"{pointer} in Redis at {self.url} holds {raw[:64]!r}, not a data version name "
+                             f"({e}): run `din load` to write a data version") from None
+        try:
+            raw_meta = await self._redis.get(keys.meta)
             meta = json.loads(raw_meta) if raw_meta is not None else {}
-        except ValueError:
-            logger.warning("meta key %s is not JSON; profile fields unknown", keys.meta)
+        except (ValueError, redis.ResponseError):  # not JSON, or a key of the wrong type
+            logger.warning("meta key %s is not a JSON string; profile fields unknown", keys.meta)
             meta = {}
         if self._keys is not None:
             logger.info("feature store %s: data version %s -> %s", self.namespace, self.version, version)
@@ -194,8 +205,15 @@ class RedisHistoryStore(HistoryStore):
 
     # ---------------------------------------------------------------------- reads
     async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        """Values of `keys`; nil for a missing key and for a key of the wrong type.
+
+        One key is an MGET too, never a GET: GET raises WRONGTYPE for a key that holds a
+        list (a stray write), which would fail the call as if Redis were down (and open
+        the service's circuit breaker for every user) instead of serving that one user as
+        unknown, as a batch does.
+        """
         if len(keys) == 1:
-            return [await self._redis.get(keys[0])]
+            return await self._redis.mget(keys)  # the client's own retry policy, as GET had
         if self.cluster:
             return await self._redis.mget_nonatomic(keys)  # one MGET per slot, pipelined per node
         return await self._mget_packed(keys)
@@ -253,6 +271,8 @@ class RedisHistoryStore(HistoryStore):
                     values = await self._fetch(ids)
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
+        except redis.ResponseError as e:
+            raise self._refused(e, "the history read") from e
         out = decode_users(values)
         for i, h in enumerate(out):
             if h.__class__ is CorruptValueError:
@@ -271,6 +291,8 @@ class RedisHistoryStore(HistoryStore):
             values = await self._mget(self._keys.ads(ids.tolist()))
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
+        except redis.ResponseError as e:
+            raise self._refused(e, "the ad read") from e
         found, out, corrupt = decode_ads(values, len(fields))
         if corrupt:
             self._corrupt("ad", f"{corrupt} ad value(s) of data version {self.version}", "not an ad value of this layout", corrupt)
@@ -291,6 +313,8 @@ class RedisHistoryStore(HistoryStore):
         client = sync_client(self._address, socket_timeout=5.0)
         try:
             return create_empty_version(client, self.namespace, fence)
+        except redis.ResponseError as e:  # e.g. OOM: Redis is up but takes no writes
+            raise StoreError(f"Redis at {self.url} refused to create the first data version: {e}") from e
         finally:
             client.close()
 
@@ -311,7 +335,7 @@ class RedisHistoryStore(HistoryStore):
                 continue  # safe to re-run: appends are idempotent per event id
             for r in replies:
                 if isinstance(r, redis.ResponseError):  # e.g. OOM: Redis is up but takes no writes
-                    raise StoreError(f"Redis at {self.url} refused the append: {r}")
+                    raise self._refused(r, "the append")
                 if isinstance(r, Exception):
                     raise r
             return replies
@@ -366,6 +390,8 @@ class RedisHistoryStore(HistoryStore):
                 raise StoreError(f"appends kept being redirected between data versions ({sorted(set(v for _, v in todo))})")
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
+        except redis.ResponseError as e:
+            raise self._refused(e, "the append") from e
         applied = sum(a for a, _ in first.values())
         dups = sum(d for _, d in first.values())
         metrics.EVENTS_APPLIED.inc(applied)
@@ -450,6 +476,8 @@ class RedisHistoryStore(HistoryStore):
                     return ids[:limit]
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
+        except redis.ResponseError as e:
+            raise self._refused(e, "the user scan") from e
 
     async def ping(self) -> None:
         try:

@@ -2,7 +2,9 @@
 
 One `ServiceMetrics` per app, each with its own CollectorRegistry: two apps in one process
 (tests, a reload of the app) never clash over metric names. Routes, the micro-batcher, the
-store guard and event ingestion update the attributes below; nothing else defines metrics.
+store guard and event ingestion update the attributes below; nothing else defines metrics,
+except the feature store's corrupt-value counter (feature_store/metrics.py), counted where
+values are decoded and registered here too.
 
 Names follow Prometheus conventions (`_seconds`, `_total`, base units). Route labels are
 route templates (`/rank`), never raw paths, so a scan of random URLs cannot blow up the
@@ -23,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import gc_collector, platform_collector, process_collector
+
+from feature_store import metrics as store_metrics
 
 # Request latency: the budget is ~10 ms, so resolution is finest there.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -93,15 +97,18 @@ class ServiceMetrics:
         self.store_circuit_state = Gauge(
             "din_store_circuit_state", "Feature-store circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r
         )
-        self.store_corrupt_values = Counter(
-            "din_store_corrupt_values_total", "Stored values that failed to decode (served as unknown users).",
-            registry=r,
-        )
+        # din_store_corrupt_values_total{kind}: the store counts these where it decodes values,
+        # below the routes, in one process-wide counter; exposed here as it is.
+        r.register(store_metrics.CORRUPT_VALUES)
         # Events (POST /events)
         self.events = Counter(
-            "din_events_total", "Behaviour events received, by outcome: stored, duplicate, refused.",
+            "din_events_total",
+            "POST /events behaviours by outcome: stored (appended), duplicate (event_id already seen), "
+            "refused (503: the store could not take them).",
             ["outcome"], registry=r,
         )
+        for outcome in ("stored", "duplicate", "refused"):
+            self.events.labels(outcome)  # every series from the start, at 0: rate() sees the first events
         # Model
         self.model_info = Info("din_model", "The model serving now.", registry=r)
         self.model_load_seconds = Gauge(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -167,7 +168,7 @@ def too_large_error(field: str, limit: int, setting: str) -> dict[str, Any]:
     }
 
 
-EVENT_ID_MAX = 128
+EVENT_ID_MAX = 128  # bytes of UTF-8, as the store counts them (feature_store.events.MAX_EVENT_ID_BYTES)
 
 
 class Event(BaseModel):
@@ -179,8 +180,22 @@ class Event(BaseModel):
     timestamp: Int64 = Field(description="In the unit of the loaded log; orders the history (newest first).")
     event_id: str = Field(
         min_length=1, max_length=EVENT_ID_MAX,
-        description="Unique per event, chosen by the sender: a retried batch with the same ids is not appended twice.",
+        description="Unique per event, chosen by the sender: a retried batch with the same ids is not appended "
+        f"twice. At most {EVENT_ID_MAX} bytes in UTF-8.",
     )
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id_bytes(cls, v: str) -> str:
+        """The store's limit is on UTF-8 bytes, `max_length` counts characters ("é" is 2 bytes):
+        check the bytes here so an over-long id is a 422 naming the field, not a 500 later."""
+        n = len(v.encode())  # (pydantic already refused lone surrogates: string_unicode)
+        if n > EVENT_ID_MAX:
+            raise PydanticCustomError(
+                "string_too_long", "String should have at most {max_length} bytes in UTF-8, not {actual_length}",
+                {"max_length": EVENT_ID_MAX, "actual_length": n},
+            )
+        return v
 
 
 class EventsRequest(BaseModel):

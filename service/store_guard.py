@@ -10,6 +10,10 @@ records its duration or its failure. Every failure comes out as one exception ty
     circuit_open  not tried: the breaker is open after repeated failures
     error         anything else the store raised (a Redis error reply, a bug)
 
+A StoreError is an `error` the breaker does not count: Redis answered and refused this one
+call (out of memory for writes, a key holding garbage), so it is not down, and one bad
+key must not make every user's /rank skip the store.
+
 Readers degrade on it (/rank ranks with an empty history); writers must refuse:
 `store_unavailable_error(e)` is the 503 (with Retry-After) that POST /events raises, so an
 event that was not stored is never acknowledged.
@@ -26,7 +30,7 @@ from typing import TypeVar
 import anyio
 from fastapi import HTTPException, status
 
-from feature_store.base import StoreUnavailableError
+from feature_store.base import StoreError, StoreUnavailableError
 from service.circuit_breaker import BreakerState, CircuitBreaker
 from service.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, ServiceMetrics
 
@@ -39,10 +43,11 @@ _STATE_VALUE = {BreakerState.CLOSED: CIRCUIT_CLOSED, BreakerState.HALF_OPEN: CIR
 class StoreCallFailed(StoreUnavailableError):
     """A store call that failed or was not tried; `reason` says which (see the module doc)."""
 
-    def __init__(self, message: str, reason: str, retry_after_s: float = 1.0):
+    def __init__(self, message: str, reason: str, retry_after_s: float = 1.0, answered: bool = False):
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.answered = answered  # the store answered and said why (a StoreError): the message is for the client
 
 
 class StoreGuard:
@@ -83,6 +88,12 @@ class StoreGuard:
             self.breaker.record_failure()
         return StoreCallFailed(message, reason, retry_after_s=max(self.breaker.retry_after_s, 1.0))
 
+    def _refused(self, op: str, e: StoreError) -> StoreCallFailed:
+        """The store answered but refused this call: an error, not an outage (module doc)."""
+        self.metrics.store_errors.labels(op, "error").inc()
+        self.breaker.record_success()  # Redis answers (a half-open trial has its answer)
+        return StoreCallFailed(str(e), "error", retry_after_s=1.0, answered=True)
+
     async def call(self, op: str, fn: Callable[[], Awaitable[T]], *, timeout_s: float | None = None) -> T:
         """`await fn()` under the deadline and the breaker; raise StoreCallFailed on any failure."""
         if not self.breaker.allow():
@@ -96,6 +107,9 @@ class StoreGuard:
             raise self._fail(op, "timeout", f"no answer within {deadline * 1000:.0f} ms") from None
         except StoreUnavailableError as e:
             raise self._fail(op, "unavailable", str(e)) from None
+        except StoreError as e:
+            log.warning("feature store %s refused: %s", op, e)
+            raise self._refused(op, e) from None
         except Exception as e:
             log.warning("feature store %s failed: %s: %s", op, type(e).__name__, e)
             raise self._fail(op, "error", f"{type(e).__name__}") from None
@@ -109,9 +123,16 @@ class StoreGuard:
 
 
 def store_unavailable_error(e: StoreCallFailed, what: str = "the request") -> HTTPException:
-    """The 503 a writer answers when the store failed: nothing was stored, retry later."""
+    """The 503 a writer answers when the store failed: nothing was stored, retry later.
+
+    When the store answered and said why (out of memory, no usable data version), the
+    detail passes that on: it is what an operator has to fix before a retry can work.
+    """
+    if e.answered:
+        detail = f"the feature store refused: {e}; {what} was not stored, retry later"
+    else:
+        detail = f"the feature store is unavailable ({e.reason}); {what} was not stored, retry later"
     return HTTPException(
-        status.HTTP_503_SERVICE_UNAVAILABLE,
-        detail=f"the feature store is unavailable ({e.reason}); {what} was not stored, retry later",
+        status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail,
         headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -83,6 +84,7 @@ async def test_events_need_the_admin_token(trained, loaded_redis):
         pytest.param({"events": []}, ["events", "at least 1"], id="empty"),
         pytest.param(event_body([(1, 2, 3, 4)], [""]), ["event_id", "at least 1"], id="empty-id"),
         pytest.param(event_body([(1, 2, 3, 4)], ["x" * 129]), ["event_id", "at most 128"], id="long-id"),
+        pytest.param(event_body([(1, 2, 3, 4)], ["é" * 100]), ["event_id", "at most 128 bytes"], id="long-id-bytes"),
         pytest.param(event_body([(1, 2, 3, 2**63)], ["x"]), ["timestamp", "less than or equal"], id="ts-overflow"),
         pytest.param({"events": [{"user_id": 1, "item_id": 2, "cate_id": 3, "event_id": "x"}]},
                      ["timestamp", "missing"], id="no-timestamp"),
@@ -134,8 +136,8 @@ async def test_rank_looks_up_missing_categories_in_one_round_trip(trained, loade
         stats_cached = client_redis.info("commandstats")
         explicit = (await client.post("/rank", json=rank_body(user, np.array([[i, latest[i]] for i in cands[:, 0].tolist()]))))
     client_redis.close()
-    assert stats["cmdstat_mget"]["calls"] == 1  # every missing category in one MGET
-    assert "cmdstat_mget" not in stats_cached  # the second time: all from the in-process cache
+    assert stats["cmdstat_mget"]["calls"] == 2  # the user's history, and every missing category in one MGET
+    assert stats_cached["cmdstat_mget"]["calls"] == 1  # the second time: the history; categories from the cache
     by_item = {}
     for x in looked_up["ranked"]:
         by_item.setdefault(x["item_id"], []).append(x)
@@ -170,3 +172,104 @@ async def test_corrupt_history_in_redis_ranks_as_empty_not_500(trained, loaded_r
 
     assert REGISTRY.get_sample_value("din_store_corrupt_values_total", {"kind": "user"}) >= 1
     assert Trained  # (imported for type context)
+
+
+# --------------------------------------------------------------------------- review fixes
+def stored_items(url: str, user: int) -> list[int]:
+    from feature_store.records import decode_user
+
+    c = redis.Redis.from_url(url)
+    try:
+        keys = KeySpace(version=c.get(current_key()).decode())
+        return decode_user(c.get(keys.user(user))).records["item_id"].tolist()
+    finally:
+        c.close()
+
+
+async def test_a_retried_batch_with_more_events_of_one_user_than_the_id_window_appends_nothing(trained, loaded_redis):
+    user, n = 777_777, 200  # a new user; 200 > the id window (128), < MAX_EVENTS
+    rows = [(user, 5000 + i, 1, 10_000 - i) for i in range(n)]
+    body = event_body(rows, [f"ev-{i}" for i in range(n)])
+    async with serving(settings_for(trained.bundle.path, loaded_redis, admin_token=TOKEN)) as client:
+        first = await client.post("/events", json=body, headers=AUTH)
+        before = stored_items(loaded_redis, user)
+        retry = await client.post("/events", json=body, headers=AUTH)  # the client timed out and re-sent it
+    assert first.json()["applied"] == n
+    assert (retry.json()["applied"], retry.json()["duplicates"]) == (0, n)
+    after = stored_items(loaded_redis, user)
+    assert after == before and len(set(after)) == len(after)  # no behaviour twice
+
+
+async def test_events_go_through_the_store_guard(trained, loaded_redis):
+    """A stalled Redis: refused within the append deadline (not a fixed 5 s), counted, and the breaker opens."""
+    from test_observability import samples, value
+
+    settings = settings_for(trained.bundle.path, loaded_redis, admin_token=TOKEN, store_timeout_ms=100,
+                            breaker_failure_threshold=1, breaker_reset_ms=30_000)
+    c = redis.Redis.from_url(loaded_redis)
+    async with serving(settings) as client:
+        assert (await client.post("/events", json=event_body([(1, 2, 3, 4)], ["warm"]), headers=AUTH)).status_code == 200
+        c.execute_command("CLIENT", "PAUSE", 4_000, "WRITE")  # reads answer, writes wait
+        try:
+            t = time.perf_counter()
+            slow = await client.post("/events", json=event_body([(1, 2, 3, 5)], ["stalled"]), headers=AUTH)
+            took = time.perf_counter() - t
+            skipped = await client.post("/events", json=event_body([(1, 2, 3, 6)], ["skipped"]), headers=AUTH)
+            ready = (await client.get("/readyz")).json()
+            m = samples((await client.get("/metrics")).text)
+        finally:
+            c.execute_command("CLIENT", "UNPAUSE")
+            c.close()
+    assert slow.status_code == 503 and 20 <= int(slow.headers["retry-after"]) <= 30, slow.text  # it opened the circuit
+    assert 0.9 <= took < 2.5  # the append deadline (1 s), not the old fixed 5 s
+    assert skipped.status_code == 503 and 20 <= int(skipped.headers["retry-after"]) <= 30  # until the trial call
+    assert "circuit_open" in skipped.json()["detail"] and "not stored" in skipped.json()["detail"]
+    assert ready["store_circuit"] == "open"
+    assert value(m, "din_store_errors_total", op="append_events", reason="timeout") == 1
+    assert value(m, "din_store_errors_total", op="append_events", reason="circuit_open") == 1
+    assert value(m, "din_events_total", outcome="refused") == 2
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "empty-store"])
+async def test_events_to_a_redis_that_refuses_writes_get_503_and_reads_go_on(trained, redis_url, loaded, request):
+    """Out of memory: 503 + Retry-After saying why; Redis still answers reads, so the breaker stays closed."""
+    if loaded:
+        request.getfixturevalue("loaded_redis")
+    user = int(trained.log.user_id[0])
+    settings = settings_for(trained.bundle.path, redis_url, admin_token=TOKEN, breaker_failure_threshold=1)
+    c = redis.Redis.from_url(redis_url)
+    c.config_set("maxmemory-policy", "noeviction")
+    c.config_set("maxmemory", 1)
+    try:
+        async with serving(settings) as client:
+            refused = [await client.post("/events", json=event_body([(user, 2, 3, 4)], ["x"]), headers=AUTH)
+                       for _ in range(2)]
+            ranked = await client.post("/rank", json=rank_body(user, some_candidates(trained.log, 4)))
+            ready = (await client.get("/readyz")).json()
+    finally:
+        c.config_set("maxmemory", 0)
+        c.close()
+    for r in refused:
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "maxmemory" in r.json()["detail"] and "not stored" in r.json()["detail"]
+    assert ready["store_circuit"] == "closed"
+    assert ranked.status_code == 200 and ranked.json()["degraded"] is False
+
+
+@pytest.mark.parametrize("pointer", ["garbage", "wrong-type"])
+async def test_a_broken_version_pointer_is_a_503_not_a_500(trained, loaded_redis, pointer):
+    c = redis.Redis.from_url(loaded_redis)
+    if pointer == "garbage":
+        c.set(current_key(), b"not a version!")
+    else:
+        c.delete(current_key())
+        c.hset(current_key(), "x", "1")
+    c.close()
+    async with serving(settings_for(trained.bundle.path, loaded_redis, admin_token=TOKEN)) as client:
+        events = await client.post("/events", json=event_body([(1, 2, 3, 4)], ["x"]), headers=AUTH)
+        sample = await client.get("/api/sample")
+        ranked = await client.post("/rank", json=rank_body(1, some_candidates(trained.log, 3)))
+    assert events.status_code == 503 and events.headers["retry-after"] == "1", events.text
+    assert "din load" in events.json()["detail"]
+    assert sample.status_code == 503 and "din load" in sample.json()["detail"], sample.text
+    assert ranked.status_code == 200 and ranked.json()["degraded"] is True

@@ -86,16 +86,19 @@ def test_duplicate_event_ids_are_not_appended_twice(redis_url, redis_client):
     assert reports[0].applied == 1 and len(h2) == 3
 
 
-def test_the_dedup_window_is_the_last_id_window_ids(redis_url, redis_client):
+def test_the_dedup_window_is_the_last_id_window_ids_or_all_of_the_last_batch(redis_url, redis_client):
     RedisHistoryStore.from_url(redis_url).bulk_load(small_log(), id_window=3, max_history=50)
     first = events([(1, 100 + i, 1, 1000 + i) for i in range(4)], [f"id{i}" for i in range(4)])
-    reports, (h,) = run(append_and_read(redis_url, [first, events([(1, 100, 1, 1000)], ["id0"]),
-                                                     events([(1, 103, 1, 1003)], ["id3"])], [1]))
-    # id0 fell out of the 3-id window (id3, id2, id1 remain): its retry is appended again
-    assert [(r.applied, r.duplicates) for r in reports] == [(4, 0), (1, 0), (0, 1)]
-    assert len(h) == 2 + 5
+    reports, (h,) = run(append_and_read(redis_url, [
+        first, first,  # 4 ids > the 3-id window: all kept, so the retry of the batch appends nothing
+        events([(1, 104, 1, 1004)], ["id4"]),  # the next batch trims the ring to 3: id4, id3, id2
+        events([(1, 100, 1, 1000)], ["id0"]),  # id0 fell out of the window: its retry is appended again
+        events([(1, 103, 1, 1003)], ["id3"]),
+    ], [1]))
+    assert [(r.applied, r.duplicates) for r in reports] == [(4, 0), (0, 4), (1, 0), (1, 0), (0, 1)]
+    assert len(h) == 2 + 6
     keys = KeySpace(version=redis_client.get(current_key()).decode())
-    assert redis_client.lrange(keys.event_ids(1), 0, -1) == [b"id0", b"id3", b"id2"]
+    assert redis_client.lrange(keys.event_ids(1), 0, -1) == [b"id0", b"id4", b"id3"]
     assert 0 < redis_client.ttl(keys.event_ids(1)) <= loader.DEFAULT_ID_TTL_S
 
 

@@ -140,3 +140,38 @@ async def test_readyz_reports_model_store_and_circuit(trained, loaded_redis):
         "ready": True, "model": "ok", "store": "ok", "degraded": False, "store_url": loaded_redis,
         "store_circuit": "closed", "model_version": trained.bundle.model_version, "providers": None,
     }
+
+
+async def test_corrupt_values_and_events_are_counted_in_metrics(trained, loaded_redis):
+    """din_store_corrupt_values_total{kind} and din_events_total{outcome}, as the README names them."""
+    import redis
+
+    from feature_store.keys import KeySpace, current_key
+
+    token = "s3cret-token"
+    auth = {"Authorization": f"Bearer {token}"}
+    user = int(trained.log.user_id[0])
+    c = redis.Redis.from_url(loaded_redis)
+    keys = KeySpace(version=c.get(current_key()).decode())
+    c.set(keys.user(user), b"DINU\x01\x00\x00\x00garbage")  # a corrupt stored value
+    one = {"events": [{"user_id": 5, "item_id": 1, "cate_id": 1, "timestamp": 1, "event_id": "a"}]}
+    async with serving(settings_for(trained.bundle.path, loaded_redis, admin_token=token)) as client:
+        m0 = samples((await client.get("/metrics")).text)
+        ranked = await client.post("/rank", json=rank_body(user, some_candidates(trained.log, 3)))
+        assert (await client.post("/events", json=one, headers=auth)).status_code == 200
+        assert (await client.post("/events", json=one, headers=auth)).status_code == 200  # a retry: duplicate
+        c.config_set("maxmemory-policy", "noeviction")
+        c.config_set("maxmemory", 1)  # Redis refuses writes
+        try:
+            two = {"events": [dict(one["events"][0], event_id=e) for e in ("b", "c")]}
+            assert (await client.post("/events", json=two, headers=auth)).status_code == 503
+        finally:
+            c.config_set("maxmemory", 0)
+            c.close()
+        m = samples((await client.get("/metrics")).text)
+    assert ranked.json()["history_length"] == 0  # served as unknown
+    # process-wide (other tests' stores count too): the change is what this test did
+    corrupt = "din_store_corrupt_values_total"
+    assert value(m, corrupt, kind="user") - value(m0, corrupt, kind="user") == 1
+    assert ("din_events_total", (("outcome", "refused"),)) in m0  # every outcome exported from the start, at 0
+    assert [value(m, "din_events_total", outcome=o) for o in ("stored", "duplicate", "refused")] == [1, 1, 2]

@@ -520,3 +520,47 @@ def test_profile_fields_are_picked_and_ordered(redis_url, tmp_log):
     assert reader.profile_fields == ("age", "gender") and h1.profile.tolist() == [25, 0]
     with pytest.raises(ValueError, match=r"no profile field\(s\) 'occupation' \(it has \['gender', 'age'\]\)"):
         store.bulk_load(tmp_log, profile_fields=("age", "occupation"))
+
+
+def test_a_key_of_the_wrong_type_reads_as_unknown_alone_and_in_a_batch(redis_url, redis_client, tmp_log):
+    """A lone read is an MGET too: GET would raise WRONGTYPE, as if Redis were down."""
+    store = RedisHistoryStore.from_url(redis_url)
+    report = store.bulk_load(tmp_log)
+    keys = KeySpace(namespace="din", version=report.version)
+    redis_client.delete(keys.user(2))
+    redis_client.rpush(keys.user(2), b"stray")  # a list where a string belongs
+    redis_client.rpush(keys.ads([424242])[0], b"stray")
+
+    async def go():
+        try:
+            return await store.get_history(2), await store.get_histories([1, 2]), await store.get_ad_features([424242])
+        finally:
+            await store.close()
+
+    alone, (h1, h2), ad = run(go())
+    assert alone is None and h2 is None and h1 is not None and len(h1) == 6
+    assert not ad.found[0]
+
+
+@pytest.mark.parametrize("pointer", ["garbage", "not-utf8", "wrong-type"])
+def test_a_broken_version_pointer_is_a_store_error_saying_what_to_do(redis_url, redis_client, tmp_log, pointer):
+    from feature_store.base import StoreError
+
+    RedisHistoryStore.from_url(redis_url).bulk_load(tmp_log)
+    key = current_key("din")
+    if pointer == "wrong-type":
+        redis_client.delete(key)
+        redis_client.hset(key, "x", "1")
+    else:
+        redis_client.set(key, b"not a version!" if pointer == "garbage" else b"\xff\xfe")
+
+    async def go(call):
+        store = RedisHistoryStore.from_url(redis_url)
+        try:
+            return await call(store)
+        finally:
+            await store.close()
+
+    for call in (lambda s: s.get_histories([1]), lambda s: s.scan_user_ids(10), lambda s: s.get_ad_features([1])):
+        with pytest.raises(StoreError, match="din load"):
+            run(go(call))

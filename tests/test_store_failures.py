@@ -236,3 +236,56 @@ async def test_an_error_reply_counts_as_a_failure_but_not_a_timeout(redis_url):
     m = samples(guard.metrics.render().decode())
     assert value(m, "din_store_request_duration_seconds_count", op="read") == 1
     assert np.isclose(value(m, "din_store_errors_total", op="read", reason="error"), 1)
+
+
+async def test_one_wrong_type_user_key_does_not_open_the_breaker_for_everyone(trained, loaded_redis):
+    """A user key holding a list (a stray write) is that user's bad data, not a store outage."""
+    from feature_store.keys import KeySpace, current_key
+
+    users = np.unique(trained.log.user_id)
+    bad, good = int(users[0]), int(users[1])
+    c = redis.Redis.from_url(loaded_redis)
+    keys = KeySpace(version=c.get(current_key()).decode())
+    c.delete(keys.user(bad))
+    c.rpush(keys.user(bad), b"garbage")
+    c.close()
+    cands = some_candidates(trained.log, 8, seed=1)
+    settings = settings_for(trained.bundle.path, loaded_redis, breaker_failure_threshold=2, breaker_reset_ms=60_000)
+    async with serving(settings) as client:
+        bads = [(await client.post("/rank", json=rank_body(bad, cands))).json() for _ in range(4)]
+        after = (await client.post("/rank", json=rank_body(good, cands))).json()
+        ready = (await client.get("/readyz")).json()
+    assert [(b["degraded"], b["history_length"]) for b in bads] == [(False, 0)] * 4  # served as an unknown user
+    assert after["degraded"] is False and after["history_length"] > 0
+    assert ready["store_circuit"] == "closed"
+
+
+async def test_a_refusal_of_a_store_that_answers_is_an_error_but_not_a_breaker_failure():
+    from feature_store.base import StoreError
+
+    async def refuse():
+        raise StoreError("Redis at redis://x refused the append: OOM command not allowed")
+
+    async def ok():
+        return 1
+
+    async def times_out():
+        raise TimeoutError  # as a call past its deadline does inside the guard
+
+    guard = StoreGuard.build(failure_threshold=1, reset_s=0.05, timeout_s=1.0, metrics=ServiceMetrics())
+    with pytest.raises(StoreCallFailed) as e:
+        await guard.call("append_events", refuse)
+    assert (e.value.reason, e.value.answered, guard.state.value) == ("error", True, "closed")
+    http = store_unavailable_error(e.value, "the batch")
+    assert http.headers["Retry-After"] == "1" and "OOM command not allowed" in http.detail
+    # a half-open trial answered by a refusal closes the circuit: Redis answers again
+    with pytest.raises(StoreCallFailed):
+        await guard.call("read", times_out)
+    assert guard.state.value == "open"
+    await anyio.sleep(0.06)
+    with pytest.raises(StoreCallFailed):
+        await guard.call("append_events", refuse)
+    assert guard.state.value == "closed" and await guard.call("read", ok) == 1
+    m = samples(guard.metrics.render().decode())
+    assert value(m, "din_store_errors_total", op="append_events", reason="error") == 2
+

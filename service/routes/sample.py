@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
-from feature_store.base import StoreUnavailableError
+from feature_store.base import StoreError, StoreUnavailableError
 from service.deps import ScorerDep, SettingsDep, StoreDep
 from service.routes.rank import json_response
 from service.schemas import Candidate
@@ -83,7 +83,7 @@ async def sample(
         return _unavailable(f"this history store cannot list its users: {e}")
     except TimeoutError:
         return _unavailable(f"the history store did not answer within {TIMEOUT_S:.0f} s")
-    except StoreUnavailableError as e:
+    except (StoreUnavailableError, StoreError) as e:  # down, or up with data it cannot use (a garbage pointer)
         return _unavailable(str(e))
 
     kept = [(int(u), h.records) for u, h in zip(picked.tolist(), histories) if h is not None and len(h)]
