@@ -92,9 +92,13 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def rela_impr(auc_model: float, auc_base: float) -> float:
-    """RelaImpr (paper, eq. 10) as a fraction: (AUC(model) - 0.5) / (AUC(base) - 0.5) - 1."""
-    if auc_base == 0.5:
-        raise ValueError("RelaImpr is undefined for a base AUC of exactly 0.5")
+    """RelaImpr (paper, eq. 10) as a fraction: (AUC(model) - 0.5) / (AUC(base) - 0.5) - 1.
+
+    NaN when undefined (a base AUC of exactly 0.5, or NaN): reported as "n/a", so a
+    degenerate baseline does not throw away a finished experiment.
+    """
+    if not auc_base != 0.5:  # also NaN
+        return float("nan")
     return float((auc_model - 0.5) / (auc_base - 0.5) - 1.0)
 
 

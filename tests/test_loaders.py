@@ -12,7 +12,7 @@ import pytest
 
 from model.data.amazon import UNKNOWN_CATEGORY, load_amazon, load_amazon_dataset
 from model.data.download import DownloadError, download_movielens
-from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, LogFormatError
+from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, LogFormatError, read_log
 from model.data.movielens import load_movielens
 from model.data.sources import load_source
 
@@ -89,6 +89,31 @@ def test_ml1m_format(tmp_path: Path) -> None:
     np.testing.assert_array_equal(p.fields["age"], [0, 6, 2])  # ml-1m codes 1, 56, 25
     np.testing.assert_array_equal(p.fields["gender"], [0, 1, 1])
     np.testing.assert_array_equal(p.fields["occupation"], [10, 16, 15])
+
+
+def test_ml1m_movie_without_genres_is_an_error_not_a_category(tmp_path: Path) -> None:
+    """Its last `::` field would be the title, taken for a genre."""
+    root = write_ml1m(tmp_path / "ml-1m")
+    (root / "movies.dat").write_text("1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n2::Jumanji (1995)\n3::Heat (1995)::Action\n")
+    with pytest.raises(LogFormatError, match=r"movies\.dat: line 2 has no Genres field"):
+        load_movielens(root)
+
+
+def test_ids_beyond_int64_are_refused_naming_the_file_and_column(tmp_path: Path) -> None:
+    """64-bit hash ids: as CSV doubles they used to collapse into one id; as uint64 Parquet the
+    error named neither file nor column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = 2**64 - 1
+    csv = tmp_path / "hashed.csv"
+    csv.write_text(f"user_id,item_id,cate_id,timestamp\n{big},1,1,1\n{big - 2**12},2,1,2\n1,3,1,3\n")
+    with pytest.raises(LogFormatError, match=r"hashed\.csv: column 'user_id' holds values outside int64"):
+        read_log(csv)
+    pq.write_table(pa.table({"user_id": pa.array([big, 1], pa.uint64()), "item_id": [1, 2], "cate_id": [1, 1], "timestamp": [1, 2]}),
+                   tmp_path / "hashed.parquet")  # fmt: skip
+    with pytest.raises(LogFormatError, match=r"hashed\.parquet: column 'user_id' holds values outside int64"):
+        read_log(tmp_path / "hashed.parquet")
 
 
 def write_ml_csv(root: Path) -> Path:
@@ -314,6 +339,16 @@ def test_amazon_bad_input_names_the_problem(tmp_path: Path) -> None:
         load_amazon(bad)
     (bad / "r.json").write_text(json.dumps({"reviewerID": "U", "asin": "A", "unixReviewTime": 1}) + "\n")
     with pytest.raises(LogFormatError, match="reviewed every item"):
+        load_amazon(bad)
+    # a cut-off download (gzip without its end) and a file that is not UTF-8: the file is named
+    whole = gzip.compress(b"".join(json.dumps({"reviewerID": f"U{i}", "asin": "A", "unixReviewTime": i}).encode() + b"\n" for i in range(500)))
+    (bad / "r.json").unlink()
+    (bad / "r.json.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LogFormatError, match=r"r\.json\.gz: unreadable after line \d+ \(truncated or corrupt gzip"):
+        load_amazon(bad)
+    (bad / "r.json.gz").unlink()
+    (bad / "r.json").write_bytes(b'{"reviewerID": "caf\xe9", "asin": "A", "unixReviewTime": 1}\n')
+    with pytest.raises(LogFormatError, match=r"r\.json: unreadable after line 0 .*not UTF-8"):
         load_amazon(bad)
 
 

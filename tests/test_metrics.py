@@ -81,8 +81,8 @@ def test_logloss_hand_example():
 def test_rela_impr():
     # (0.75 - 0.5) / (0.7 - 0.5) - 1 = 0.25
     assert rela_impr(0.75, 0.7) == pytest.approx(0.25, abs=1e-12)
-    with pytest.raises(ValueError):
-        rela_impr(0.7, 0.5)
+    # undefined against a base of exactly 0.5 (or NaN): NaN, reported as n/a, never an exception
+    assert np.isnan(rela_impr(0.7, 0.5)) and np.isnan(rela_impr(0.7, float("nan")))
 
 
 def test_ctr_metrics_bundles_the_three():

@@ -201,6 +201,18 @@ def test_prepare_uses_several_partitions_when_memory_is_short(tmp_path, monkeypa
         np.testing.assert_array_equal(getattr(got, c), getattr(want, c))
 
 
+def test_prepare_names_the_file_and_column_of_a_bad_value_in_a_later_csv_block(tmp_path, monkeypatch):
+    """Arrow infers a CSV's types from its first block; a bad value in a later one used to be
+    "In CSV column #3: ..." with neither the file nor the column's name."""
+    import model.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "_CSV_BLOCK_BYTES", 4096)
+    src = tmp_path / "late.csv"
+    src.write_text("user_id,item_id,cate_id,timestamp\n" + "".join(f"{u},{u % 7},{u % 3},{u}\n" for u in range(2000)) + "5,2,3,1.5\n")
+    with pytest.raises(LogFormatError, match=r"late\.csv: .*column #3 \('timestamp'\).*'1\.5'"):
+        prepare_log(src, tmp_path / "out.parquet")
+
+
 def test_bottom_k_sample_does_not_depend_on_chunking():
     values = np.arange(10_000, dtype=np.int64) * 3
     a = BottomKSample(500, salt=9, columns=("v",))

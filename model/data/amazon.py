@@ -71,7 +71,16 @@ def _records(path: Path, wanted: set[str] | None = None) -> Iterator[tuple[int, 
     (literal_eval is ~100x slower than JSON, and the 2014 metadata lists every product).
     """
     with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
+        lines, n = enumerate(f, 1), 0
+        while True:
+            try:
+                n, line = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, UnicodeDecodeError) as e:  # a cut-off download, not gzip, not UTF-8
+                raise LogFormatError(
+                    f"{path}: unreadable after line {n} (truncated or corrupt gzip, or not UTF-8: {e}); download it again"
+                ) from None
             line = line.strip()
             if not line:
                 continue

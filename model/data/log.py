@@ -131,18 +131,26 @@ class BehaviourLog:
         return pa.table(cols)
 
 
+_INT64_LIMIT = 2.0**63  # exactly representable: ids as doubles must lie in [-2^63, 2^63)
+
+
 def int_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     col = table.column(name)
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise LogFormatError(f"{path}: column {name!r} must be integer, found {col.type}")
     if col.null_count:
         raise LogFormatError(f"{path}: column {name!r} has {col.null_count} empty values")
-    if pa.types.is_floating(col.type):
+    if pa.types.is_floating(col.type):  # e.g. a CSV column pyarrow read as double
         arr = col.to_numpy()
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise LogFormatError(f"{path}: column {name!r} must hold whole numbers")
+        if arr.size and not (-_INT64_LIMIT <= arr.min() and arr.max() < _INT64_LIMIT):
+            raise LogFormatError(f"{path}: column {name!r} holds values outside int64 (ids up to 2^63 - 1)")
         return arr.astype(np.int64)
-    return pc.cast(col, pa.int64()).to_numpy()
+    try:
+        return pc.cast(col, pa.int64()).to_numpy()
+    except pa.ArrowInvalid as e:  # an unsigned 64-bit id above 2^63 - 1
+        raise LogFormatError(f"{path}: column {name!r} holds values outside int64 ({e})") from None
 
 
 def read_table(path: str | Path, required: Sequence[str], what: str, column_types: dict | None = None) -> pa.Table:

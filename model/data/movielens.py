@@ -180,9 +180,12 @@ def _load_dat(root: Path) -> BehaviourLog:
     if not movie_path.is_file():
         raise LogFormatError(f"{root}: ml-1m needs movies.dat (the genres) next to ratings.dat")
     movies = _dat_lines(movie_path)
+    short = next((i for i, m in enumerate(movies) if len(m) < 3), None)
+    if short is not None:  # without it the title would be taken for the genres
+        raise LogFormatError(f"{movie_path}: line {short + 1} has no Genres field; expected MovieID::Title::Genres lines")
     try:
         movie_id = np.array([int(m[0]) for m in movies], dtype=np.int64)
-        first_genre = np.array([m[-1].split("|")[0] for m in movies], dtype=object)
+        first_genre = np.array([m[-1].split("|")[0] for m in movies], dtype=object)  # the last field: the genres
     except ValueError as e:
         raise LogFormatError(f"{movie_path}: expected MovieID::Title::Genres lines ({e})") from None
 

@@ -22,6 +22,7 @@ with small row groups so streamed training reads each block with little waste.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -57,6 +58,9 @@ class PrepareReport:
                 "partitions": self.partitions, "seconds": self.seconds}  # fmt: skip
 
 
+_CSV_BLOCK_BYTES = 1 << 24  # a CSV is read (and its column types inferred) a block at a time
+
+
 def _columns_of(names: list[str], path: Path) -> tuple[str, ...]:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
@@ -65,6 +69,11 @@ def _columns_of(names: list[str], path: Path) -> tuple[str, ...]:
             f"{', '.join(REQUIRED_COLUMNS)} and may have label"
         )
     return (*REQUIRED_COLUMNS, "label") if "label" in names else REQUIRED_COLUMNS
+
+
+def _name_columns(message: str, names: list[str]) -> str:
+    """Arrow says "CSV column #3"; say which one: "column #3 ('timestamp')"."""
+    return re.sub(r"column #(\d+)", lambda m: f"column #{m[1]} ({names[int(m[1])]!r})" if int(m[1]) < len(names) else m[0], message)
 
 
 def _batches(path: Path, read_rows: int) -> tuple[tuple[str, ...], Iterator[dict[str, np.ndarray]]]:
@@ -84,14 +93,20 @@ def _batches(path: Path, read_rows: int) -> tuple[tuple[str, ...], Iterator[dict
         if csv:
             reader = pacsv.open_csv(
                 path,
-                read_options=pacsv.ReadOptions(block_size=1 << 24),
+                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
                 convert_options=pacsv.ConvertOptions(include_columns=list(columns)),
             )
             source = iter(reader)
         else:
             source = pq.ParquetFile(path).iter_batches(batch_size=read_rows, columns=list(columns))
-        for batch in source:
+        while True:
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as e:  # a CSV block past the first one holds a value of another type
+                raise LogFormatError(f"{path}: {_name_columns(str(e), names)}; every id and timestamp must be a whole number") from None
             if batch.num_rows:
                 yield batch_columns(batch, path, columns)
 
