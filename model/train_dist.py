@@ -339,6 +339,7 @@ def _check_resumable(config: DistTrainConfig, state: dict, world: int, path: Pat
 
 
 MBA_COUNTS = "mba_counts.npz"
+ERROR_FILE = "error.txt"  # under torchrun: rank 0's refusal, for `launch` to report
 
 
 def _mba_counts(config: DistTrainConfig, plan: StreamPlan, reader: LogReader, run_dir: Path, ctx: DistContext):
@@ -606,6 +607,8 @@ def launch(
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if nproc > config.shards:  # said now, not by every process after the data plan's pass over the log
+        raise ValueError(f"{nproc} processes need at least as many data shards, got {config.shards}")
     if nproc == 1 and not spawn and config.crash_after_steps is None:
         result = train_dist(config)
         report = json.loads((config.run_path / REPORT).read_text())
@@ -617,8 +620,12 @@ def launch(
     run_env = {**os.environ, **(env or {})}
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
     run_env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, cores() // nproc)))
+    error_file = config.run_path / ERROR_FILE
+    error_file.unlink(missing_ok=True)
     proc = subprocess.run(cmd, env=run_env, timeout=timeout_s, stdout=sys.stderr)  # our stdout stays for --json
     if proc.returncode != 0:
+        if error_file.is_file():  # a refusal the processes explained (bad data, an incompatible resume, ...)
+            raise RuntimeError(error_file.read_text().strip())
         raise RuntimeError(f"distributed training exited with code {proc.returncode} ({shutil.which('torchrun') or 'torchrun'} {nproc} processes)")
     return json.loads((config.run_path / REPORT).read_text())
 
@@ -642,8 +649,16 @@ def parse_args(argv: list[str] | None = None) -> DistTrainConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    result = train_dist(config)
-    if int(os.environ.get("RANK", 0)) == 0:
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        result = train_dist(config)
+    except (ValueError, FileNotFoundError) as e:  # what the user must fix (LogFormatError too): one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:  # `launch` raises it as the run's error
+            config.run_path.mkdir(parents=True, exist_ok=True)
+            (config.run_path / ERROR_FILE).write_text(str(e))
+        return 2
+    if rank == 0:
         print(json.dumps(_finite({"bundle": None if result.bundle is None else str(result.bundle), "metrics": result.metrics,
                                   "samples_per_second": result.samples_per_second, "world": result.world})))  # fmt: skip
     return 0

@@ -154,6 +154,7 @@ def train(
     if model not in MODELS:
         _fail(f"--model {model!r} is not known; choose one of: {', '.join(sorted(MODELS))}")
     if stream or nproc > 1 or resume or hash_buckets or checkpoint_every or run_dir or workers:
+        from model.data.stream import DEFAULT_SHARDS
         from model.train_dist import DistTrainConfig
 
         try:  # every option of this command reaches the streamed trainer; a bad value is an error here
@@ -161,6 +162,7 @@ def train(
                 data=data, model=model, seed=seed, out=out, resume=resume, hash_buckets=hash_buckets,
                 checkpoint_every=checkpoint_every, run_dir=run_dir, workers=workers, reg=reg, reg_lambda=reg_lambda,
                 id_dropout=id_dropout, attention_softmax=attention_softmax, **({"epochs": epochs} if epochs else {}),
+                **({"shards": nproc} if nproc > DEFAULT_SHARDS else {}),  # every process needs a data shard
             )  # fmt: skip
         except ValueError as e:
             _fail(str(e))

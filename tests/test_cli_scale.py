@@ -41,6 +41,12 @@ def test_prepare_then_train_on_two_processes_with_hashed_ids(work):
     unsorted = write_log(read_log(shuffled), root / "unsorted.parquet")
     bad = din("train", "--data", f"events:{unsorted}", "--stream", "--run-dir", str(root / "r0"), env=env, check=False)
     assert bad.returncode == 2 and "not sorted by (user_id, timestamp)" in bad.stderr and "din prepare" in bad.stderr
+    # the same refusal under torchrun: rank 0 says it in one line (no traceback), and it is the last line
+    # (torchrun's own report, and the traceback of the rank it stopped, come before it)
+    bad = din("train", "--data", f"events:{unsorted}", "--nproc", "2", "--run-dir", str(root / "r1"), env=env, check=False)
+    assert bad.returncode == 2 and "[rank0]: Traceback" not in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "not sorted by (user_id, timestamp)" in last, bad.stderr[-3000:]
 
     prepared = din("prepare", str(shuffled), str(root / "sorted.parquet"), "--json", env=env)
     report = json.loads(prepared.stdout)

@@ -295,3 +295,11 @@ def test_id_dropout_is_the_same_with_one_or_two_processes(runs):
     (one, r1), (two, r2) = runs["dropout1"], runs["dropout2"]
     assert _max_diff(_final_state(one), _final_state(two)) < 1e-5  # each sample's coins are its own
     assert _max_diff(_final_state(two), _final_state(runs["two"][0])) > 1e-3  # and dropout did drop ids
+
+
+def test_more_processes_than_shards_is_refused_before_anything_runs(tmp_path):
+    """Said at once, not by every process after the data plan's pass over the log."""
+    config = DistTrainConfig(data="synthetic", run_dir=tmp_path / "run", shards=8)
+    with pytest.raises(ValueError, match="9 processes need at least as many data shards, got 8"):
+        launch(config, nproc=9)
+    assert not (tmp_path / "run").exists()
