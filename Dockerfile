@@ -77,7 +77,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '8000'), timeout=2)"]
 # Exec form: `din serve` is PID 1 and receives `docker stop`'s SIGTERM itself (uvicorn then
 # drains and exits); a shell-form CMD would put /bin/sh in between, which does not forward it.
-CMD ["din", "serve", "--bundle", "/bundles/latest", "--host", "0.0.0.0", "--port", "8000"]
+# No flags: BUNDLE, HOST and PORT come from the ENV above, so `docker run -e PORT=9000` moves the
+# server and the HEALTHCHECK together (a flag would win over the environment).
+CMD ["din", "serve"]
 
 # ---- gpu: the ranking service on an NVIDIA GPU --------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu
@@ -109,7 +111,7 @@ USER din
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '8000'), timeout=2)"]
-CMD ["din", "serve", "--bundle", "/bundles/latest", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["din", "serve"]
 
 # ---- trainer: train, export and load features (torch, CPU build) --------------------------
 FROM python-base AS trainer

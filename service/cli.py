@@ -6,10 +6,12 @@ has no torch, and `din --help` should answer instantly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -372,15 +374,12 @@ def load(
         profile_fields = b.spec.profile_fields
         history = max_history or b.spec.max_history
     log = _load_log(data)
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url:
+    with resolve_redis(redis_url, DIN_HOME / "redis") as url, _store_errors():
         store = RedisHistoryStore.from_url(url, namespace=namespace, cluster=redis_cluster or None)
-        try:
-            report = store.bulk_load(
-                log, max_history=history, profile_fields=profile_fields, keep_old=keep_old, grace_s=grace,
-                user_ttl_s=user_ttl, resume=resume, chunk_users=chunk_users, progress=not json_output,
-            )
-        except ValueError as e:
-            _fail(str(e))
+        report = store.bulk_load(
+            log, max_history=history, profile_fields=profile_fields, keep_old=keep_old, grace_s=grace,
+            user_ttl_s=user_ttl, resume=resume, chunk_users=chunk_users, progress=not json_output,
+        )
     if json_output:
         typer.echo(json.dumps(report.to_json()))
         return
@@ -389,6 +388,20 @@ def load(
         f"loaded {report.users} users, {report.events} behaviours, {report.ads} ads into data version "
         f"{report.version} in {report.seconds:.1f}s ({report.users_per_s:,.0f} users/s){resumed}"
     )
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """A store the command cannot use (unreachable, a URL or namespace it refuses, not a
+    cluster) is one line naming the problem, exit 2: the messages already say what to fix."""
+    import redis
+
+    from feature_store.base import StoreError, StoreUnavailableError
+
+    try:
+        yield
+    except (StoreUnavailableError, StoreError, ValueError, redis.RedisError, redis.exceptions.RedisClusterException) as e:
+        _fail(str(e))
 
 
 def _settings_or_fail(**overrides):
@@ -444,7 +457,7 @@ def events(
             await store.close()
         return totals
 
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url:
+    with resolve_redis(redis_url, DIN_HOME / "redis") as url, _store_errors():
         totals = asyncio.run(append_all(url))
     if json_output:
         typer.echo(json.dumps(totals))
@@ -480,7 +493,7 @@ def store_stats(
         finally:
             await store.close()
 
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url:
+    with resolve_redis(redis_url, DIN_HOME / "redis") as url, _store_errors():
         stats = asyncio.run(collect(url))
     if json_output:
         typer.echo(json.dumps(stats.to_json()))

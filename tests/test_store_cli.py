@@ -54,3 +54,26 @@ def test_events_file_errors_name_the_file_and_column(redis_url, tmp_path):
     result = CliRunner().invoke(app, ["events", str(bad), "--redis-url", redis_url])
     assert result.exit_code == 2
     assert "bad.csv: missing column(s) event_id" in result.output
+
+
+def test_a_store_the_command_cannot_use_is_one_line_not_a_traceback(redis_url, tmp_path):
+    """Unreachable, a URL scheme or namespace it refuses, a plain node taken for a cluster."""
+    from feature_store.embedded import free_port
+
+    log = write_log(BehaviourLog(user_id=np.array([1]), item_id=np.array([10]), cate_id=np.array([1]), timestamp=np.array([5])),
+                    tmp_path / "log.parquet")  # fmt: skip
+    events = tmp_path / "events.csv"
+    pacsv.write_csv(pa.table({"user_id": [1], "item_id": [12], "cate_id": [1], "timestamp": [8], "event_id": ["e1"]}), events)
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    cases = [
+        (["store", "stats", "--redis-url", closed], "is unavailable"),
+        (["load", "--data", f"events:{log}", "--redis-url", closed], "is unavailable"),
+        (["events", str(events), "--redis-url", closed], "is unavailable"),
+        (["store", "stats", "--redis-url", "http://x"], "has scheme 'http'"),
+        (["store", "stats", "--namespace", "a:b", "--redis-url", redis_url], "namespace 'a:b' is not allowed"),
+        (["load", "--data", f"events:{log}", "--redis-cluster", "--redis-url", redis_url], "luster"),
+    ]
+    for args, says in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.output and "Traceback" not in result.output, (args, result.output)
