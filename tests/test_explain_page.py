@@ -409,6 +409,32 @@ def test_sample_buttons_fill_the_form_from_the_service(browser, din_service: Ser
     assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#message")
     assert page.locator("#heatmap tr.hm-row").count() == 7
 
+    page.fill("#candidates", "")
+    page.fill("#sample-n", "2.5")  # the API takes whole numbers: the page rounds instead of sending 2.5 (a 422)
+    page.click("#sample-candidates")
+    _filled_or_error(page, "candidates")
+    assert len(re.split(r"[,\s]+", page.input_value("#candidates").strip())) == 3
+
+
+def test_page_tells_a_degraded_answer_from_a_user_without_history(browser, din_service: Service, page):
+    """A store that failed gives history_length 0 with degraded: true; the page must not call
+    that user unknown. The real answer is turned into the degraded one the service sends then."""
+    user, _, cands = _pick(din_service.log)
+
+    def as_degraded(route):
+        body = route.fetch().json()
+        body.update(degraded=True, history_length=0, history=[])
+        for r in body["ranked"]:
+            r["attention"] = []
+        route.fulfill(json=body)
+
+    _open(page, din_service)
+    page.route("**/rank", as_degraded)
+    _rank(page, user, cands)
+    note = page.locator("#attention-note")
+    assert note.is_visible() and "history store failed or timed out" in note.inner_text()
+    assert "unknown user" not in note.inner_text()
+
 
 def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: Path):
     """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.

@@ -240,6 +240,9 @@
     if (resp.attention_available === undefined) {
       return "The response carries no attention: this service does not support explain yet (POST /rank with \"explain\": true).";
     }
+    if (resp.history_length === 0 && resp.degraded) {
+      return "The history store failed or timed out, so this answer was ranked without the user's behaviours (degraded): there is nothing to attend to. Try again in a moment.";
+    }
     if (resp.history_length === 0) {
       return "This user has no behaviours (an unknown user, or an empty history): the model ranked with an empty history, so there is nothing to attend to.";
     }
@@ -462,7 +465,7 @@
   }
 
   async function sample() {
-    const n = Math.min(200, Math.max(1, Number($("sample-n").value) || 20));
+    const n = Math.min(200, Math.max(1, Math.round(Number($("sample-n").value)) || 20)); // the API takes whole numbers
     try {
       return await requestJSON(`${API_SAMPLE}?n=${n}`, { headers: { accept: "application/json" } });
     } catch (e) {
