@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -157,6 +157,23 @@ def rank_input(scorer: Scorer, history: UserHistory | None, profile_fields: Sequ
         profile=dict(zip(profile_fields, history.profile.tolist())),
         candidates=candidates,
     )
+
+
+_warned_profiles: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _without_missing_profiles(fetched: Fetched, scorer: Scorer) -> Fetched:
+    """A model reading a profile field the store's data does not keep scores every user with
+    the unknown-profile row: say so (degraded), once in the log per model and field set."""
+    missing = tuple(f for f in scorer.bundle.spec.profile_fields if f not in fetched.profile_fields)
+    if not missing or fetched.degraded or all(h is None for h in fetched.histories):
+        return fetched
+    key = (scorer.model_version, missing)
+    if key not in _warned_profiles:
+        _warned_profiles.add(key)
+        log.warning("model %s reads profile field(s) %s that the store's data does not keep (it has %s): answers are "
+                    "degraded; load the profiles with `din load`", scorer.model_version, list(missing), list(fetched.profile_fields))  # fmt: skip
+    return replace(fetched, degraded=True)
 
 
 class Batcher:
@@ -368,6 +385,7 @@ class Batcher:
                 fetched = Fetched(histories=[None] * len(jobs), degraded=True)
             fetched_at = time.monotonic()
             scorer = self.get_scorer()
+            fetched = _without_missing_profiles(fetched, scorer)
             # Ids -> rows here, on the event loop: the scoring thread is the bottleneck under
             # load and should only run the graph (~0.1 ms of numpy per request moves over).
             try:

@@ -421,3 +421,33 @@ async def test_a_batch_that_cannot_be_built_fails_its_requests_not_the_batcher(b
             await asyncio.wait_for(batcher.submit(1, broken), 5)
         good = await asyncio.wait_for(batcher.submit(2, candidates(2, 5)), 5)  # the collector still runs
     assert good.scored.ctr.shape == (5,) and scorer.calls == 1
+
+
+async def test_a_model_reading_a_profile_field_the_store_lacks_answers_degraded(store_url, tmp_path):
+    """The tiny store keeps no profiles; a model that reads `gender` would score every user with
+    the unknown-profile row while saying nothing: the answers are marked degraded instead."""
+    import torch
+
+    from model.bundle import load_bundle
+    from model.config import ModelConfig
+    from model.contract import FeatureSpec, Vocabulary
+    from model.export import export_bundle
+    from model.registry import build_model
+    from tests.tiny_bundle import CATES, ITEMS
+
+    vocabs = {"item_id": Vocabulary(ITEMS), "cate_id": Vocabulary(CATES), "gender": Vocabulary(np.array([1, 2], dtype=np.int64))}
+    spec = FeatureSpec(profile_fields=("gender",), vocab_sizes={k: v.num_rows for k, v in vocabs.items()}, max_history=6)
+    torch.manual_seed(0)
+    model = build_model("din", spec, ModelConfig(embedding_dim=4))
+    with_profile = load_bundle(export_bundle(model, model_type="din", spec=spec, vocabularies=vocabs, out_dir=tmp_path,
+                                             data_fingerprint="profile", extra={}).bundle)  # fmt: skip
+    settings = Settings(
+        bundle=with_profile.path, redis_url=store_url, intra_op_threads=1,
+        store_timeout_ms=5000, store_read_timeout_ms=5000, store_connect_timeout_ms=5000,  # a loaded CI box: never degraded
+    )  # fmt: skip
+    known, unknown = int(USERS[0]), 10**9
+    async with serving(settings) as (client, _):
+        answers = [await client.post("/rank", json=body(u, 3)) for u in (known, unknown)]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert answers[0].json()["degraded"] is True and answers[0].json()["history_length"] > 0
+    assert answers[1].json()["degraded"] is False  # an unknown user has no profile anyway
