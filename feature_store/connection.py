@@ -10,7 +10,7 @@ sends touches one user's keys, which share a hash tag (feature_store/keys.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -21,21 +21,27 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def redacted_url(url: str) -> str:
-    """The URL without its password (user-info or `?password=`), fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None and "password" not in parts.query.lower():
+    """The URL without its password, fit for logs, /readyz and error messages.
+
+    Textual, not parsed: the user-info is everything before the last '@' ahead of the query
+    (a password may hold '/' or ':'), and a query parameter counts as the password when its
+    percent-decoded name is `password` (redis-py decodes `%70assword` too). Host, port (IPv6
+    brackets included) and path stay as written.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    if parts.password is not None:
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    if "password" in parts.query.lower():
+    head, qmark, query = rest.partition("?")
+    if "@" in head:
+        userinfo, host = head.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        head = f"{user}:***@{host}"
+    if query:
+        items = (item.partition("=") for item in query.split("&"))
         query = "&".join(
-            f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
-            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+            f"{k}=***" if unquote_plus(k).lower() == "password" else k + eq + v for k, eq, v in items
         )
-        parts = parts._replace(query=query)
-    return urlunsplit(parts)
+    return f"{scheme}://{head}{qmark}{query}"
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,15 @@ def _incoming_id(scope: Scope) -> str | None:
     return None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable_path(scope: Scope) -> str:
+    """The request path for a log line: ASGI hands it over percent-decoded, so `%0A` would be a
+    real newline, and a client could forge whole lines in a text log. Control characters -> \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", scope["path"])
+
+
 def route_label(scope: Scope) -> str:
     route = scope.get("route")
     return getattr(route, "path", None) or UNMATCHED_ROUTE
@@ -82,7 +91,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error in %s %s", scope["method"], printable_path(scope))
             if started:  # half a response is out: nothing sane to add; the server drops the connection
                 raise
             status = 500
@@ -98,7 +107,7 @@ class RequestContextMiddleware:
             self.metrics.request_seconds.labels(route, scope["method"], str(status)).observe(elapsed)
             if self.access_log_enabled:
                 access_log.info(
-                    "%s %s %d", scope["method"], scope["path"], status,
+                    "%s %s %d", scope["method"], printable_path(scope), status,
                     extra={"route": route, "status": status, "duration_ms": round(elapsed * 1000, 3),
                            "client": (scope.get("client") or ("", 0))[0]},
                 )

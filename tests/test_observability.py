@@ -175,3 +175,22 @@ async def test_corrupt_values_and_events_are_counted_in_metrics(trained, loaded_
     assert value(m, corrupt, kind="user") - value(m0, corrupt, kind="user") == 1
     assert ("din_events_total", (("outcome", "refused"),)) in m0  # every outcome exported from the start, at 0
     assert [value(m, "din_events_total", outcome=o) for o in ("stored", "duplicate", "refused")] == [1, 1, 2]
+
+
+async def test_a_request_path_cannot_forge_lines_in_a_text_log(trained):
+    """ASGI hands the path over percent-decoded: `%0A` would be a real newline in the access line."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buf = io.StringIO()
+    configure_logging("info", "text", stream=buf)
+    try:
+        async with serving(settings_for(trained.bundle.path, None)) as client:
+            r = await client.get("/nothing%0A2099-01-01 00:00:00,000 INFO din.access forged%0D")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert r.status_code == 404
+    lines = buf.getvalue().splitlines()
+    assert not any(line.startswith("2099-01-01") for line in lines), lines
+    (access,) = [line for line in lines if "GET /nothing" in line]
+    assert "/nothing\\x0a2099-01-01 00:00:00,000 INFO din.access forged\\x0d 404" in access

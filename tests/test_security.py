@@ -196,3 +196,20 @@ def test_rediss_urls_use_tls_connections():
     assert pool.connection_class is SSLConnection
     assert pool.connection_kwargs["password"] == "pw-secret" and pool.connection_kwargs["port"] == 6380
     assert store.url == "rediss://:***@cache.example:6380/0"
+
+
+@pytest.mark.parametrize(
+    "url,shown",
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://app:s3/cr:et@cache:6379/0", "redis://app:***@cache:6379/0"),  # '/' and ':' in the password
+        ("redis://cache:6379/0?%70assword=s3cret&db=1", "redis://cache:6379/0?%70assword=***&db=1"),  # redis-py decodes the name
+        ("rediss://:s3cret@[::1]:6380/0", "rediss://:***@[::1]:6380/0"),  # IPv6 brackets kept
+        ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
+        ("redis://cache:6379/0?client_name=ranker", "redis://cache:6379/0?client_name=ranker"),  # nothing to hide
+    ],
+)
+def test_redis_urls_are_shown_without_their_password(url, shown):
+    from feature_store.connection import redacted_url
+
+    assert redacted_url(url) == shown
