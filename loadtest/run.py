@@ -1,10 +1,11 @@
 """The load-test driver behind `make loadtest` / `din loadtest`.
 
 One call does what a user would do by hand: make sure a model bundle exists (train the
-default one if not), start a Redis and the ranking service locally unless `--host` names a
-running one, load the users' histories, write the traffic's population file, run locust
-headless, and turn its CSV into a summary, a PNG and a pass/fail verdict against
-thresholds. Everything lands in `out_dir` (default `reports/loadtest/`):
+default one if not), start a Redis of its own and the ranking service locally unless `--host`
+names a running one, load the users' histories, write the traffic's population file, run
+locust headless, and turn its CSV into a summary, a PNG and a pass/fail verdict against
+thresholds. `$REDIS_URL` is never read: loading replaces a Redis's data, so only an explicit
+`--redis-url` points the run at an existing one. Everything lands in `out_dir` (default `reports/loadtest/`):
 
     locust_stats.csv, locust_stats_history.csv, locust_failures.csv   locust's own CSV
     report.html          locust's HTML report
@@ -26,12 +27,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -50,7 +54,7 @@ MAX_POPULATION_USERS = 200_000  # the most active ones; keeps the file small at 
 
 
 class LoadTestError(RuntimeError):
-    """The run could not be made (no service, locust crashed); not a threshold verdict."""
+    """The run could not be made (bad input, no service, locust crashed); not a threshold verdict."""
 
 
 @dataclass(frozen=True)
@@ -71,21 +75,35 @@ class LoadTestConfig:
     max_p99_ms: float | None = None
     bundle: Path | None = None  # local service only; default: the newest in artifacts/bundles
     data: str = "synthetic"  # the population the store holds (and the traffic draws from)
-    redis_url: str | None = None  # local service only; default: a Redis started for the run
+    redis_url: str | None = None  # local service only; its data is replaced. None: a Redis started for the run
     seed: int = 0
     startup_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        if self.duration_s <= 0:
-            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        """Checked before anything starts; the messages name the CLI flag, since that is what users type."""
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"--duration must be a number of seconds > 0, got {self.duration_s:g}")
         if self.users < 1:
-            raise ValueError(f"users must be >= 1, got {self.users}")
+            raise ValueError(f"--users must be >= 1, got {self.users}")
+        if not self.spawn_rate > 0:
+            raise ValueError(f"--spawn-rate must be > 0, got {self.spawn_rate:g}")
         if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+            raise ValueError(f"--candidates must be >= 1, got {self.candidates}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: rank every candidate), got {self.top_k}")
+        if not self.user_rps >= 0:
+            raise ValueError(f"--user-rps must be >= 0 (0: back to back), got {self.user_rps:g}")
         if not 0.0 <= self.max_failure_rate <= 1.0:
-            raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+            raise ValueError(f"--max-failure-rate must be in [0, 1], got {self.max_failure_rate:g}")
+        if self.max_p99_ms is not None and not self.max_p99_ms > 0:
+            raise ValueError(f"--max-p99-ms must be > 0, got {self.max_p99_ms:g}")
         if self.shape not in ("spike", "steady"):
-            raise ValueError(f"shape must be 'spike' or 'steady', got {self.shape!r}")
+            raise ValueError(f"--shape must be 'spike' or 'steady', got {self.shape!r}")
+        if self.host is not None:
+            url = urllib.parse.urlsplit(self.host)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                # urllib would call it an "unknown url type" on every poll, which reads as "not ready yet"
+                raise ValueError(f"--host must be a URL like http://HOST:PORT, got {self.host!r}")
 
 
 @dataclass(frozen=True)
@@ -139,9 +157,15 @@ def write_population(log, path: str | Path, max_users: int = MAX_POPULATION_USER
 
 
 def population_from_spec(data: str, path: Path) -> Path:
+    """The population file of a data SPEC; a SPEC that cannot be read is a LoadTestError (exit 2)."""
+    from model.data.download import DownloadError
     from model.data.sources import load_source
 
-    return write_population(load_source(data), path)
+    try:
+        log = load_source(data)
+    except (ValueError, OSError, DownloadError) as e:  # LogFormatError is a ValueError
+        raise LoadTestError(f"cannot read --data {data!r}: {e}") from None
+    return write_population(log, path)
 
 
 # --- the local service -----------------------------------------------------------------
@@ -174,9 +198,9 @@ def ensure_bundle(bundle: Path | None, data: str) -> Path:
 
     try:
         return resolve_bundle_path(bundle or DEFAULT_BUNDLES)
-    except BundleError:
+    except BundleError as e:
         if bundle is not None:
-            raise
+            raise LoadTestError(f"--bundle: {e}") from None
     print(f"[loadtest] no bundle in {DEFAULT_BUNDLES}: training DIN on --data {data} first", file=sys.stderr)
     # in the terminal, not the log: the progress bar is how a user knows this takes minutes
     result = subprocess.run(_cli("train", "--data", data, "--model", "din", "--out", str(DEFAULT_BUNDLES)))
@@ -209,9 +233,13 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float, log: P
 
 @contextlib.contextmanager
 def start_local_service(
-    bundle: Path, redis_url: str, log: Path, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 180.0
+    bundle: Path, redis_url: str, log: Path, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 180.0,
+    admin_token: str | None = None,
 ) -> Iterator[str]:
-    """`din serve` in a subprocess until the block ends; yields its base URL once /readyz is 200."""
+    """`din serve` in a subprocess until the block ends; yields its base URL once /readyz is 200.
+
+    `admin_token` becomes its ADMIN_TOKEN: without one the service answers POST /events with 403.
+    """
     from feature_store.embedded import free_port
 
     port = port or free_port(host)
@@ -219,7 +247,8 @@ def start_local_service(
     f = log.open("a")
     f.write(f"$ {' '.join(cmd)}\n")
     f.flush()
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    env = dict(os.environ) | ({"ADMIN_TOKEN": admin_token} if admin_token else {})
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://{host}:{port}"
     try:
         wait_ready(url, proc, timeout_s, log)
@@ -237,6 +266,7 @@ def start_local_service(
 
 @contextlib.contextmanager
 def _redis_for_run(redis_url: str | None, data_dir: Path) -> Iterator[str]:
+    """The Redis the run loads: the one explicitly given, else a throwaway one (no dump) stopped afterwards."""
     if redis_url:
         yield redis_url
         return
@@ -269,7 +299,8 @@ def locust_command(config: LoadTestConfig, host: str, out_dir: Path) -> list[str
     return cmd
 
 
-def locust_env(config: LoadTestConfig, population: Path | None) -> dict[str, str]:
+def locust_env(config: LoadTestConfig, population: Path | None, admin_token: str | None = None) -> dict[str, str]:
+    """The locustfile's knobs; `admin_token` (the local service's) replaces any $ADMIN_TOKEN for POST /events."""
     env = dict(os.environ)
     env.update(
         LOADTEST_CANDIDATES=str(config.candidates),
@@ -280,10 +311,14 @@ def locust_env(config: LoadTestConfig, population: Path | None) -> dict[str, str
     )
     if population is not None:
         env["LOADTEST_POPULATION"] = str(population)
+    if admin_token:
+        env["ADMIN_TOKEN"] = admin_token
     return env
 
 
-def run_locust(config: LoadTestConfig, host: str, out_dir: Path, population: Path | None) -> None:
+def run_locust(
+    config: LoadTestConfig, host: str, out_dir: Path, population: Path | None, admin_token: str | None = None
+) -> None:
     cmd = locust_command(config, host, out_dir)
     console = out_dir / "locust.out"
     with console.open("w") as f:
@@ -291,7 +326,7 @@ def run_locust(config: LoadTestConfig, host: str, out_dir: Path, population: Pat
         f.flush()
         try:
             result = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=locust_env(config, population),
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=locust_env(config, population, admin_token),
                 timeout=config.duration_s + 120,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -303,6 +338,26 @@ def run_locust(config: LoadTestConfig, host: str, out_dir: Path, population: Pat
 # --- the whole run ---------------------------------------------------------------------
 
 
+def peak_users(config: LoadTestConfig) -> int:
+    """The most locust users the run reaches: RankingLoadShape's spike (LOADTEST_SPIKE_FACTOR x users)."""
+    if config.shape != "spike":
+        return config.users
+    try:
+        factor = float(os.environ.get("LOADTEST_SPIKE_FACTOR", "").strip() or 2.0)
+    except ValueError:
+        factor = 2.0  # the locustfile refuses it, so this run never gets to a plot
+    return max(config.users, math.ceil(config.users * factor))
+
+
+def plot_title(config: LoadTestConfig) -> str:
+    """What the run did, from its config: endpoints, candidates, users and the spike's peak."""
+    paths = {"rank": "/rank", "events": "/events"}
+    endpoints = " + ".join(paths.get(t, t) for t in config.tags) or "/rank"
+    peak = peak_users(config)
+    users = f"{config.users} users" + (f", spike to {peak}" if peak > config.users else f" ({config.shape})")
+    return f"POST {endpoints}, {config.candidates} candidates, {users}"
+
+
 def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
     """Run the load test the config describes; the report says whether it passed."""
     out = Path(config.out_dir)
@@ -311,32 +366,39 @@ def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
         stale.unlink()
     service_log = out / "service.log"
     service_log.write_text("")
+    # a mistyped --bundle fails now, not after the data is read
+    bundle = ensure_bundle(config.bundle, config.data) if config.host is None and config.bundle else None
     population = population_from_spec(config.data, out / "population.json")
 
+    admin_token = None  # --host: locust sends $ADMIN_TOKEN, if set, to POST /events
     with contextlib.ExitStack() as stack:
         host = config.host
         if host is None:
-            bundle = ensure_bundle(config.bundle, config.data)
+            bundle = bundle or ensure_bundle(config.bundle, config.data)
             redis_url = stack.enter_context(_redis_for_run(config.redis_url, out / "redis"))
             _run_logged(
                 _cli("load", "--bundle", str(bundle), "--data", config.data, "--redis-url", redis_url),
                 service_log, "din load",
             )  # fmt: skip
+            # one per run, shared by the service and locust, so `--tags rank events` works without setup
+            admin_token = secrets.token_urlsafe(24)
             host = stack.enter_context(
-                start_local_service(bundle, redis_url, service_log, timeout_s=config.startup_timeout_s)
+                start_local_service(
+                    bundle, redis_url, service_log, timeout_s=config.startup_timeout_s, admin_token=admin_token
+                )
             )
         else:
             host = host.rstrip("/")
             wait_ready(host, None, timeout_s=30.0)
         print(f"[loadtest] {config.duration_s:g} s against {host}, {config.users} users", file=sys.stderr)
-        run_locust(config, host, out, population)
+        run_locust(config, host, out, population, admin_token)
 
     summary = summarize(out / CSV_PREFIX)
     problems = check(summary, Thresholds(config.max_failure_rate, config.max_p99_ms))
     png = plot(
         read_history(out / f"{CSV_PREFIX}_stats_history.csv"),
         out / "loadtest.png",
-        title=f"POST /rank, {config.candidates} candidates, up to {config.users} users ({config.shape})",
+        title=plot_title(config),
     )
     summary_json = out / "summary.json"
     summary_json.write_text(
@@ -386,23 +448,30 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-p99-ms", type=float, default=None)
     run.add_argument("--bundle", type=Path, default=None)
     run.add_argument("--data", default=d.data)
-    run.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    run.add_argument(
+        "--redis-url", default=None, metavar="URL",
+        help="load the run's data into this Redis instead of starting one; its data is REPLACED "
+        "($REDIS_URL is not read). Ignored with --host",
+    )  # fmt: skip
     pop = sub.add_parser("population", help="write the traffic's population file from a data SPEC")
     pop.add_argument("--data", default="synthetic")
     pop.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    if args.command == "population":
-        path = population_from_spec(args.data, args.out)
-        print(str(path))
-        return 0
-    config = LoadTestConfig(
-        host=args.host, duration_s=args.duration, users=args.users, spawn_rate=args.spawn_rate,
-        candidates=args.candidates, top_k=args.top_k, user_rps=args.user_rps, tags=tuple(args.tags),
-        shape=args.shape, out_dir=args.out, max_failure_rate=args.max_failure_rate,
-        max_p99_ms=args.max_p99_ms, bundle=args.bundle, data=args.data, redis_url=args.redis_url,
-    )  # fmt: skip
+    # bad input is exit 2 with one line, like a run that could not be made; 1 means a broken threshold
     try:
+        if args.command == "population":
+            print(str(population_from_spec(args.data, args.out)))
+            return 0
+        try:
+            config = LoadTestConfig(
+                host=args.host, duration_s=args.duration, users=args.users, spawn_rate=args.spawn_rate,
+                candidates=args.candidates, top_k=args.top_k, user_rps=args.user_rps, tags=tuple(args.tags),
+                shape=args.shape, out_dir=args.out, max_failure_rate=args.max_failure_rate,
+                max_p99_ms=args.max_p99_ms, bundle=args.bundle, data=args.data, redis_url=args.redis_url,
+            )  # fmt: skip
+        except ValueError as e:
+            raise LoadTestError(str(e)) from None
         report = run_loadtest(config)
     except LoadTestError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from loadtest import summary as S
 from loadtest.run import LoadTestConfig, write_population
@@ -188,11 +191,11 @@ def test_din_loadtest_writes_the_population_file_and_names_itself_in_help(tmp_pa
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="duration_s"):
+    with pytest.raises(ValueError, match="--duration"):
         LoadTestConfig(duration_s=0)
-    with pytest.raises(ValueError, match="max_failure_rate"):
+    with pytest.raises(ValueError, match="--max-failure-rate"):
         LoadTestConfig(max_failure_rate=1.5)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="--shape"):
         LoadTestConfig(shape="sawtooth")
 
 
@@ -359,3 +362,132 @@ def test_locust_headless_against_a_live_service(tiny_bundle, redis_url, tmp_path
     assert (out / "loadtest.png").read_bytes()[:4] == b"\x89PNG"
     # the same measured run fails a latency gate it cannot meet, so CI gating works on real data
     assert S.check(report.summary, S.Thresholds(max_failure_rate=0.0, max_p99_ms=0.001))
+
+
+# --- the driver's CLI: bad input, its own Redis, the admin token, the plot title ----------------
+
+
+def _loadtest_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", "loadtest", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--users", "0"], "--users"),
+        (["--duration", "-1"], "--duration"),
+        (["--candidates", "0", "--host", "http://127.0.0.1:1"], "--candidates"),
+        (["--max-failure-rate", "5", "--host", "http://127.0.0.1:1"], "--max-failure-rate"),
+        (["--spawn-rate", "0"], "--spawn-rate"),
+        (["--bundle", "/nonexistent/bundle", "--duration", "3"], "--bundle"),
+        (["--data", "bogus", "--host", "http://127.0.0.1:1"], "--data"),
+        (["--host", "127.0.0.1:8000"], "http://HOST:PORT"),  # no scheme: urllib would poll it for 30 s
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(args, flag, tmp_path, capsys):
+    """Exit 1 is a broken threshold; input that cannot make a run is exit 2 with one line, before anything starts."""
+    from loadtest.run import main
+
+    started = time.monotonic()
+    assert main(["run", *args, "--out", str(tmp_path / "out")]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and flag in err, err
+
+
+def test_bad_input_through_din_loadtest_and_population(tmp_path):
+    """The same through the real `din loadtest` entry point, for `run` and `population`."""
+    for args in (["--users", "0"], ["population", "--data", "bogus", "--out", str(tmp_path / "pop.json")]):
+        result = _loadtest_cli(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+LOCAL_RUN = dict(duration_s=8, users=2, spawn_rate=20, user_rps=10, candidates=30)
+
+
+@pytest.fixture(scope="module")
+def local_run_next_to_a_live_redis(tiny_bundle, tmp_path_factory):
+    """One local `din loadtest --tags rank events` run, with REDIS_URL naming a Redis that holds
+    someone's data and ADMIN_TOKEN unset, as a user's shell after the README's setup would be.
+
+    Yields (the run's exit status, its output dir, the live Redis's keys before, and after)."""
+    from feature_store.embedded import EmbeddedRedis, find_redis_server
+
+    log, bundle = tiny_bundle
+    root = tmp_path_factory.mktemp("local-run")
+    live = EmbeddedRedis(root / "live-redis", binary=find_redis_server(), persist=False)
+    live.start()
+    try:
+        loaded = subprocess.run(
+            [str(VENV_BIN / "din"), "load", "--bundle", str(bundle), "--data", f"events:{log}", "--redis-url", live.url],
+            capture_output=True, text=True, timeout=300, cwd=root,
+        )  # fmt: skip
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+        client = redis.Redis.from_url(live.url)
+
+        def snapshot() -> dict:
+            return {key: client.dump(key) for key in client.scan_iter(count=1000)}
+
+        before = snapshot()
+        env = {k: v for k, v in os.environ.items() if k != "ADMIN_TOKEN"}
+        env.update(REDIS_URL=live.url, LOADTEST_EVENTS_WEIGHT="20")  # half the requests are POST /events
+        c = LOCAL_RUN
+        run = _loadtest_cli(
+            "--bundle", str(bundle), "--data", f"events:{log}", "--tags", "rank", "events",
+            "--duration", str(c["duration_s"]), "--users", str(c["users"]), "--spawn-rate", str(c["spawn_rate"]),
+            "--user-rps", str(c["user_rps"]), "--candidates", str(c["candidates"]), "--out", str(root / "report"),
+            env=env, timeout=400,
+        )  # fmt: skip
+        yield run, root / "report", before, snapshot()
+        client.close()
+    finally:
+        live.stop(save=False)
+
+
+@needs_service
+def test_local_run_starts_its_own_redis_and_leaves_redis_url_alone(local_run_next_to_a_live_redis):
+    """`din load` replaces a Redis's data, so an exported REDIS_URL (a live service's) must not be used."""
+    run, out, before, after = local_run_next_to_a_live_redis
+    assert run.returncode in (0, 1), run.stderr[-3000:]  # a verdict, so the run was made
+    assert before and after == before  # not one key written, replaced or deleted
+    assert json.loads((out / "summary.json").read_text())["config"]["redis_url"] is None
+
+
+@needs_service
+def test_local_run_posts_events_without_admin_token_exported(local_run_next_to_a_live_redis):
+    """The documented `--tags rank events` passes locally: the service it starts and locust share a token."""
+    run, out, _, _ = local_run_next_to_a_live_redis
+    summary = json.loads((out / "summary.json").read_text())
+    events = [e for e in summary["endpoints"] if e["name"] == "/events"]
+    assert events and events[0]["requests"] > 0, summary
+    failures = (out / "locust_failures.csv").read_text()
+    assert summary["failures"] == 0 and run.returncode == 0, f"{run.stdout[-2000:]}\nfailures:\n{failures}"
+
+
+def test_plot_title_says_how_many_users_the_run_reached(monkeypatch):
+    """The spike runs LOADTEST_SPIKE_FACTOR x users; a title saying "up to N users" under-reported it."""
+    from loadtest.run import plot_title
+
+    monkeypatch.delenv("LOADTEST_SPIKE_FACTOR", raising=False)
+    assert plot_title(LoadTestConfig(users=10)) == "POST /rank, 200 candidates, 10 users, spike to 20"
+    assert plot_title(LoadTestConfig(users=10, shape="steady", tags=("rank", "events"), candidates=50)) == (
+        "POST /rank + /events, 50 candidates, 10 users (steady)"
+    )
+    monkeypatch.setenv("LOADTEST_SPIKE_FACTOR", "2.5")
+    assert plot_title(LoadTestConfig(users=3)).endswith("3 users, spike to 8")  # ceil, as the load shape does
+
+
+@needs_service
+def test_plot_title_matches_the_users_of_a_real_run(local_run_next_to_a_live_redis, monkeypatch):
+    """The peak the title names is the one locust's history recorded."""
+    from loadtest.run import plot_title
+
+    _, out, _, _ = local_run_next_to_a_live_redis
+    monkeypatch.delenv("LOADTEST_SPIKE_FACTOR", raising=False)
+    peak = int(S.read_history(out / "locust_stats_history.csv").users.max())
+    assert peak == 2 * LOCAL_RUN["users"]
+    title = plot_title(LoadTestConfig(tags=("rank", "events"), **LOCAL_RUN))
+    assert title == f"POST /rank + /events, {LOCAL_RUN['candidates']} candidates, 2 users, spike to {peak}"
