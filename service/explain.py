@@ -30,12 +30,17 @@ def explain_limit_error(returned: int, max_history: int, limit: int) -> dict[str
     cells = returned * max_history
     if cells <= limit:
         return None
-    fit = max(1, limit // max_history)
+    fit = limit // max_history
+    advice = (
+        f"set top_k (at most {fit}) or send fewer candidates"
+        if fit
+        else f"not even one candidate fits: the service must raise {MAX_EXPLAIN_CELLS} to at least {max_history}"
+    )
     return {
         "loc": ["body", "explain"],
         "msg": (
             f"explain returns candidates x history weights: {returned} candidates x max_history {max_history} "
-            f"= {cells} is above {MAX_EXPLAIN_CELLS}={limit}; set top_k (at most {fit}) or send fewer candidates"
+            f"= {cells} is above {MAX_EXPLAIN_CELLS}={limit}; {advice}"
         ),
         "type": "too_large",
         "ctx": {"setting": MAX_EXPLAIN_CELLS, "limit": limit, "cells": cells},

@@ -317,3 +317,12 @@ async def test_root_serves_the_page_and_its_files(trained):
     assert missing.status_code == 404
     assert "explain" in schema["components"]["schemas"]["RankRequest"]["properties"]
     assert "/" not in schema["paths"] and "/api/sample" in schema["paths"]
+
+
+def test_a_limit_below_max_history_says_the_service_must_raise_it():
+    """No top_k helps then (one candidate already has max_history cells): say what does."""
+    from service.explain import explain_limit_error
+
+    err = explain_limit_error(returned=3, max_history=50, limit=40)
+    assert "top_k" not in err["msg"] and "must raise MAX_EXPLAIN_CELLS to at least 50" in err["msg"]
+    assert "top_k (at most 2)" in explain_limit_error(returned=3, max_history=50, limit=100)["msg"]
