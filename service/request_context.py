@@ -57,8 +57,20 @@ def printable_path(scope: Scope) -> str:
 
 
 def route_label(scope: Scope) -> str:
+    """The route's template (`/rank`), so the label set stays bounded; `unmatched` for a 404.
+
+    FastAPI's routes put themselves in the scope; Starlette's plain ones (`/docs`,
+    `/openapi.json`: no path parameters) only leave their endpoint, and a mount (`/static`)
+    its root path.
+    """
     route = scope.get("route")
-    return getattr(route, "path", None) or UNMATCHED_ROUTE
+    if route is not None:
+        return getattr(route, "path", None) or UNMATCHED_ROUTE
+    if "endpoint" not in scope:
+        return UNMATCHED_ROUTE
+    if "app_root_path" in scope:  # a mount: its prefix, whatever file below it
+        return scope.get("root_path") or scope["path"]
+    return scope["path"]  # a plain route without path parameters: the path is its template
 
 
 class RequestContextMiddleware:

@@ -194,3 +194,15 @@ async def test_a_request_path_cannot_forge_lines_in_a_text_log(trained):
     assert not any(line.startswith("2099-01-01") for line in lines), lines
     (access,) = [line for line in lines if "GET /nothing" in line]
     assert "/nothing\\x0a2099-01-01 00:00:00,000 INFO din.access forged\\x0d 404" in access
+
+
+async def test_routes_that_are_not_api_routes_keep_their_own_label(trained):
+    """/docs, /openapi.json and the page's static files are labelled by their path (a mount by
+    its prefix), not `unmatched`, which is the 404s' label."""
+    async with serving(settings_for(trained.bundle.path, None)) as client:
+        for path in ("/docs", "/openapi.json", "/static/app.js", "/no-such-page"):
+            await client.get(path)
+        m = samples((await client.get("/metrics")).text)
+    count = lambda route, status: value(m, "din_http_request_duration_seconds_count", route=route, method="GET", status=status)  # noqa: E731
+    assert count("/docs", "200") == count("/openapi.json", "200") == count("/static", "200") == 1
+    assert count("unmatched", "404") == 1 and count("unmatched", "200") == 0
