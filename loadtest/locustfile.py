@@ -37,6 +37,7 @@ drops the spike. So `-t 6s` runs the whole shape in six seconds.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import os
@@ -89,6 +90,7 @@ class TrafficConfig:
     user_rps: float = 0.0
     degraded_is_failure: bool = False
     admin_token: str = ""
+    api_key: str = ""  # X-API-Key of POST /rank: $LOADTEST_API_KEY, else the first of $API_KEYS
     seed: int = 0
 
     @classmethod
@@ -110,6 +112,7 @@ class TrafficConfig:
             degraded_is_failure=os.environ.get("LOADTEST_DEGRADED_IS_FAILURE", "0").strip().lower()
             in ("1", "true", "yes"),
             admin_token=os.environ.get("ADMIN_TOKEN", ""),
+            api_key=os.environ.get("LOADTEST_API_KEY") or os.environ.get("API_KEYS", "").split(",")[0].strip(),
             seed=_env_int("LOADTEST_SEED", d.seed),
         )
 
@@ -288,6 +291,12 @@ class MatchingStage(FastHttpUser):
     wait_time = _wait_time()
     json_headers = {"content-type": "application/json"}
 
+    @staticmethod
+    @functools.cache
+    def rank_headers(config: TrafficConfig) -> dict[str, str]:
+        """With API_KEYS set on the service, /rank needs a key (the service would answer 401)."""
+        return {"content-type": "application/json", **({"x-api-key": config.api_key} if config.api_key else {})}
+
     @tag("rank")
     @task(RANK_TASK_WEIGHT)
     def rank(self) -> None:
@@ -295,7 +304,7 @@ class MatchingStage(FastHttpUser):
         user_id, known = t.user()
         candidates = t.pool[t.rng.randrange(len(t.pool))]
         with self.client.post(
-            "/rank", data=t.rank_body(user_id, candidates), headers=self.json_headers,
+            "/rank", data=t.rank_body(user_id, candidates), headers=self.rank_headers(t.config),
             name="/rank", catch_response=True,
         ) as response:  # fmt: skip
             if response.status_code != 200:

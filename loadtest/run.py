@@ -183,11 +183,19 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def _local_env(**extra: str) -> dict[str, str]:
+    """The caller's environment for the processes a local run starts, less REDIS_CLUSTER:
+    --redis-url says it all (redis+cluster:// for a cluster), and the run's own Redis is not one."""
+    env = dict(os.environ) | extra
+    env.pop("REDIS_CLUSTER", None)
+    return env
+
+
 def _run_logged(cmd: list[str], log: Path, what: str, timeout_s: float | None = None) -> None:
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
+        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=_local_env())
     if result.returncode != 0:
         raise LoadTestError(f"{what} failed (exit {result.returncode}); the end of {log}:\n{_tail(log)}")
 
@@ -247,7 +255,7 @@ def start_local_service(
     f = log.open("a")
     f.write(f"$ {' '.join(cmd)}\n")
     f.flush()
-    env = dict(os.environ) | ({"ADMIN_TOKEN": admin_token} if admin_token else {})
+    env = _local_env(**({"ADMIN_TOKEN": admin_token} if admin_token else {}))
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://{host}:{port}"
     try:

@@ -434,6 +434,9 @@ def local_run_next_to_a_live_redis(tiny_bundle, tmp_path_factory):
         before = snapshot()
         env = {k: v for k, v in os.environ.items() if k != "ADMIN_TOKEN"}
         env.update(REDIS_URL=live.url, LOADTEST_EVENTS_WEIGHT="20")  # half the requests are POST /events
+        # a shell that protects its services: the locally started one inherits API_KEYS (so /rank needs a key)
+        # and REDIS_CLUSTER (which the run's own plain Redis is not)
+        env.update(API_KEYS="load-test-key-1,other-key-22", REDIS_CLUSTER="true")
         c = LOCAL_RUN
         run = _loadtest_cli(
             "--bundle", str(bundle), "--data", f"events:{log}", "--tags", "rank", "events",
@@ -458,7 +461,8 @@ def test_local_run_starts_its_own_redis_and_leaves_redis_url_alone(local_run_nex
 
 @needs_service
 def test_local_run_posts_events_without_admin_token_exported(local_run_next_to_a_live_redis):
-    """The documented `--tags rank events` passes locally: the service it starts and locust share a token."""
+    """The documented `--tags rank events` passes locally: the service it starts and locust share a token,
+    and /rank sends the first of the inherited API_KEYS."""
     run, out, _, _ = local_run_next_to_a_live_redis
     summary = json.loads((out / "summary.json").read_text())
     events = [e for e in summary["endpoints"] if e["name"] == "/events"]
