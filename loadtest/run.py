@@ -104,6 +104,8 @@ class LoadTestConfig:
             if url.scheme not in ("http", "https") or not url.netloc:
                 # urllib would call it an "unknown url type" on every poll, which reads as "not ready yet"
                 raise ValueError(f"--host must be a URL like http://HOST:PORT, got {self.host!r}")
+            if self.redis_url is not None:  # it would be ignored: the service at --host reads its own Redis
+                raise ValueError("--redis-url is for a local run (it loads that Redis); with --host the service uses its own")
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,7 @@ def _loadtest_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
         (["--bundle", "/nonexistent/bundle", "--duration", "3"], "--bundle"),
         (["--data", "bogus", "--host", "http://127.0.0.1:1"], "--data"),
         (["--host", "127.0.0.1:8000"], "http://HOST:PORT"),  # no scheme: urllib would poll it for 30 s
+        (["--host", "http://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/0"], "--redis-url is for a local run"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(args, flag, tmp_path, capsys):
