@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--redis-url", default=None, metavar="URL",
         help="load the run's data into this Redis instead of starting one; its data is REPLACED "
-        "($REDIS_URL is not read). Ignored with --host",
+        "($REDIS_URL is not read). Refused with --host (exit 2)",
     )  # fmt: skip
     pop = sub.add_parser("population", help="write the traffic's population file from a data SPEC")
     pop.add_argument("--data", default="synthetic")
