@@ -60,16 +60,29 @@ def find_redis_server() -> Path:
 
 PORT_RANGE_ENV = "DIN_FREE_PORTS"
 _handed_out: set[int] = set()
+_process_range: str | None = None
+
+
+def set_port_range(low: int, high: int) -> None:
+    """Pick ports from [low, high] in this process only (`free_port`).
+
+    Unlike `$DIN_FREE_PORTS`, the processes it starts do not inherit it: they take the OS's
+    ports, so a child (a `din serve` starting its embedded Redis) cannot pick the port its
+    parent has chosen but not bound yet.
+    """
+    global _process_range
+    _process_range = f"{low}-{high}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago.
 
-    The OS picks it, unless `$DIN_FREE_PORTS` ("LOW-HIGH") names a range to pick from. Processes
-    that pick ports side by side (parallel test workers) each get a range of their own: a port
-    the OS hands out can be handed to another process before the first one binds it.
+    The OS picks it, unless `set_port_range` or `$DIN_FREE_PORTS` ("LOW-HIGH") names a range to
+    pick from. Processes that pick ports side by side (parallel test workers) each get a range
+    of their own: a port the OS hands out can be handed to another process before the first
+    one binds it.
     """
-    span = os.environ.get(PORT_RANGE_ENV)
+    span = _process_range or os.environ.get(PORT_RANGE_ENV)
     if not span:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))

@@ -20,21 +20,23 @@ import numpy as np
 import pytest
 import redis
 
-from feature_store.embedded import PORT_RANGE_ENV, EmbeddedRedis, find_redis_server, free_port
+from feature_store.embedded import EmbeddedRedis, find_redis_server, free_port, set_port_range
 from model.data.log import BehaviourLog, UserProfiles
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Parallel workers (pytest-xdist) pick ports from ranges of their own, below the OS's
     ephemeral ports: a port the OS picks for one worker can be picked for the other before
-    the first binds it (feature_store.embedded.free_port)."""
+    the first binds it (feature_store.embedded.free_port). Only the worker itself: the
+    processes a test starts take the OS's ports, above every range, so none can pick a port
+    its parent chose for it and has not bound yet."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
         return
     index, count = int(worker.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     width = (32_000 - 20_000) // max(count, 1)
     low = 20_000 + index * width
-    os.environ.setdefault(PORT_RANGE_ENV, f"{low}-{low + width - 1}")
+    set_port_range(low, low + width - 1)
 
 
 @pytest.fixture(autouse=True)

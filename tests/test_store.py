@@ -428,6 +428,9 @@ def test_embedded_redis_persists_across_restarts(tmp_path, tmp_log):
 def test_free_port_keeps_to_its_range_when_one_is_given(monkeypatch):
     import socket
 
+    import feature_store.embedded as embedded
+
+    monkeypatch.setattr(embedded, "_process_range", None)  # the worker's own (tests/conftest.py) aside
     monkeypatch.setenv("DIN_FREE_PORTS", "21000-21009")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 21000))  # a port in use is skipped
@@ -438,6 +441,23 @@ def test_free_port_keeps_to_its_range_when_one_is_given(monkeypatch):
         free_port()
     monkeypatch.delenv("DIN_FREE_PORTS")
     assert free_port() > 0  # the OS picks
+
+
+def test_a_process_port_range_is_not_inherited_by_the_processes_it_starts(monkeypatch):
+    """A child (`din serve` starting its embedded Redis) must not pick the port its parent chose
+    for it from the same range and has not bound yet: it takes the OS's ports."""
+    import subprocess
+    import sys
+
+    import feature_store.embedded as embedded
+
+    monkeypatch.delenv("DIN_FREE_PORTS", raising=False)
+    monkeypatch.setattr(embedded, "_process_range", None)
+    embedded.set_port_range(21010, 21019)
+    assert all(21010 <= free_port() <= 21019 for _ in range(3))
+    child = subprocess.run([sys.executable, "-c", "from feature_store.embedded import free_port; print(free_port())"],
+                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert not 21010 <= int(child.stdout) <= 21019
 
 
 def test_resolve_redis(tmp_path):
