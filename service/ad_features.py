@@ -22,7 +22,7 @@ CATEGORY = "cate_id"
 
 async def resolve_categories(
     cache: AdFeatureCache | None, store, guard: StoreGuard, item_ids: np.ndarray, cate_ids: np.ndarray,
-    missing: np.ndarray, timeout_s: float,
+    missing: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(cate_ids with the missing ones filled, unknown (N,) bool, degraded)."""
     unknown = missing.copy()
@@ -42,7 +42,7 @@ async def resolve_categories(
         return cate_ids, unknown, True
     fetch = np.unique(ids[~hit])
     try:
-        features = await guard.call("get_ad_features", lambda: store.get_ad_features(fetch), timeout_s=timeout_s)
+        features = await guard.call("get_ad_features", lambda: store.get_ad_features(fetch))  # the guard's deadline
     except StoreCallFailed as e:  # slow, failing or circuit open: rank with unknown categories
         log.warning("ad features unavailable (%s: %s); unknown categories for %d ads", e.reason, e, fetch.size)
         return cate_ids, unknown, True

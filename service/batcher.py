@@ -159,21 +159,14 @@ def rank_input(scorer: Scorer, history: UserHistory | None, profile_fields: Sequ
     )
 
 
-_warned_profiles: set[tuple[str, tuple[str, ...]]] = set()
-
-
-def _without_missing_profiles(fetched: Fetched, scorer: Scorer) -> Fetched:
-    """A model reading a profile field the store's data does not keep scores every user with
-    the unknown-profile row: say so (degraded), once in the log per model and field set."""
-    missing = tuple(f for f in scorer.bundle.spec.profile_fields if f not in fetched.profile_fields)
+def missing_profiles(fetched: Fetched, scorer: Scorer) -> tuple[str, ...]:
+    """Profile fields the model reads that the store's data does not keep (() when no known
+    user is in the batch, or the batch is degraded anyway): such users score with the
+    unknown-profile row, so their answers are degraded."""
+    missing = tuple(f for f in scorer.bundle.spec.profile_fields if f not in fetched.profile_fields)  # usually ()
     if not missing or fetched.degraded or all(h is None for h in fetched.histories):
-        return fetched
-    key = (scorer.model_version, missing)
-    if key not in _warned_profiles:
-        _warned_profiles.add(key)
-        log.warning("model %s reads profile field(s) %s that the store's data does not keep (it has %s): answers are "
-                    "degraded; load the profiles with `din load`", scorer.model_version, list(missing), list(fetched.profile_fields))  # fmt: skip
-    return replace(fetched, degraded=True)
+        return ()
+    return missing
 
 
 class Batcher:
@@ -196,6 +189,7 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._warned_profiles: set[tuple[str, tuple[str, ...]]] = set()  # (model version, fields) logged
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="din-scoring")
         self._slots: asyncio.Semaphore | None = None  # pipeline_depth batches in flight at most
         self._in_flight: set[asyncio.Future] = set()
@@ -385,7 +379,9 @@ class Batcher:
                 fetched = Fetched(histories=[None] * len(jobs), degraded=True)
             fetched_at = time.monotonic()
             scorer = self.get_scorer()
-            fetched = _without_missing_profiles(fetched, scorer)
+            if missing := missing_profiles(fetched, scorer):
+                self._warn_missing_profiles(scorer, missing, fetched.profile_fields)
+                fetched = replace(fetched, degraded=True)
             # Ids -> rows here, on the event loop: the scoring thread is the bottleneck under
             # load and should only run the graph (~0.1 ms of numpy per request moves over).
             try:
@@ -416,6 +412,13 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(Ranked(scored, fetched.degraded, version, len(jobs), history, has_attention))
         self._count(jobs, depth, formed, fetched_at, score_s)
+
+    def _warn_missing_profiles(self, scorer: Scorer, missing: tuple[str, ...], kept: Sequence[str]) -> None:
+        """Once per model and field set, not per batch."""
+        if (scorer.model_version, missing) not in self._warned_profiles:
+            self._warned_profiles.add((scorer.model_version, missing))
+            log.warning("model %s reads profile field(s) %s that the store's data does not keep (it has %s): answers "
+                        "are degraded; load the profiles with `din load`", scorer.model_version, list(missing), list(kept))  # fmt: skip
 
     @staticmethod
     def _fail(jobs: list[_Job], error: BaseException) -> None:

@@ -76,16 +76,14 @@ def _load_bundle(path: Path):
 
 
 def _refuse_unloadable_model(bundle) -> None:
-    """Open model.onnx once (no optimisation, CPU) so a corrupt graph is one line here, not a
-    traceback from the server's start-up."""
-    import onnxruntime as ort
+    """A corrupt graph is one line here, not a traceback from the server's start-up."""
+    from model.bundle import BundleError
+    from service.scorer import check_onnx_loads
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(str(bundle.onnx_path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
-        _fail(f"{bundle.onnx_path} cannot be loaded by ONNX Runtime ({str(e).strip()}); the bundle is corrupt")
+        check_onnx_loads(bundle)
+    except BundleError as e:
+        _fail(str(e))
 
 
 def _load_log(spec: str):

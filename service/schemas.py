@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from feature_store.events import MAX_EVENT_ID_BYTES
+
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -168,7 +170,7 @@ def too_large_error(field: str, limit: int, setting: str) -> dict[str, Any]:
     }
 
 
-EVENT_ID_MAX = 128  # bytes of UTF-8, as the store counts them (feature_store.events.MAX_EVENT_ID_BYTES)
+EVENT_ID_MAX = MAX_EVENT_ID_BYTES  # bytes of UTF-8: the store's own limit
 
 
 class Event(BaseModel):

@@ -192,6 +192,21 @@ class RuntimeOptions:
         return 0 if on_gpu else CPU_CALL_CANDIDATES
 
 
+def _unloadable(bundle: Bundle, e: Exception) -> BundleError:
+    return BundleError(f"{bundle.onnx_path} cannot be loaded by ONNX Runtime ({str(e).strip()}); the bundle is corrupt")
+
+
+def check_onnx_loads(bundle: Bundle) -> None:
+    """Parse model.onnx once, quickly (CPU, no graph optimisation): a BundleError if ONNX
+    Runtime cannot, so `din serve` refuses a corrupt graph before it starts the server."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(bundle.onnx_path), so, providers=[CPU])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise _unloadable(bundle, e) from None
+
+
 @contextlib.contextmanager
 def _ort_quiet() -> Iterator[None]:
     """Silence ONNX Runtime's logger while probing CUDA: a failed probe is not an error."""
@@ -425,7 +440,7 @@ class Scorer:
                 options=options, spec=bundle.spec, optimized_model_path=optimized,
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BundleError(f"{bundle.onnx_path} cannot be loaded by ONNX Runtime ({e}); the bundle is corrupt") from None
+            raise _unloadable(bundle, e) from None
         scorer = cls(bundle, session, problem, options)
         if problem:
             log.error("%s", problem)

@@ -286,10 +286,7 @@ def settings_error_message(error: ValidationError) -> str:
     """One line naming each bad variable, its value (secrets hidden) and what is wrong."""
     parts = []
     for e in error.errors(include_url=False):
-        if not e["loc"]:  # a rule across variables: its message names them
-            parts.append(e["msg"].removeprefix("Value error, "))
-            continue
-        field = str(e["loc"][0])
+        field = str(e["loc"][0]) if e["loc"] else "?"
         var = field.upper()
         if e["type"] == "missing":
             parts.append(f"{var} is required but not set")

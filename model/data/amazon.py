@@ -64,40 +64,44 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered text lines; a cut-off download, or a file that is not gzip or not UTF-8 where it
+    claims to be, is a LogFormatError naming the file (gzip's EOFError would read as 'Aborted.')."""
+    n = 0
+    with _open_text(path) as f:
+        try:
+            for n, line in enumerate(f, 1):
+                yield n, line
+        except (EOFError, OSError, UnicodeDecodeError) as e:
+            raise LogFormatError(
+                f"{path}: unreadable after line {n} (truncated or corrupt gzip, or not UTF-8: {e}); download it again"
+            ) from None
+
+
 def _records(path: Path, wanted: set[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, dict) per non-empty line; strict JSON or a Python literal dict.
 
     With `wanted`, Python-literal lines whose asin is not in it are skipped unparsed
     (literal_eval is ~100x slower than JSON, and the 2014 metadata lists every product).
     """
-    with _open_text(path) as f:
-        lines, n = enumerate(f, 1), 0
-        while True:
+    for n, line in _lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if wanted is not None:
+                m = _ASIN.search(line)
+                if m is not None and m.group(1) not in wanted:
+                    continue
             try:
-                n, line = next(lines)
-            except StopIteration:
-                return
-            except (EOFError, OSError, UnicodeDecodeError) as e:  # a cut-off download, not gzip, not UTF-8
-                raise LogFormatError(
-                    f"{path}: unreadable after line {n} (truncated or corrupt gzip, or not UTF-8: {e}); download it again"
-                ) from None
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                if wanted is not None:
-                    m = _ASIN.search(line)
-                    if m is not None and m.group(1) not in wanted:
-                        continue
-                try:
-                    record = ast.literal_eval(line)
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    raise LogFormatError(f"{path}, line {n}: neither JSON nor a Python literal dict") from None
-            if not isinstance(record, dict):
-                raise LogFormatError(f"{path}, line {n}: expected an object, found {type(record).__name__}")
-            yield n, record
+                record = ast.literal_eval(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise LogFormatError(f"{path}, line {n}: neither JSON nor a Python literal dict") from None
+        if not isinstance(record, dict):
+            raise LogFormatError(f"{path}, line {n}: expected an object, found {type(record).__name__}")
+        yield n, record
 
 
 def _category(record: dict[str, Any]) -> str | None:

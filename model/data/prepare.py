@@ -100,15 +100,12 @@ def _batches(path: Path, read_rows: int) -> tuple[tuple[str, ...], Iterator[dict
             source = iter(reader)
         else:
             source = pq.ParquetFile(path).iter_batches(batch_size=read_rows, columns=list(columns))
-        while True:
-            try:
-                batch = next(source)
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as e:  # a CSV block past the first one holds a value of another type
-                raise LogFormatError(f"{path}: {_name_columns(str(e), names)}; every id and timestamp must be a whole number") from None
-            if batch.num_rows:
-                yield batch_columns(batch, path, columns)
+        try:
+            for batch in source:
+                if batch.num_rows:
+                    yield batch_columns(batch, path, columns)
+        except pa.ArrowInvalid as e:  # a CSV block past the first one holds a value of another type
+            raise LogFormatError(f"{path}: {_name_columns(str(e), names)}; every id and timestamp must be a whole number") from None
 
     return columns, gen()
 

@@ -136,8 +136,7 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
     unknown, ads_degraded = None, False
     if query.missing is not None:  # some candidates came without a category: the store's, in one round trip
         cates, unknown, ads_degraded = await resolve_categories(
-            getattr(state, "ad_cache", None), store, state.store_guard, query.item_ids, query.cate_ids, query.missing,
-            settings.store_timeout_s,
+            getattr(state, "ad_cache", None), store, state.store_guard, query.item_ids, query.cate_ids, query.missing
         )
         query = replace(query, cate_ids=np.where(unknown, -1, cates))  # -1: unknown to the model's vocabulary too
 
