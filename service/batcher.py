@@ -101,6 +101,7 @@ class Ranked:
     batch_users: int  # requests in the batch it rode in
     history: UserHistory | None = None  # what the store returned (None: unknown user or degraded), for explain
     has_attention: bool = False  # the scoring model returns attention weights (for explain)
+    max_history: int = 0  # of the scoring model: explain's bound is checked again against it
 
 
 @dataclass(frozen=True)
@@ -407,10 +408,10 @@ class Batcher:
             self._fail(jobs, done.exception() if not done.cancelled() else BatcherClosed("scoring was cancelled"))
             return
         results, score_s = done.result()
-        version, has_attention = scorer.model_version, scorer.bundle.has_attention
+        version, has_attention, max_history = scorer.model_version, scorer.bundle.has_attention, scorer.max_history
         for job, scored, history in zip(jobs, results, fetched.histories):
             if not job.future.done():
-                job.future.set_result(Ranked(scored, fetched.degraded, version, len(jobs), history, has_attention))
+                job.future.set_result(Ranked(scored, fetched.degraded, version, len(jobs), history, has_attention, max_history))
         self._count(jobs, depth, formed, fetched_at, score_s)
 
     def _warn_missing_profiles(self, scorer: Scorer, missing: tuple[str, ...], kept: Sequence[str]) -> None:

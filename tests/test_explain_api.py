@@ -13,10 +13,12 @@ negative, so the comparison is on mean |w| (docs/explain.md).
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
 import numpy as np
 import orjson
@@ -326,3 +328,46 @@ def test_a_limit_below_max_history_says_the_service_must_raise_it():
     err = explain_limit_error(returned=3, max_history=50, limit=40)
     assert "top_k" not in err["msg"] and "must raise MAX_EXPLAIN_CELLS to at least 50" in err["msg"]
     assert "top_k (at most 2)" in explain_limit_error(returned=3, max_history=50, limit=100)["msg"]
+
+
+async def test_explain_stays_bounded_when_a_reload_lengthens_max_history(trained, loaded_redis, tmp_path):
+    """The bound is checked on arrival against the serving model; a request still queued when a
+    hot reload swaps in a model with a longer max_history is scored by the new model (the
+    scorer is taken per batch), so it is checked again and answered as a retry would be."""
+    longer = tmp_path / "din-longer-history"
+    shutil.copytree(trained.din.path, longer)
+    manifest = orjson.loads((longer / "bundle.json").read_bytes())
+    manifest["model_version"] = "din-longer-history"
+    manifest["feature_spec"]["max_history"] = 2 * MAX_HISTORY
+    (longer / "bundle.json").write_bytes(orjson.dumps(manifest))
+    _, user = users_short_and_long(trained.log)
+    cands = catalogue(trained.log)[:10]
+    limit = 10 * MAX_HISTORY  # 10 candidates fit the first model exactly
+    token = "reload-token-123456"
+    served = settings_for(trained.din, loaded_redis, max_explain_cells=limit, admin_token=token, request_deadline_ms=30_000)
+    admin = redis.Redis.from_url(loaded_redis, socket_timeout=30)
+    async with serving(served) as client:
+        assert (await client.post("/rank", json=body(user, cands, explain=True))).status_code == 200
+        admin.execute_command("CLIENT", "PAUSE", 20_000, "ALL")  # hold the next batch in its history fetch
+        try:
+            async with anyio.create_task_group() as tg:
+                answer = {}
+
+                async def queued():
+                    answer["r"] = await client.post("/rank", json=body(user, cands, explain=True))
+
+                tg.start_soon(queued)
+                await anyio.sleep(0.2)  # accepted against max_history 30, now waiting for Redis
+                swap = await client.post("/admin/reload", json={"bundle": str(longer)},
+                                         headers={"Authorization": f"Bearer {token}"})
+                admin.execute_command("CLIENT", "UNPAUSE")
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.close()
+        retry = await client.post("/rank", json=body(user, cands, explain=True))
+    assert swap.status_code == 200, swap.text
+    late = answer["r"]
+    assert late.status_code == 422, late.text[:300]
+    (err,) = late.json()["detail"]
+    assert err["ctx"] == {"setting": "MAX_EXPLAIN_CELLS", "limit": limit, "cells": 10 * 2 * MAX_HISTORY}
+    assert retry.status_code == 422 and retry.json()["detail"] == late.json()["detail"]

@@ -124,10 +124,9 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
         errors.append(too_long_error("candidates", settings.max_candidates, n, "MAX_CANDIDATES"))
     if query.top_k is not None and query.top_k > settings.max_top_k:
         errors.append(too_large_error("top_k", settings.max_top_k, "MAX_TOP_K"))
-    if query.explain:
-        returned = min(n, query.top_k or n)
-        if too_big := explain_limit_error(returned, scorer.max_history, settings.max_explain_cells):
-            errors.append(too_big)
+    returned = min(n, query.top_k or n)
+    if query.explain and (too_big := explain_limit_error(returned, scorer.max_history, settings.max_explain_cells)):
+        errors.append(too_big)
     if errors:
         return validation_error_response(errors)
     state = request.app.state
@@ -153,6 +152,10 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
         state.metrics.overload_rejections.labels("shutting_down").inc()
         return overloaded_response(str(e), 1)
 
+    if query.explain and (too_big := explain_limit_error(returned, ranked.max_history, settings.max_explain_cells)):
+        # A hot reload to a model with a longer max_history landed between the check above and
+        # the batch: answer as a retry would be answered, never with more cells than the limit.
+        return validation_error_response([too_big])
     scored = ranked.scored
     order = rank_order(scored.ctr, query.top_k)
     body = encode_rank_response(
