@@ -3,7 +3,11 @@
 Item and category embeddings are concatenated (the paper's `e_j` and `v_A`), so a
 behaviour and a candidate ad are vectors of the same size D = embedding_dim * fields.
 Row PAD_ROW is zero and never trained; the models still mask padding explicitly, so a
-score never depends on what the padding row holds.
+score never depends on what the padding row holds. Row UNK_ROW (ids the vocabulary has
+never seen) also starts at zero: vocabularies are fitted on the training events, so no
+training sample holds it and it keeps its start. At zero an unseen id adds nothing of its
+own (an unseen ad is scored by its category and the user's history, the same way for
+every seed) instead of a random vector.
 
 Every table indexed by a field's rows is an `IdTable` that knows its field and the inputs
 that index it: that is what the mini-batch aware regulariser (model/regularization.py)
@@ -15,13 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
+from model.contract import PAD_ROW, UNK_ROW, FeatureSpec, cand_input, hist_input, profile_input
 
 INIT_STD = 0.05
 
 
 class IdTable(nn.Embedding):
-    """One row per id of `field` (row PAD_ROW zero, never trained); `init_std` 0 = all zeros.
+    """One row per id of `field` (rows PAD_ROW and UNK_ROW start at zero); `init_std` 0 = all zeros.
 
     `inputs` names the model inputs whose ids index it (model/contract.py), so that
     mini-batch aware regularisation penalises exactly the rows a batch uses: a field's
@@ -38,7 +42,7 @@ class IdTable(nn.Embedding):
         else:
             nn.init.zeros_(self.weight)
         with torch.no_grad():
-            self.weight[PAD_ROW].zero_()
+            self.weight[[PAD_ROW, UNK_ROW][:rows]] = 0.0
 
 
 def history_mask(hist: dict[str, Tensor], sequence_fields: tuple[str, ...]) -> Tensor:

@@ -7,9 +7,10 @@ import onnxruntime as ort
 import pytest
 
 from model.bundle import load_bundle
-from model.contract import OUTPUT_NAMES
+from model.contract import FIRST_ID_ROW, OUTPUT_NAMES, UNK_ROW
 from model.data.log import read_log
 from model.data.samples import build_samples
+from model.embedding import IdTable
 from model.data.synthetic import SyntheticConfig, write_synthetic
 from model.metrics import ctr_metrics
 from model.train import TrainConfig, fit, train
@@ -149,3 +150,18 @@ def test_recorded_train_loss_is_the_epochs_mean_per_sample(tiny_log_path, tmp_pa
     fitted = fit(config, samples)
     want = evaluate(fitted.model, samples, samples.train, 4096)["logloss"]
     assert fitted.validation[0]["train_loss"] == pytest.approx(want, abs=2e-5)
+
+
+@pytest.mark.parametrize("model", ["lr", "base", "din", "din_dice", "wdl", "pnn", "deepfm"])
+def test_unseen_ids_have_a_zero_row_not_a_random_one(tiny_log_path, tmp_path, model):
+    """Vocabularies come from training events, so no training sample holds UNK_ROW: the row
+    keeps its start, which must be zero (an unseen ad scored by its other fields, the same
+    for every seed), not the random init the other rows leave behind."""
+    samples = _samples(tiny_log_path)
+    result = fit(tiny_config(tiny_log_path, tmp_path, model=model, reg="l2", reg_lambda=1e-4), samples)
+    tables = [m for m in result.model.modules() if isinstance(m, IdTable)]
+    assert tables
+    for table in tables:
+        w = table.weight.detach()
+        assert float(w[UNK_ROW].abs().max()) == 0.0, (table.field, table.inputs)
+        assert float(w[FIRST_ID_ROW:].abs().max()) > 0.0  # the other rows did move or start away from zero
