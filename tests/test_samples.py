@@ -218,3 +218,29 @@ def test_batches_cover_every_sample_once():
     assert s.num_batches(s.train, 5) == -(-len(s.train) // 5)
     with pytest.raises(ValueError, match="rng"):
         next(s.batches(s.train, 5, shuffle=True))
+
+
+def skewed_log(share: float, seed: int = 0) -> BehaviourLog:
+    """300 users x 6 clicks; item 7 is `share` of all events (the rest uniform over 40 items)."""
+    rng = np.random.default_rng(seed)
+    n = 300 * 6
+    items = np.where(rng.random(n) < share, 7, rng.integers(8, 48, n))
+    return BehaviourLog(
+        user_id=np.repeat(np.arange(300), 6), item_id=items, cate_id=items % 5 + 1,
+        timestamp=np.tile(np.arange(6), 300) + 1000,
+    )
+
+
+def test_a_negative_is_never_the_positive_even_for_an_item_most_clicks_hit():
+    """At an 80% share, 8 redraws from the whole pool leave ~10% of its negatives on itself;
+    those are drawn from the pool without it."""
+    s = build_samples(skewed_log(0.8), SampleConfig(seed=4, negatives=2))
+    for split in (s.train, s.validation, s.test):
+        items = split.cand_rows["item_id"].reshape(-1, 3)
+        assert np.all(items[:, 1:] != items[:, :1])
+        assert (items[:, 0] == s.vocabularies["item_id"].lookup(np.array([7]))[0]).mean() > 0.5  # the skew is there
+
+
+def test_a_log_of_a_single_item_has_no_possible_negative():
+    with pytest.raises(ValueError, match="every training behaviour is item 7: no negative can differ"):
+        build_samples(skewed_log(1.0), SampleConfig(seed=4))

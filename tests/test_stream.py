@@ -243,3 +243,20 @@ def test_metric_sums_equal_exact_metrics_when_added_block_by_block():
     assert got["gauc"] == pytest.approx(exact["gauc"], abs=1e-12)
     assert got["logloss"] == pytest.approx(exact["logloss"], abs=1e-6)
     assert SPLIT_NAMES == ("train", "validation", "test")
+
+
+def test_streamed_negatives_are_never_the_positive_even_for_an_item_most_clicks_hit(tmp_path):
+    from test_samples import skewed_log
+
+    path = write_log(skewed_log(0.8), tmp_path / "skewed.parquet")
+    plan = plan_stream(path, CONFIG)
+    reader = LogReader(plan)
+    popular = plan.mappings["item_id"].lookup(np.array([7]))[0]
+    checked = 0
+    for b in range(plan.num_blocks):
+        cols = reader.read(int(plan.block_rows[b]), int(plan.block_rows[b + 1]))
+        samples = block_samples(plan, b, cols, TRAIN)
+        items = samples.cand["item_id"].reshape(-1, 1 + CONFIG.negatives)
+        assert np.all(items[:, 1:] != items[:, :1])
+        checked += int((items[:, 0] == popular).sum())
+    assert checked > 500  # the skewed item was the positive often enough to clash

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from model.contract import CAND_USER, PAD_ROW, FeatureSpec, Vocabulary, cand_input, hist_input, profile_input
+from model.data.negatives import draw_negatives
 from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog, NotEnoughUsersError
 
 SEQUENCE_FIELDS = ("item_id", "cate_id")
@@ -261,12 +262,7 @@ def build_samples(log: BehaviourLog, config: SampleConfig = SampleConfig()) -> S
             if neg_pool.size == 0:
                 raise ValueError(f"behaviour log {log.name!r} has no training behaviours to draw negatives from")
             rng = np.random.default_rng([config.seed, 11, i])
-            neg = neg_pool[rng.integers(0, neg_pool.size, (ev.size, config.negatives))]  # (S, K)
-            for _ in range(8):  # redraw negatives that hit the positive's own item
-                clash = log.item_id[neg] == log.item_id[ev][:, None]
-                if not clash.any():
-                    break
-                neg[clash] = neg_pool[rng.integers(0, neg_pool.size, int(clash.sum()))]
+            neg = neg_pool[draw_negatives(log.item_id[neg_pool], log.item_id[ev], config.negatives, rng)]  # (S, K)
             # sample layout: each positive followed by its negatives
             take = np.repeat(ev, 1 + config.negatives)
             cand_ev = np.concatenate([ev[:, None], neg], axis=1).reshape(-1)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from model.contract import CAND_USER, PAD_ROW, cand_input, hist_input
+from model.data.negatives import draw_negatives
 from model.data.stream_plan import SEQUENCE_FIELDS, TRAIN, StreamPlan, batch_columns, log_columns, user_split
 from model.regularization import sequence_counts, window_coverage
 
@@ -236,14 +237,7 @@ def block_samples(plan: StreamPlan, block: int, cols: dict[str, np.ndarray], spl
     else:
         k = config.negatives
         rng = np.random.default_rng([config.seed, 11, block])
-        pool = plan.pool_item.size
-        neg = rng.integers(0, pool, (n, k))  # (n, K) indices into the pool
-        for _ in range(8):  # redraw negatives that hit the positive's own item
-            clash = plan.pool_item[neg] == cols["item_id"][:, None]
-            if not clash.any():
-                break
-            neg[clash] = rng.integers(0, pool, int(clash.sum()))
-        neg = neg[ev]
+        neg = draw_negatives(plan.pool_item, cols["item_id"], k, rng)[ev]  # (n, K) indices into the pool
         take = np.repeat(ev, 1 + k)  # each positive followed by its negatives
         cand_item = np.concatenate([cols["item_id"][ev][:, None], plan.pool_item[neg]], axis=1).reshape(-1)
         cand_cate = np.concatenate([cols["cate_id"][ev][:, None], plan.pool_cate[neg]], axis=1).reshape(-1)
