@@ -146,7 +146,7 @@ def train(
     from dataclasses import replace
 
     from model.bundle import update_latest
-    from model.data.log import NotEnoughUsersError
+    from model.data.log import UntrainableLogError
     from model.registry import MODELS
     from model.train import TrainConfig
     from model.train import train as run_training
@@ -180,7 +180,7 @@ def train(
         config = replace(config, epochs=epochs)
     try:
         result = run_training(config)
-    except NotEnoughUsersError as e:
+    except UntrainableLogError as e:
         _fail(str(e))
     update_latest(out, result.bundle)
     payload = {"bundle": str(result.bundle), "model": result.model, "metrics": result.metrics}
@@ -310,7 +310,7 @@ def experiment(
 ) -> None:
     """Compare models like the paper's Table 3: every model x seed, test once, report + figures."""
     _setup_logging()
-    from model.data.log import NotEnoughUsersError
+    from model.data.log import UntrainableLogError
     from model.experiment import ExperimentConfig, finite, run_experiment
     from model.report import comparison_table, data_table, din_vs_base
 
@@ -328,7 +328,7 @@ def experiment(
         _fail(str(e))
     try:
         result = run_experiment(config)
-    except NotEnoughUsersError as e:
+    except UntrainableLogError as e:
         _fail(str(e))
     if json_output:
         typer.echo(json.dumps(finite(result.results), allow_nan=False))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from feature_store.embedded import free_port
-from model.data.log import read_log
+from model.data.log import read_log, write_log
 
 DIN = [sys.executable, "-m", "service.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,9 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
     work, env, _, out = trained
     few = tmp_path / "two_users.csv"  # readable, but two users cannot fill train, validation and test
     few.write_text("user_id,item_id,cate_id,timestamp\n" + "".join(f"{u},{t % 7 + 1},{t % 3 + 1},{t}\n" for u in (1, 2) for t in range(20)))
+    one_item = tmp_path / "one_item.csv"  # enough users, but every click is item 7: no negative can differ from it
+    one_item.write_text("user_id,item_id,cate_id,timestamp\n" + "".join(f"{u},7,1,{t}\n" for u in range(40) for t in range(5)))
+    one_item_parquet = write_log(read_log(one_item).sorted_by_user_time(), tmp_path / "one_item.parquet")  # sorted: streamable
     corrupt = tmp_path / "corrupt"
     shutil.copytree(Path(json.loads(out.stdout)["bundle"]), corrupt)
     (corrupt / "model.onnx").write_bytes(b"\x08\x07garbage, not a graph")
@@ -115,6 +118,10 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
         (["train", "--data", f"events:{few}", "--epochs", "1", "--out", str(tmp_path / "b")], "empty validation split; it needs more users"),
         (["experiment", "--data", f"events:{few}", "--epochs", "1", "--seeds", "1", "--models", "din", "--out", str(tmp_path / "x")],
          "empty validation split; it needs more users"),
+        (["train", "--data", f"events:{one_item}", "--epochs", "1", "--out", str(tmp_path / "b")],
+         "every training behaviour is item 7: no negative can differ"),
+        (["train", "--stream", "--data", f"events:{one_item_parquet}", "--epochs", "1", "--out", str(tmp_path / "b")],
+         "the training events hold 1 distinct item(s)"),
         (["bench", "train", "--procs", "0", "--steps", "1", "--users", "50"], "--procs '0' must be comma-separated process counts of at least 1"),
         (["synth", "--out", "/dev/null/x.parquet", "--users", "5"], "cannot write --out '/dev/null/x.parquet'"),
         (["serve", "--bundle", str(corrupt), "--port", "1"], "cannot be loaded by ONNX Runtime"),

@@ -33,7 +33,11 @@ class LogFormatError(ValueError):
     """A behaviour log that cannot be read; the message names the file and the column."""
 
 
-class NotEnoughUsersError(ValueError):
+class UntrainableLogError(ValueError):
+    """A readable log that no model can be trained on; the message says what it lacks."""
+
+
+class NotEnoughUsersError(UntrainableLogError):
     """A readable log whose users do not fill the train, validation and test splits."""
 
 

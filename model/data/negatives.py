@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.data.log import UntrainableLogError
+
 REDRAWS = 8
 
 
@@ -26,7 +28,7 @@ def draw_negatives(pool_item: np.ndarray, positive_item: np.ndarray, k: int, rng
     for item in np.unique(positive_item[rows]):
         others = np.flatnonzero(pool_item != item)
         if others.size == 0:
-            raise ValueError(f"every training behaviour is item {int(item)}: no negative can differ from the positive")
+            raise UntrainableLogError(f"every training behaviour is item {int(item)}: no negative can differ from the positive")
         at = positive_item[rows] == item
         neg[rows[at], cols[at]] = others[rng.integers(0, others.size, int(at.sum()))]
     return neg

@@ -37,7 +37,7 @@ import torch
 
 from model.contract import CAND_USER, PAD_ROW, FeatureSpec, Vocabulary, cand_input, hist_input, profile_input
 from model.data.negatives import draw_negatives
-from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog, NotEnoughUsersError
+from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog, NotEnoughUsersError, UntrainableLogError
 
 SEQUENCE_FIELDS = ("item_id", "cate_id")
 
@@ -260,7 +260,7 @@ def build_samples(log: BehaviourLog, config: SampleConfig = SampleConfig()) -> S
         else:  # every behaviour is a positive; negatives are drawn
             ev = np.flatnonzero((event_split == which) & behaviour)
             if neg_pool.size == 0:
-                raise ValueError(f"behaviour log {log.name!r} has no training behaviours to draw negatives from")
+                raise UntrainableLogError(f"behaviour log {log.name!r} has no training behaviours to draw negatives from")
             rng = np.random.default_rng([config.seed, 11, i])
             neg = neg_pool[draw_negatives(log.item_id[neg_pool], log.item_id[ev], config.negatives, rng)]  # (S, K)
             # sample layout: each positive followed by its negatives

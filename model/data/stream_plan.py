@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.contract import FeatureSpec, Vocabulary
-from model.data.log import REQUIRED_COLUMNS, LogFormatError, NotEnoughUsersError, int_column
+from model.data.log import REQUIRED_COLUMNS, LogFormatError, NotEnoughUsersError, UntrainableLogError, int_column
 from model.data.reservoir import BottomKSample
 from model.hashing import HashedIds, IdMapping, row_counts, unit_interval
 
@@ -367,6 +367,9 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
     for i, name in enumerate(SPLIT_NAMES):
         if plan.num_samples(i) == 0:
             raise NotEnoughUsersError(f"{path} gave an empty {name} split ({plan.users[i]} users); it needs more users")
-    if not has_label and plan.pool_item.size == 0:
-        raise ValueError(f"{path}: no training events to draw negatives from")
+    if not has_label and np.unique(plan.pool_item).size < 2:
+        raise UntrainableLogError(
+            f"{path}: the training events hold {np.unique(plan.pool_item).size} distinct item(s); "
+            "negatives are drawn from other items, so it needs at least 2"
+        )
     return plan
