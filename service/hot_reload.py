@@ -27,7 +27,7 @@ from feature_store.records import RECORD_FIELDS
 from model.bundle import Bundle, BundleError, load_bundle, resolve_bundle_path
 from service.metrics import ServiceMetrics
 from service.schemas import Candidate
-from service.scorer import Scorer
+from service.scorer import Scorer, check_onnx_loads
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def resolve_bundle(path: Path) -> Path:
 def _load_and_warm(path: Path, settings: Settings, refuse_device_problem: bool) -> Scorer:
     bundle = load_bundle(path)
     check_servable(bundle)
+    check_onnx_loads(bundle)
     scorer = Scorer.load(bundle, options=settings.runtime_options())
     if refuse_device_problem and scorer.device_problem:
         raise BundleError(scorer.device_problem)

@@ -197,14 +197,42 @@ def _unloadable(bundle: Bundle, e: Exception) -> BundleError:
 
 
 def check_onnx_loads(bundle: Bundle) -> None:
-    """Parse model.onnx once, quickly (CPU, no graph optimisation): a BundleError if ONNX
-    Runtime cannot, so `din serve` refuses a corrupt graph before it starts the server."""
+    """Parse model.onnx once, quickly (CPU, no graph optimisation), and check that its tables
+    hold every row of the bundle's vocabularies: a BundleError if not, so a corrupt graph, or
+    a model.onnx from another training run, is refused before it serves (and, within a batch,
+    fails its neighbours' requests too)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(str(bundle.onnx_path), so, providers=[CPU])
+        session = ort.InferenceSession(str(bundle.onnx_path), so, providers=[CPU])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise _unloadable(bundle, e) from None
+    _check_tables(bundle, session)
+
+
+def _check_tables(bundle: Bundle, session: ort.InferenceSession) -> None:
+    """Score one candidate and one behaviour at each vocabulary's last row, field by field.
+
+    On the CPU an index past a table's end is an error in ONNX Runtime's Gather (a GPU would
+    not say so), so this finds the field whose table is shorter than its vocabulary.
+    """
+    spec = bundle.spec
+    for f in (*spec.sequence_fields, *spec.profile_fields):
+        last = spec.vocab_sizes[f] - 1
+        feeds = {CAND_USER: np.zeros(1, dtype=np.int64)}
+        for g in spec.sequence_fields:
+            feeds[hist_input(g)] = np.full((1, 1), last if g == f else UNK_ROW, dtype=np.int64)
+            feeds[cand_input(g)] = np.full(1, last if g == f else UNK_ROW, dtype=np.int64)
+        for g in spec.profile_fields:
+            feeds[profile_input(g)] = np.full(1, last if g == f else UNK_ROW, dtype=np.int64)
+        try:
+            session.run([CTR], feeds)
+        except Exception as e:
+            raise BundleError(
+                f"{bundle.onnx_path} does not score row {last} of {f!r}, the last of the bundle's vocabulary "
+                f"({spec.vocab_sizes[f]} rows; {str(e).strip()[:200]}): model.onnx and vocab/ come from different "
+                "trainings"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -201,6 +201,17 @@ def _missing_vocab(bundle: Path, tmp: Path) -> Path:
     return dest
 
 
+def _other_trainings_graph(bundle: Path, tmp: Path) -> Path:
+    """vocab/ and bundle.json of a training that knew 40 more items than model.onnx's table holds."""
+    dest = copy_bundle(bundle, tmp, "din-test-mixed")
+    ids = np.load(dest / "vocab" / "item_id.npy")
+    np.save(dest / "vocab" / "item_id.npy", np.concatenate([ids, ids.max() + 1 + np.arange(40, dtype=ids.dtype)]))
+    manifest = json.loads((dest / "bundle.json").read_text())
+    manifest["feature_spec"]["vocab_sizes"]["item_id"] += 40
+    (dest / "bundle.json").write_text(json.dumps(manifest))
+    return dest
+
+
 def _rewritten(bundle: Path, tmp: Path, name: str, manifest=None, vocab: bytes | None = None) -> Path:
     """A copy whose bundle.json is `manifest(parsed)` (JSON of any type) or whose item vocabulary is `vocab`."""
     dest = copy_bundle(bundle, tmp, f"din-test-{name}")
@@ -225,6 +236,7 @@ async def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(trained, 
          422, "of the wrong type"),
         (_rewritten(trained.bundle.path, tmp_path, "emptyvocab", vocab=b""), 422, "item_id.npy cannot be read"),
         (tmp_path / "empty", 422, "no model bundle at"),  # a directory without any bundle in it
+        (_other_trainings_graph(trained.bundle.path, tmp_path), 422, "of 'item_id', the last of the bundle's vocabulary"),
     ]
     (tmp_path / "empty").mkdir()
     body = rank_body(1, some_candidates(trained.log, 5))
