@@ -130,16 +130,17 @@ def test_train_cli_takes_the_regularisation_and_softmax_switches(tiny_path, tmp_
 
 
 def test_a_baseline_with_a_gauc_of_exactly_one_half_still_gives_a_report(tmp_path):
-    """One item only: every negative equals its positive, so BaseModel ties every pair
-    (GAUC exactly 0.5) and RelaImpr is undefined: n/a in the report, not a lost experiment."""
+    """Labelled impressions of one item, each user's all at one moment (so every history is
+    empty): a user's samples are identical, every model ties them (GAUC exactly 0.5) and
+    RelaImpr is undefined: n/a in the report, not a lost experiment."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(0)
     n = 1500
     path = tmp_path / "one_item.parquet"
-    pq.write_table(pa.table({"user_id": rng.integers(0, 150, n), "item_id": np.full(n, 7), "cate_id": np.full(n, 1),
-                             "timestamp": rng.integers(0, 1000, n)}), path)  # fmt: skip
+    user = np.repeat(np.arange(150), 10)
+    pq.write_table(pa.table({"user_id": user, "item_id": np.full(n, 7), "cate_id": np.full(n, 1),
+                             "timestamp": user * 10, "label": np.arange(n) % 2}), path)  # fmt: skip
     config = ExperimentConfig(
         data=f"events:{path}", models=("base", "lr"), seeds=1, epochs=1, out=tmp_path / "out", batch_size=128,
         embedding_dim=4, max_history=10, progress=False, command="din experiment (test)",

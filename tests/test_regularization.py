@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.contract import PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
+from model.contract import FIRST_ID_ROW, PAD_ROW, FeatureSpec, cand_input, hist_input, profile_input
 from model.data.log import BehaviourLog, UserProfiles
 from model.data.samples import SampleConfig, build_samples
 from model.embedding import IdTable
@@ -103,7 +103,7 @@ def test_plain_l2_reaches_every_row():
     l2_penalty(model, 0.5).backward()
     for t in id_tables(model):
         torch.testing.assert_close(t.weight.grad, 2 * 0.5 * t.weight.detach(), rtol=1e-6, atol=0)
-        assert torch.all(t.weight.grad[1:].abs().sum(1) > 0)  # every non-padding row, present in a batch or not
+        assert torch.all(t.weight.grad[FIRST_ID_ROW:].abs().sum(1) > 0)  # every id's row, present in a batch or not (PAD and UNK start at 0)
 
 
 def test_id_counts_are_occurrences_in_the_training_samples():
