@@ -92,7 +92,7 @@ def _install_openapi(app: FastAPI, settings: Settings) -> None:
 def _document_common_errors(schema: dict) -> None:
     """Answers any route may give, written into every operation of the document.
 
-    413 (and 400 for bytes that are not even text) where there is a body, 401/403 where a
+    413 and 408 (and 400 for bytes that are not even text) where there is a body, 401/403 where a
     credential is asked for, 500 (the generic error body) everywhere: clients and schema
     fuzzers see every status we send.
     """
@@ -105,6 +105,7 @@ def _document_common_errors(schema: dict) -> None:
             responses.setdefault("500", {"description": "Internal error (generic body with the request id)", **ref})
             if "requestBody" in op:
                 responses.setdefault("413", {"description": "Body larger than MAX_BODY_BYTES", **ref})
+                responses.setdefault("408", {"description": "Body not received within BODY_READ_TIMEOUT_S", **ref})
                 responses.setdefault("400", {"description": "Body that cannot be decoded at all (not UTF-8)", **ref})
             if op.get("security"):
                 responses.setdefault("401", {"description": "Credential missing", **ref})
@@ -185,7 +186,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     mount_static(app)
     _install_openapi(app, settings)
     # Last added is outermost: the request id and metrics also cover 413s.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_read_timeout_s=settings.body_read_timeout_s
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log_enabled=settings.access_log)
     app.add_exception_handler(Exception, _internal_error)
     return app

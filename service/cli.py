@@ -552,6 +552,9 @@ def _run_server(settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         timeout_keep_alive=settings.keep_alive_s,
+        # uvicorn refuses a request (503) once open connections reach its limit, counting the one asking:
+        # +1, so that MAX_CONNECTIONS connections are all served.
+        limit_concurrency=None if settings.max_connections is None else settings.max_connections + 1,
     )
 
 

@@ -51,7 +51,9 @@ class ServiceMetrics:
 
         # HTTP
         self.request_seconds = Histogram(
-            "din_http_request_duration_seconds", "Time from request start to the end of the response body.",
+            "din_http_request_duration_seconds",
+            "Time from request start to the end of the response body; status 499: the client closed the "
+            "connection before its response was complete.",
             ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.requests_in_flight = Gauge(

@@ -11,6 +11,10 @@ nothing more.
 - Access log: one structured line per request.
 - Errors: an exception that escapes the app becomes a generic 500 JSON body with the
   request id (the traceback goes to the log only, never to the client).
+- A client that hangs up before its response is complete (mid-body, or while it waits) is
+  its own outcome, not a server error: status 499 (nginx's "client closed request") in the
+  metric and the access log, one info line without a traceback, and no response attempted.
+  Counting it as 500 would let hung-up clients set off error-rate alerts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import uuid
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import ServiceMetrics
@@ -32,6 +37,7 @@ access_log = logging.getLogger("din.access")
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 UNMATCHED_ROUTE = "unmatched"
+CLIENT_CLOSED = 499  # nginx's status for "client closed the connection before the response"
 
 
 def internal_error_body(request_id: str | None) -> bytes:
@@ -87,21 +93,33 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         status = 500
-        started = False
+        started = completed = client_gone = False
         rid_header = (b"x-request-id", rid.encode("ascii"))
 
+        async def watched_receive() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not completed:
+                client_gone = True  # whatever the app answers now reaches no one
+            return message
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, completed
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), rid_header]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
             await send(message)
 
         start = time.perf_counter()
         self.metrics.requests_in_flight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, watched_receive, send_with_id)
+        except ClientDisconnect:  # the client hung up while its body was read: nobody to answer
+            client_gone = True
+            log.info("client closed the connection during %s %s", scope["method"], printable_path(scope))
         except Exception:
             log.exception("unhandled error in %s %s", scope["method"], printable_path(scope))
             if started:  # half a response is out: nothing sane to add; the server drops the connection
@@ -113,6 +131,8 @@ class RequestContextMiddleware:
             )
             await send({"type": "http.response.body", "body": internal_error_body(rid)})
         finally:
+            if client_gone:
+                status = CLIENT_CLOSED
             elapsed = time.perf_counter() - start
             self.metrics.requests_in_flight.dec()
             route = route_label(scope)

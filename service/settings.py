@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1024, le=1 << 30,
         description="Largest request body, counted on the bytes received (chunked uploads too); above: 413.",
     )
+    body_read_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="The whole request body must arrive within this many seconds of the request's headers; "
+        "else 408 and the connection is closed (a client dribbling its body would hold a connection and a "
+        "request slot without end: uvicorn times out idle connections only).",
+    )
 
     # ---------------------------------------------------------------- feature store failures
     store_timeout_ms: float = Field(
@@ -193,6 +199,11 @@ class Settings(BaseSettings):
         "of whatever sits in front (AWS ALB 60 s, nginx 75 s): a request sent on a connection the service is closing "
         "fails (a 502 at the balancer); uvicorn's own default is 5 s.",
     )
+    max_connections: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Open connections uvicorn serves (its limit_concurrency): while more are open, every new "
+        "request is answered 503 and its connection closed. Unset: no cap.",
+    )
     shutdown_timeout_s: float = Field(
         default=10.0, gt=0, le=3600,
         description="On SIGTERM: stop accepting, then wait this long for in-flight requests before closing.",
@@ -215,7 +226,7 @@ class Settings(BaseSettings):
             raise ValueError("every API key must have at least 8 characters")
         return keys
 
-    @field_validator("admin_token", "redis_url", mode="before")
+    @field_validator("admin_token", "redis_url", "max_connections", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`ADMIN_TOKEN=` (as docker compose passes an unset variable) means "not configured"."""

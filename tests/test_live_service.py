@@ -278,3 +278,136 @@ def test_din_reload_swaps_the_running_model_and_reports_refusals(live, trained, 
     assert "reload refused (422): bundle refused: " in bad.stderr and "is not valid JSON" in bad.stderr
     assert bad.stderr.rstrip().endswith("still serving din-live-v2")
     assert rank() == "din-live-v2"
+
+
+# ---------------------------------------------------------------------------------------
+# Clients that hang up or stall: what a real uvicorn process hands the app, over raw sockets.
+GUARD_MAX_CONNECTIONS = 4
+
+
+@pytest.fixture(scope="module")
+def guarded(trained, tmp_path_factory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("guarded")
+    with live_service(tmp, trained.bundle.path, REDIS_URL="", BODY_READ_TIMEOUT_S="0.5",
+                      MAX_CONNECTIONS=str(GUARD_MAX_CONNECTIONS)) as server:
+        yield server
+
+
+def rank_head(host: str, length: int) -> bytes:
+    return (f"POST /rank HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def rank_series(url: str) -> dict[str, float]:
+    """status -> count of din_http_request_duration_seconds for POST /rank."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("din_http_request_duration_seconds_count{") and 'route="/rank"' in line:
+            status = line.split('status="')[1].split('"')[0]
+            found[status] = float(line.split()[-1])
+    return found
+
+
+async def read_until_closed(reader: asyncio.StreamReader, within: float) -> bytes:
+    answer = b""
+    while more := await asyncio.wait_for(reader.read(65536), within):
+        answer += more
+    return answer
+
+
+@pytest.mark.anyio
+async def test_a_client_that_hangs_up_mid_body_is_499_not_a_server_error(guarded):
+    """It used to be counted as a 500 with an error-level ClientDisconnect traceback: every
+    hung-up client counted against the error-rate alerts."""
+    host, port = guarded.url.removeprefix("http://").split(":")
+    before = rank_series(guarded.url)
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(rank_head(host, 100) + b'{"user_id": 1')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        await writer.wait_closed()
+    deadline = time.monotonic() + 10
+    while (now := rank_series(guarded.url)).get("499", 0) - before.get("499", 0) < 3:
+        assert time.monotonic() < deadline, f"no 499 counted: {now}"
+        await anyio.sleep(0.05)
+    assert now.get("500", 0) == before.get("500", 0)
+    assert await anyio.to_thread.run_sync(in_flight, guarded.url) == 0
+    await anyio.sleep(0.2)  # let the log lines reach the file
+    lines = guarded.log_lines()
+    assert not [x for x in lines if x["level"] in ("error", "critical")]
+    assert "ClientDisconnect" not in guarded.log.read_text() and "Traceback" not in guarded.log.read_text()
+    gone = [x for x in lines if x["msg"] == "client closed the connection during POST /rank"]
+    assert len(gone) >= 3 and all(x["level"] == "info" for x in gone)
+    assert any(x.get("logger") == "din.access" and x["msg"] == "POST /rank 499" for x in lines)
+
+
+@pytest.mark.anyio
+async def test_a_body_that_stalls_is_408_and_the_connection_closed(guarded, trained):
+    """Headers with a Content-Length, then part of the body, then nothing (slow loris): the
+    connection used to stay open, an in-flight request, until the client gave up. The deadline
+    is on the whole body, not on each piece: a body sent in pieces within it is ranked."""
+    host, port = guarded.url.removeprefix("http://").split(":")
+    raw = orjson.dumps(rank_body(1, some_candidates(trained.log, 5)))
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(rank_head(host, len(raw)) + raw[:20])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(raw[20:])
+        await writer.drain()
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += await asyncio.wait_for(reader.read(65536), 10)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert len(json.loads(answer.partition(b"\r\n\r\n")[2])["ranked"]) == 5
+
+        started = time.monotonic()
+        writer.write(rank_head(host, len(raw)) + raw[:20])  # the next request on this connection stalls
+        await writer.drain()
+        answer = await read_until_closed(reader, within=10)  # the server answers, then closes
+    finally:
+        writer.close()
+    waited = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower()
+    assert json.loads(body) == {"detail": "request body not received within BODY_READ_TIMEOUT_S=0.5 seconds"}
+    assert 0.5 <= waited < 5
+    assert rank_series(guarded.url).get("408", 0) >= 1
+    assert await anyio.to_thread.run_sync(in_flight, guarded.url) == 0
+
+
+@pytest.mark.anyio
+async def test_max_connections_reaches_uvicorn(guarded):
+    """MAX_CONNECTIONS open connections are all served; a request while more are open is 503
+    and its connection closed (uvicorn's limit_concurrency), so stalled clients cannot pile up
+    without bound."""
+    host, port = guarded.url.removeprefix("http://").split(":")
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(request)
+        await writer.drain()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not (answer.endswith(b"}") or answer.endswith(b"Unavailable")):
+            more = await asyncio.wait_for(reader.read(65536), 10)
+            assert more, f"closed after {answer!r}"
+            answer += more
+        return answer
+
+    await anyio.sleep(0.3)  # connections of earlier tests are gone from the server's count
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(GUARD_MAX_CONNECTIONS)]
+    try:
+        for reader, writer in conns:
+            assert (await ask(reader, writer)).startswith(b"HTTP/1.1 200 ")
+        extra = await asyncio.open_connection(host, int(port))
+        conns.append(extra)
+        refused = await ask(*extra)
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"connection: close" in refused.lower()
+        assert await asyncio.wait_for(extra[0].read(65536), 10) == b""  # closed by the server
+    finally:
+        for _, writer in conns:
+            writer.close()

@@ -131,6 +131,34 @@ async def test_declared_content_length_over_the_limit_is_413(trained):
     assert admin.status_code == 413 and "MAX_BODY_BYTES=1024" in admin.json()["detail"]  # FastAPI-parsed bodies too
 
 
+async def _stalled(first: bytes, rest: bytes, stall_s: float) -> AsyncIterator[bytes]:
+    import anyio
+
+    yield first
+    await anyio.sleep(stall_s)
+    yield rest
+
+
+async def test_a_body_that_stalls_past_the_read_deadline_is_408(trained):
+    """A slow-loris body used to hold the request (and its connection) as long as the client
+    liked; now it has BODY_READ_TIMEOUT_S, on routes that read the body by hand (/rank) and on
+    those FastAPI parses (/admin/reload) alike."""
+    import orjson
+
+    rank = orjson.dumps(rank_body(1, some_candidates(trained.log, 4)))
+    reload = orjson.dumps({"bundle": "/nowhere"})
+    auth = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    settings = settings_for(trained.bundle.path, None, admin_token=TOKEN, body_read_timeout_s=0.2)
+    async with serving(settings) as client:
+        r = await client.post("/rank", content=_stalled(rank[:10], rank[10:], 2.0), headers=auth)
+        admin = await client.post("/admin/reload", content=_stalled(reload[:5], reload[5:], 2.0), headers=auth)
+        ok = await client.post("/rank", content=_stalled(rank[:10], rank[10:], 0.05), headers=auth)
+    detail = {"detail": "request body not received within BODY_READ_TIMEOUT_S=0.2 seconds"}
+    assert (r.status_code, r.json(), r.headers.get("connection")) == (408, detail, "close")
+    assert (admin.status_code, admin.json()) == (408, detail)
+    assert ok.status_code == 200 and len(ok.json()["ranked"]) == 4  # in pieces within the deadline: served
+
+
 async def test_error_bodies_show_no_traceback_or_server_path(trained, tmp_path):
     async with serving(settings_for(trained.bundle.path, None, admin_token=TOKEN)) as client:
         auth = {"Authorization": f"Bearer {TOKEN}"}

@@ -87,6 +87,27 @@ def test_values_that_would_fail_later_are_refused_up_front(clean_env, monkeypatc
     assert says in settings_error_message(e.value)
 
 
+def test_slow_client_guards_are_settings_checked_at_start_up(clean_env, monkeypatch):
+    """BODY_READ_TIMEOUT_S (408 for a body that stalls) and MAX_CONNECTIONS (uvicorn's cap on
+    open connections): a value that would disable or break them is refused, naming the variable."""
+    monkeypatch.setenv("BUNDLE", "/b")
+    s = Settings()
+    assert (s.body_read_timeout_s, s.max_connections) == (10.0, None)
+    monkeypatch.setenv("MAX_CONNECTIONS", "")  # docker compose's unset variable: no cap
+    assert Settings().max_connections is None
+    monkeypatch.setenv("BODY_READ_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("MAX_CONNECTIONS", "2000")
+    assert (Settings().body_read_timeout_s, Settings().max_connections) == (2.5, 2000)
+    monkeypatch.setenv("BODY_READ_TIMEOUT_S", "0")
+    monkeypatch.setenv("MAX_CONNECTIONS", "0")
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    msg = settings_error_message(e.value)
+    assert "\n" not in msg
+    assert "BODY_READ_TIMEOUT_S='0': Input should be greater than 0" in msg
+    assert "MAX_CONNECTIONS='0': Input should be greater than or equal to 1" in msg
+
+
 def test_din_serve_with_a_bad_variable_prints_one_line_and_exits_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if k.upper() not in {n.upper() for n in Settings.model_fields}}
     env |= {"PYTHONPATH": str(ROOT), "DIN_HOME": str(tmp_path / "din"), "MAX_BODY_BYTES": "12", "DEVICE": "tpu"}
