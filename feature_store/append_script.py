@@ -8,8 +8,13 @@ ARGV  1 mode: "append" (events follow) or "merge" (events come from the pending 
       in arrival order; 4 .. 3+n their event ids (bytes, 1..128); 4+n the TTL of parked
       events; 5+n the user id (text)
 Reply {status, next version or "-", applied, duplicates}; status is
-      "ok" | "repaired" (the old value was corrupt and was replaced) | "pending" (parked:
-      the version is loading) | "retired" (go to `next`) | "stale" (no such version).
+      "ok" | "repaired" (the old value was corrupt, or a key of another type, and was
+      replaced) | "pending" (parked: the version is loading) | "retired" (go to `next`) |
+      "stale" (no such version).
+
+A user's key of the wrong type (a stray RPUSH on the value, a SET on the id ring or the
+pending list) is garbage like a corrupt value: replaced, never a WRONGTYPE error that
+would fail the whole batch, batch after batch, with the other users' events stored.
 
 The event-id ring keeps the user's latest `id_window` ids, or all of the latest call's
 when it brought more (so the same call, retried, appends nothing).
@@ -37,6 +42,12 @@ local max_history, n_profile, user_ttl = tonumber(f[3]), tonumber(f[4]), tonumbe
 local id_window, id_ttl = tonumber(f[6]), tonumber(f[7])
 if state == 'R' then return {'retired', nxt, 0, 0} end
 
+-- a key of another type than the script writes holds garbage (a stray write): drop it
+local function own(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= kind and t ~= 'none' then redis.call('DEL', key) end
+end
+
 local recs, ids = {}, {}
 if ARGV[1] == 'append' then
   local n = tonumber(ARGV[2])
@@ -46,6 +57,8 @@ if ARGV[1] == 'append' then
     ids[i] = ARGV[3 + i]
   end
   if state == 'L' then
+    own(KEYS[3], 'list')
+    own(KEYS[5], 'set')
     local items = {}
     for i = 1, n do items[i] = recs[i] .. ids[i] end
     for a = 1, n, 1000 do
@@ -58,6 +71,7 @@ if ARGV[1] == 'append' then
   end
 else
   if state == 'L' then return redis.error_reply('ERR merge of pending events before the version is sealed') end
+  own(KEYS[3], 'list')
   local items = redis.call('LRANGE', KEYS[3], 0, -1)
   for i, item in ipairs(items) do
     recs[i] = string.sub(item, 1, 24)
@@ -71,7 +85,11 @@ end
 local status = 'ok'
 local head = nil
 local hist, his, los = {}, {}, {}
-local value = redis.call('GET', KEYS[1])
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' and value.err then  -- WRONGTYPE: not a string at all; SET below replaces it
+  status = 'repaired'
+  value = false
+end
 if value then
   local len = string.len(value)
   local p = 0
@@ -93,6 +111,7 @@ if not head then
 end
 
 -- insert each new event before the first stored record that is not newer
+own(KEYS[2], 'list')
 local seen, fresh = {}, {}
 local applied, dups = 0, 0
 for i = 1, #recs do

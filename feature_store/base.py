@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,31 @@ class StoreError(RuntimeError):
     Redis is up (refusing writes when out of memory, a key holding data it cannot use), so
     the service refuses or degrades this call but does not count it as an outage.
     """
+
+
+class StoreBusyError(RuntimeError):
+    """The service's own connection pool had no free connection: Redis was not even asked.
+
+    Local congestion (a burst of calls), not an outage: the service degrades or refuses
+    this call but must not count it against Redis (its circuit breaker would stop every
+    user's history reads while Redis is healthy).
+    """
+
+
+@dataclass
+class ConnectionWait:
+    """Whether a store call is queued for a free connection right now.
+
+    A caller that puts a deadline on store calls (the service's StoreGuard) sets one in
+    `CONNECTION_WAIT` around each call; the store sets `waiting` while the call queues.
+    A deadline that passes while `waiting` is local congestion (StoreBusyError's case),
+    not a Redis that does not answer.
+    """
+
+    waiting: bool = False
+
+
+CONNECTION_WAIT: ContextVar[ConnectionWait | None] = ContextVar("din_store_connection_wait", default=None)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 CORRUPT_VALUES = Counter(
     "din_store_corrupt_values",
-    "Stored values that could not be decoded and were served as unknown (kind: user or ad)",
+    "Stored values that could not be decoded and were served as unknown (kind: user, ad, or a version's meta)",
     ["kind"],
 )
 EVENTS_APPLIED = Counter("din_store_events_applied", "Live behaviour events appended to a user's history")

@@ -25,7 +25,15 @@ import redis.asyncio as aioredis
 
 from feature_store import metrics
 from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
-from feature_store.base import AdFeatures, HistoryStore, StoreError, StoreStats, StoreUnavailableError
+from feature_store.base import (
+    CONNECTION_WAIT,
+    AdFeatures,
+    HistoryStore,
+    StoreBusyError,
+    StoreError,
+    StoreStats,
+    StoreUnavailableError,
+)
 from feature_store.connection import RedisAddress, async_client, redacted_url, sync_client
 from feature_store.events import AppendReport, EventBatch
 from feature_store.fences import Fence, user_fence_tag
@@ -46,10 +54,44 @@ from model.data.log import BehaviourLog
 logger = logging.getLogger(__name__)
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+_POOL_EXHAUSTED = redis.exceptions.MaxConnectionsError  # a ConnectionError, but Redis was not asked
 MAX_APPEND_HOPS = 6  # version redirects one append may follow (normally 1, 2 during a load)
 STATS_SAMPLE = 1000  # user keys whose MEMORY USAGE / STRLEN `stats` averages
 
 __all__ = ["RedisHistoryStore", "StoreError", "redacted_url"]
+
+
+class _CallSlots:
+    """At most `n` store calls in flight, `n` being the connection pool's size.
+
+    Each call holds at most one connection (per node, on a cluster) at a time, so calls
+    past the pool's size queue here for a free one instead of failing with redis-py's
+    MaxConnectionsError ("Too many connections"), which says nothing about Redis. While a
+    call queues, the caller's ConnectionWait (feature_store.base) says so: its deadline
+    passing there is local congestion, not an outage. Waiters are served in arrival order,
+    so a burst of ad look-ups does not starve the history reads that came in between.
+    """
+
+    __slots__ = ("_sem",)
+
+    def __init__(self, n: int):
+        self._sem = asyncio.Semaphore(n)
+
+    async def __aenter__(self) -> None:
+        sem = self._sem
+        if not sem.locked():
+            await sem.acquire()  # returns at once
+            return
+        wait = CONNECTION_WAIT.get()
+        if wait is None:
+            await sem.acquire()
+            return
+        wait.waiting = True  # left set if the wait is cancelled: the caller's deadline passed here
+        await sem.acquire()
+        wait.waiting = False
+
+    async def __aexit__(self, *exc) -> None:
+        self._sem.release()
 
 
 class RedisHistoryStore(HistoryStore):
@@ -64,7 +106,10 @@ class RedisHistoryStore(HistoryStore):
         version_refresh_s: float = 1.0,
         miss_refresh_s: float = 0.1,
         cluster: bool | None = None,
+        max_connections: int | None = None,
     ):
+        """`max_connections`: the client's pool size (per node on a cluster); store calls past
+        it queue for a free connection (None: no bound, the pool is unbounded)."""
         self._redis = client
         self._url = url
         self._address = RedisAddress.parse(url, cluster)
@@ -78,6 +123,7 @@ class RedisHistoryStore(HistoryStore):
         self._meta: dict = {}
         self._checked_at = float("-inf")  # time.monotonic() of the last pointer read
         self._refreshing: asyncio.Future | None = None  # the pointer read in flight, shared
+        self._slots = _CallSlots(max_connections) if max_connections else contextlib.nullcontext()
 
     @classmethod
     def from_url(
@@ -112,7 +158,7 @@ class RedisHistoryStore(HistoryStore):
         )
         return cls(
             client, url=url, namespace=namespace, cluster=cluster,
-            version_refresh_s=version_refresh_s, miss_refresh_s=miss_refresh_s,
+            version_refresh_s=version_refresh_s, miss_refresh_s=miss_refresh_s, max_connections=max_connections,
         )
 
     # ---------------------------------------------------------------------- state
@@ -140,6 +186,9 @@ class RedisHistoryStore(HistoryStore):
 
     def _unavailable(self, e: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"Redis at {self.url} is unavailable: {e.__class__.__name__}: {e}")
+
+    def _busy(self, e: Exception) -> StoreBusyError:
+        return StoreBusyError(f"no free connection to Redis at {self.url} (all in use by this process): {e}")
 
     def _refused(self, e: redis.ResponseError, what: str) -> StoreError:
         """An error reply (OOM, WRONGTYPE, NOAUTH...): Redis is up but did not do it."""
@@ -195,8 +244,10 @@ class RedisHistoryStore(HistoryStore):
         try:
             raw_meta = await self._redis.get(keys.meta)
             meta = json.loads(raw_meta) if raw_meta is not None else {}
-        except (ValueError, redis.ResponseError):  # not JSON, or a key of the wrong type
-            logger.warning("meta key %s is not a JSON string; profile fields unknown", keys.meta)
+            if not isinstance(meta, dict):  # valid JSON, but not the object `din load` writes
+                raise ValueError(f"JSON {type(meta).__name__}, not an object")
+        except (ValueError, redis.ResponseError) as e:  # not JSON, not an object, or a key of the wrong type
+            self._corrupt("meta", f"meta key {keys.meta}", f"{e}; profile and ad fields unknown")
             meta = {}
         if self._keys is not None:
             logger.info("feature store %s: data version %s -> %s", self.namespace, self.version, version)
@@ -263,12 +314,15 @@ class RedisHistoryStore(HistoryStore):
         if not ids:
             return []
         try:
-            await self._version_now()
-            values = await self._fetch(ids)
-            if None in values and time.monotonic() - self._checked_at >= self.miss_refresh_s:
-                before = self.version
-                if await self.refresh_version() != before:
-                    values = await self._fetch(ids)
+            async with self._slots:  # queue for a free connection (_CallSlots)
+                await self._version_now()
+                values = await self._fetch(ids)
+                if None in values and time.monotonic() - self._checked_at >= self.miss_refresh_s:
+                    before = self.version
+                    if await self.refresh_version() != before:
+                        values = await self._fetch(ids)
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
         except redis.ResponseError as e:
@@ -284,11 +338,14 @@ class RedisHistoryStore(HistoryStore):
         """Category id (and any other ad field) per ad, -1 / not found for unknown ads; one MGET."""
         ids = np.asarray(ad_ids, dtype=np.int64)
         try:
-            await self._version_now()
-            fields = tuple(self._meta.get("ad_fields", AD_FIELDS))
-            if self._keys is None or ids.size == 0:
-                return AdFeatures(fields, np.zeros(ids.size, bool), np.full((ids.size, len(fields)), -1, np.int64))
-            values = await self._mget(self._keys.ads(ids.tolist()))
+            async with self._slots:  # queue for a free connection (_CallSlots)
+                await self._version_now()
+                fields = tuple(self._meta.get("ad_fields", AD_FIELDS))
+                if self._keys is None or ids.size == 0:
+                    return AdFeatures(fields, np.zeros(ids.size, bool), np.full((ids.size, len(fields)), -1, np.int64))
+                values = await self._mget(self._keys.ads(ids.tolist()))
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
         except redis.ResponseError as e:
@@ -342,6 +399,11 @@ class RedisHistoryStore(HistoryStore):
         raise AssertionError("unreachable")
 
     async def append_events(self, events: EventBatch) -> AppendReport:
+        """Append live behaviours; returns once Redis has run every user's script (see _append)."""
+        async with self._slots:  # queue for a free connection (_CallSlots)
+            return await self._append(events)
+
+    async def _append(self, events: EventBatch) -> AppendReport:
         """Append live behaviours; returns once Redis has run every user's script.
 
         Each user's events go through one script call on the live version; a fence may
@@ -388,6 +450,8 @@ class RedisHistoryStore(HistoryStore):
                 todo = after
             if todo:
                 raise StoreError(f"appends kept being redirected between data versions ({sorted(set(v for _, v in todo))})")
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
         except redis.ResponseError as e:
@@ -439,6 +503,8 @@ class RedisHistoryStore(HistoryStore):
             async for key in self._redis.scan_iter(match=f"{self.namespace}:v*:meta", count=5000):
                 versions.append(key.decode().split(":")[1][1:])
             loading = sorted(k.decode() for k in (await self._redis.hkeys(loading_key(self.namespace))))
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
         return StoreStats(
@@ -460,20 +526,23 @@ class RedisHistoryStore(HistoryStore):
             return []
         step = 1000
         try:
-            await self._version_now()
-            if self._keys is None:
-                return []
-            prefix = self._keys.user_prefix.encode()
-            ids: list[int] = []
-            cursor, scanned = 0, 0
-            while True:
-                cursor, keys = await self._redis.scan(cursor, match=prefix + b"*", count=step)
-                scanned += step
-                for key in keys:  # b"{prefix}{<uid>}"
-                    with contextlib.suppress(ValueError):
-                        ids.append(int(key[len(prefix) + 1 : -1]))
-                if cursor == 0 or len(ids) >= limit or scanned >= max_scanned:
-                    return ids[:limit]
+            async with self._slots:  # queue for a free connection (_CallSlots)
+                await self._version_now()
+                if self._keys is None:
+                    return []
+                prefix = self._keys.user_prefix.encode()
+                ids: list[int] = []
+                cursor, scanned = 0, 0
+                while True:
+                    cursor, keys = await self._redis.scan(cursor, match=prefix + b"*", count=step)
+                    scanned += step
+                    for key in keys:  # b"{prefix}{<uid>}"
+                        with contextlib.suppress(ValueError):
+                            ids.append(int(key[len(prefix) + 1 : -1]))
+                    if cursor == 0 or len(ids) >= limit or scanned >= max_scanned:
+                        return ids[:limit]
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
         except redis.ResponseError as e:
@@ -481,8 +550,11 @@ class RedisHistoryStore(HistoryStore):
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
-            await self._version_now()
+            async with self._slots:  # queue for a free connection (_CallSlots)
+                await self._redis.ping()
+                await self._version_now()
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e
 

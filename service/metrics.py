@@ -65,7 +65,7 @@ class ServiceMetrics:
         )
         self.degraded_responses = Counter(
             "din_degraded_responses_total",
-            "POST /rank answers ranked without history, by why: no_store, timeout, unavailable, circuit_open, error.",
+            "POST /rank answers ranked without history, by why: no_store, timeout, unavailable, circuit_open, busy, error.",
             ["reason"], registry=r,
         )
         # Scoring (the micro-batcher sets queue depth and batch sizes; one request is a batch of 1)
@@ -93,7 +93,7 @@ class ServiceMetrics:
         )
         self.store_errors = Counter(
             "din_store_errors_total",
-            "Failed or skipped feature-store calls, by reason: timeout, unavailable, circuit_open, error.",
+            "Failed or skipped feature-store calls, by reason: timeout, unavailable, circuit_open, busy, error.",
             ["op", "reason"], registry=r,
         )
         self.store_circuit_state = Gauge(

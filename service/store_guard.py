@@ -8,11 +8,13 @@ records its duration or its failure. Every failure comes out as one exception ty
     timeout       no answer within the deadline
     unavailable   connection refused / reset, socket timeout (StoreUnavailableError)
     circuit_open  not tried: the breaker is open after repeated failures
+    busy          not tried: no free connection in the service's own pool within the
+                  deadline (a burst of calls; StoreBusyError), which says nothing about Redis
     error         anything else the store raised (a Redis error reply, a bug)
 
 A StoreError is an `error` the breaker does not count: Redis answered and refused this one
 call (out of memory for writes, a key holding garbage), so it is not down, and one bad
-key must not make every user's /rank skip the store.
+key must not make every user's /rank skip the store. Nor is `busy`: Redis was not asked.
 
 Readers degrade on it (/rank ranks with an empty history); writers must refuse:
 `store_unavailable_error(e)` is the 503 (with Retry-After) that POST /events raises, so an
@@ -30,7 +32,7 @@ from typing import TypeVar
 import anyio
 from fastapi import HTTPException, status
 
-from feature_store.base import StoreError, StoreUnavailableError
+from feature_store.base import CONNECTION_WAIT, ConnectionWait, StoreBusyError, StoreError, StoreUnavailableError
 from service.circuit_breaker import BreakerState, CircuitBreaker
 from service.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, ServiceMetrics
 
@@ -94,17 +96,31 @@ class StoreGuard:
         self.breaker.record_success()  # Redis answers (a half-open trial has its answer)
         return StoreCallFailed(str(e), "error", retry_after_s=1.0, answered=True)
 
+    def _busy(self, op: str, message: str) -> StoreCallFailed:
+        """No free connection in our own pool: not Redis's failure, so the breaker does not count it."""
+        self.metrics.store_errors.labels(op, "busy").inc()
+        if self.breaker.state is BreakerState.HALF_OPEN:  # the trial got no answer: the next one tries again
+            self.breaker.record_failure()
+        return StoreCallFailed(message, "busy", retry_after_s=1.0)
+
     async def call(self, op: str, fn: Callable[[], Awaitable[T]], *, timeout_s: float | None = None) -> T:
         """`await fn()` under the deadline and the breaker; raise StoreCallFailed on any failure."""
         if not self.breaker.allow():
             raise self._fail(op, "circuit_open", f"the feature store is failing ({self._last_error}); not tried")
         deadline = self.timeout_s if timeout_s is None else timeout_s
         start = time.perf_counter()
+        wait = ConnectionWait()  # the store marks it while the call queues for a connection
+        token = CONNECTION_WAIT.set(wait)
         try:
             with anyio.fail_after(deadline):
                 result = await fn()
         except TimeoutError:
+            if wait.waiting:
+                raise self._busy(op, f"no free Redis connection within {deadline * 1000:.0f} ms "
+                                     f"(all in use by this process)") from None
             raise self._fail(op, "timeout", f"no answer within {deadline * 1000:.0f} ms") from None
+        except StoreBusyError as e:
+            raise self._busy(op, str(e)) from None
         except StoreUnavailableError as e:
             raise self._fail(op, "unavailable", str(e)) from None
         except StoreError as e:
@@ -117,6 +133,8 @@ class StoreGuard:
             if self.breaker.state is BreakerState.HALF_OPEN:
                 self.breaker.record_failure()
             raise
+        finally:
+            CONNECTION_WAIT.reset(token)
         self.breaker.record_success()
         self.metrics.store_seconds.labels(op).observe(time.perf_counter() - start)
         return result
@@ -130,6 +148,8 @@ def store_unavailable_error(e: StoreCallFailed, what: str = "the request") -> HT
     """
     if e.answered:
         detail = f"the feature store refused: {e}; {what} was not stored, retry later"
+    elif e.reason == "busy":
+        detail = f"the service is busy (no free connection to the feature store); {what} was not stored, retry later"
     else:
         detail = f"the feature store is unavailable ({e.reason}); {what} was not stored, retry later"
     return HTTPException(

@@ -273,3 +273,35 @@ async def test_a_broken_version_pointer_is_a_503_not_a_500(trained, loaded_redis
     assert "din load" in events.json()["detail"]
     assert sample.status_code == 503 and "din load" in sample.json()["detail"], sample.text
     assert ranked.status_code == 200 and ranked.json()["degraded"] is True
+
+
+async def test_a_user_key_of_the_wrong_type_is_repaired_by_the_append_not_a_503_forever(trained, loaded_redis):
+    """A stray RPUSH on one user's value (or a SET on another's event-id ring) failed the whole batch
+    with WRONGTYPE after the other users' scripts had run: 503 "not stored" on every retry, every
+    event counted refused. Garbage of any type is replaced, as a corrupt string value is."""
+    from test_observability import samples, value
+
+    users = np.unique(trained.log.user_id)
+    listed, ringed, good = int(users[0]), int(users[1]), int(users[2])
+    c = redis.Redis.from_url(loaded_redis)
+    keys = KeySpace(version=c.get(current_key()).decode())
+    c.delete(keys.user(listed))
+    c.rpush(keys.user(listed), b"junk")
+    c.set(keys.event_ids(ringed), b"junk")
+    newest = int(trained.log.timestamp.max()) + 10
+    rows = [(listed, 7001, 1, newest), (ringed, 7002, 1, newest), (good, 7003, 1, newest)]
+    body = event_body(rows, ["w1", "w2", "w3"])
+    async with serving(settings_for(trained.bundle.path, loaded_redis, admin_token=TOKEN)) as client:
+        first = await client.post("/events", json=body, headers=AUTH)
+        retry = await client.post("/events", json=body, headers=AUTH)
+        m = samples((await client.get("/metrics")).text)
+    assert first.status_code == 200, first.text
+    assert (first.json()["applied"], first.json()["duplicates"]) == (3, 0)
+    assert (retry.json()["applied"], retry.json()["duplicates"]) == (0, 3)  # the repaired ring dedups again
+    assert stored_items(loaded_redis, listed) == [7001]  # the list became a fresh history
+    assert stored_items(loaded_redis, ringed)[0] == 7002 and stored_items(loaded_redis, good)[0] == 7003
+    assert c.type(keys.event_ids(ringed)) == b"list"
+    c.close()
+    assert value(m, "din_events_total", outcome="stored") == 3
+    assert value(m, "din_events_total", outcome="duplicate") == 3
+    assert value(m, "din_events_total", outcome="refused") == 0

@@ -139,6 +139,7 @@ async def test_readyz_reports_model_store_and_circuit(trained, loaded_redis):
     assert r.json() | {"providers": None} == {
         "ready": True, "model": "ok", "store": "ok", "degraded": False, "store_url": loaded_redis,
         "store_circuit": "closed", "model_version": trained.bundle.model_version, "providers": None,
+        "store_data": "loaded",
     }
 
 

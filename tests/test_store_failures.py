@@ -7,6 +7,7 @@ answers nothing), while a steady stream of /rank requests runs through the real 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -289,3 +290,78 @@ async def test_a_refusal_of_a_store_that_answers_is_an_error_but_not_a_breaker_f
     m = samples(guard.metrics.render().decode())
     assert value(m, "din_store_errors_total", op="append_events", reason="error") == 2
 
+
+
+async def test_a_burst_of_ad_look_ups_past_the_pool_size_opens_no_breaker(trained, loaded_redis):
+    """200 concurrent /rank with candidates sent without cate_id (one ad look-up each) on a pool of
+    2 connections: redis-py's "Too many connections" used to count as a Redis outage, opening the
+    breaker and taking every user's history away while Redis was healthy. Now they queue."""
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    cands = some_candidates(trained.log, 5, seed=8)
+    settings = settings_for(trained.bundle.path, loaded_redis, store_max_connections=2,
+                            breaker_failure_threshold=3, breaker_reset_ms=60_000)
+
+    def look_up(k: int) -> dict:  # a fresh ad id per request: an ad-cache miss, so a Redis call
+        return {"user_id": user, "candidates": [{"item_id": 10**12 + k}, {"item_id": int(cands[0, 0]), "cate_id": 1}]}
+
+    async with serving(settings) as client:
+        answers = await asyncio.gather(
+            *(client.post("/rank", json=look_up(k)) for k in range(200)),
+            *(client.post("/rank", json=rank_body(user, cands)) for _ in range(20)),
+        )
+        m = samples((await client.get("/metrics")).text)
+        ready = (await client.get("/readyz")).json()
+    bodies = [r.json() for r in answers]
+    assert [r.status_code for r in answers] == [200] * 220
+    assert all(b["degraded"] is False and b["history_length"] > 0 for b in bodies), {
+        (b["degraded"], b["history_length"]) for b in bodies}
+    assert ready["store_circuit"] == "closed"
+    for op in ("get_ad_features", "get_histories"):
+        for reason in ("unavailable", "timeout", "circuit_open"):
+            assert value(m, "din_store_errors_total", op=op, reason=reason) == 0, (op, reason)
+
+
+@pytest.mark.parametrize("meta", [b"[1]", b"not json"], ids=["json-not-an-object", "not-json"])
+async def test_a_meta_that_is_not_a_json_object_is_served_like_unreadable_meta(trained, loaded_redis, meta):
+    """`SET din:v1:meta '[1]'` (valid JSON, not an object) used to make every /rank degraded, with no
+    metric, while /readyz said ok: it is counted as corrupt and the version's fields fall back to defaults."""
+    from feature_store.keys import KeySpace, current_key
+
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    c = redis.Redis.from_url(loaded_redis)
+    c.set(KeySpace(version=c.get(current_key()).decode()).meta, meta)
+    c.close()
+    item = int(trained.log.item_id[0])
+    missing_cate = {"user_id": user, "candidates": [{"item_id": item}, {"item_id": 1, "cate_id": 1}]}
+    async with serving(settings_for(trained.bundle.path, loaded_redis)) as client:
+        m0 = samples((await client.get("/metrics")).text)
+        ranked = [(await client.post("/rank", json=b)).json() for b in
+                  (rank_body(user, some_candidates(trained.log, 5)), missing_cate)]
+        m = samples((await client.get("/metrics")).text)
+    assert [(r["degraded"], r["history_length"] > 0) for r in ranked] == [(False, True)] * 2
+    corrupt = [value(x, "din_store_corrupt_values_total", kind="meta") for x in (m0, m)]
+    assert corrupt[1] - corrupt[0] == 1  # (a process-wide counter)
+    assert sum(v for (name, _), v in m.items() if name == "din_store_errors_total") == 0
+
+
+async def test_readyz_says_whether_the_store_holds_a_data_version(trained, loaded_redis):
+    """Redis restarted empty: every user silently became new while /readyz said "ok". Readiness does
+    not change (an empty store is a fresh deployment's normal state); the body says so."""
+    settings = settings_for(trained.bundle.path, loaded_redis)
+    c = redis.Redis.from_url(loaded_redis)
+    try:
+        async with serving(settings) as client:
+            loaded = (await client.get("/readyz")).json()
+            c.flushall()  # what a Redis restarted without its data holds
+            t0 = time.monotonic()
+            empty = (await client.get("/readyz")).json()
+            while empty["store_data"] == "loaded" and time.monotonic() - t0 < 5:  # the pointer is re-read within 1 s
+                await anyio.sleep(0.05)
+                empty = (await client.get("/readyz")).json()
+    finally:
+        c.close()
+    assert (loaded["ready"], loaded["store"], loaded["degraded"], loaded["store_data"]) == (True, "ok", False, "loaded")
+    assert (empty["ready"], empty["store"], empty["degraded"], empty["store_data"]) == (True, "ok", False, "none loaded")
+    async with serving(settings_for(trained.bundle.path, f"redis://127.0.0.1:{free_port()}/0")) as client:
+        down = (await client.get("/readyz")).json()
+    assert down["store_data"] is None and down["store"].startswith("unreachable")

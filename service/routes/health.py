@@ -6,12 +6,18 @@ rank. A Redis outage does not make a replica unready: every replica shares that 
 and the service still answers (degraded) without it; /readyz reports the store's state in
 its body. An orchestrator restarts on /healthz only, so an outage never restarts healthy
 replicas.
+
+Nor does an empty store (a fresh deployment, or a Redis restarted without its data): the
+body's `store_data` says whether a data version is loaded, from the data version pointer
+that the PING of /readyz reads anyway (at most once a second), so an operator can tell
+"every user is new" from "the histories are gone".
 """
 
 from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter, Request, Response
+from pydantic import Field
 
 from feature_store.base import StoreUnavailableError
 from service.deps import SettingsDep, StoreDep
@@ -19,6 +25,25 @@ from service.routes.rank import json_response
 from service.schemas import Readiness
 
 router = APIRouter(tags=["health"])
+
+LOADED, NONE_LOADED = "loaded", "none loaded"
+
+
+class StoreReadiness(Readiness):
+    """Readiness, plus whether the store holds data (readiness does not depend on it)."""
+
+    store_data: str | None = Field(
+        default=None,
+        description=f'"{LOADED}": the store has a data version, "{NONE_LOADED}": it has none (every user is '
+        "served as new: run `din load`, or send events); null: not known (no store, or it did not answer).",
+    )
+
+
+def store_data(store, store_state: str) -> str | None:
+    """Whether the store has a data version, as its last pointer read found (no extra read)."""
+    if store_state != "ok" or not hasattr(store, "version"):
+        return None
+    return LOADED if store.version is not None else NONE_LOADED
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -43,9 +68,9 @@ async def store_status(store, timeout_s: float) -> str:
 
 @router.get(
     "/readyz",
-    response_model=Readiness,
+    response_model=StoreReadiness,
     summary="Readiness: model loaded and warmed (store state in the body)",
-    responses={503: {"model": Readiness, "description": "Not ready; the body names what is not"}},
+    responses={503: {"model": StoreReadiness, "description": "Not ready; the body names what is not"}},
 )
 async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     scorer = getattr(request.app.state, "scorer", None)
@@ -61,10 +86,11 @@ async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> Re
     store_state = await store_status(store, max(settings.store_timeout_s, 0.25))
     guard = getattr(request.app.state, "store_guard", None)
     circuit = guard.state.value if guard is not None else None
-    body = Readiness(
+    body = StoreReadiness(
         ready=model == "ok",
         model=model,
         store=store_state,
+        store_data=store_data(store, store_state),  # (PING read the pointer: no extra round trip)
         degraded=store_state != "ok" or circuit not in (None, "closed"),
         store_url=None if store is None else getattr(store, "url", None),  # password hidden
         store_circuit=circuit,
