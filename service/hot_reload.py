@@ -28,6 +28,7 @@ from model.bundle import Bundle, BundleError, load_bundle, resolve_bundle_path
 from service.metrics import ServiceMetrics
 from service.schemas import Candidate
 from service.scorer import Scorer, check_onnx_loads
+from service.store_guard import StoreCallFailed
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,37 @@ class ModelReloader:
             raise ReloadRefused(422, f"bundle {source!s:.300} cannot be read ({type(e).__name__})") from None
         except BundleError as e:
             raise ReloadRefused(422, f"bundle refused: {e}") from None
+        if problem := await self._profiles_the_store_lacks(new.bundle):
+            raise ReloadRefused(422, f"bundle refused: {problem}")
         self._state.scorer = new  # the swap: requests that already hold `old` finish on it
         self._metrics.set_model(new.model_version, new.bundle.model_type, seconds)
         previous = old.model_version if old is not None else None
         log.info("model reloaded: %s -> %s in %.2f s", previous, new.model_version, seconds,
                  extra={"model_version": new.model_version, "previous_version": previous})
         return ReloadResult(new.model_version, previous, True, seconds)
+
+    async def _profiles_the_store_lacks(self, bundle: Bundle) -> str | None:
+        """Why the store's loaded data cannot feed this model's profile fields, else None.
+
+        Every known user would score with the unknown-profile row (answers degraded), so a
+        reload refuses it while the old model serves on. A store that does not answer, or
+        has no data loaded yet, cannot say: the reload goes ahead (the batches then degrade
+        and log which field is missing, as at start-up).
+        """
+        wanted, store = bundle.spec.profile_fields, getattr(self._state, "store", None)
+        if not wanted or store is None:
+            return None
+        if (refresh := getattr(store, "refresh_version", None)) is not None:
+            try:
+                await self._state.store_guard.call("refresh_version", refresh)
+            except StoreCallFailed:
+                return None
+            if store.version is None:
+                return None
+        kept = store.profile_fields
+        if missing := [f for f in wanted if f not in kept]:
+            return (
+                f"bundle {bundle.path} reads profile field(s) {missing} that the store's loaded data does not keep "
+                f"(it has {list(kept)}): load data with them (din load) before this model, or serve one without them"
+            )
+        return None

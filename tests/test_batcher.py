@@ -423,9 +423,8 @@ async def test_a_batch_that_cannot_be_built_fails_its_requests_not_the_batcher(b
     assert good.scored.ctr.shape == (5,) and scorer.calls == 1
 
 
-async def test_a_model_reading_a_profile_field_the_store_lacks_answers_degraded(store_url, tmp_path):
-    """The tiny store keeps no profiles; a model that reads `gender` would score every user with
-    the unknown-profile row while saying nothing: the answers are marked degraded instead."""
+def _reads_gender(tmp_path) -> Bundle:
+    """A DIN over the tiny bundle's ids that also reads a `gender` profile field."""
     import torch
 
     from model.bundle import load_bundle
@@ -439,8 +438,14 @@ async def test_a_model_reading_a_profile_field_the_store_lacks_answers_degraded(
     spec = FeatureSpec(profile_fields=("gender",), vocab_sizes={k: v.num_rows for k, v in vocabs.items()}, max_history=6)
     torch.manual_seed(0)
     model = build_model("din", spec, ModelConfig(embedding_dim=4))
-    with_profile = load_bundle(export_bundle(model, model_type="din", spec=spec, vocabularies=vocabs, out_dir=tmp_path,
-                                             data_fingerprint="profile", extra={}).bundle)  # fmt: skip
+    return load_bundle(export_bundle(model, model_type="din", spec=spec, vocabularies=vocabs, out_dir=tmp_path,
+                                     data_fingerprint="profile", extra={}).bundle)  # fmt: skip
+
+
+async def test_a_model_reading_a_profile_field_the_store_lacks_answers_degraded(store_url, tmp_path):
+    """The tiny store keeps no profiles; a model that reads `gender` would score every user with
+    the unknown-profile row while saying nothing: the answers are marked degraded instead."""
+    with_profile = _reads_gender(tmp_path)
     settings = Settings(
         bundle=with_profile.path, redis_url=store_url, intra_op_threads=1,
         store_timeout_ms=5000, store_read_timeout_ms=5000, store_connect_timeout_ms=5000,  # a loaded CI box: never degraded
@@ -451,3 +456,20 @@ async def test_a_model_reading_a_profile_field_the_store_lacks_answers_degraded(
     assert [r.status_code for r in answers] == [200, 200]
     assert answers[0].json()["degraded"] is True and answers[0].json()["history_length"] > 0
     assert answers[1].json()["degraded"] is False  # an unknown user has no profile anyway
+
+
+async def test_a_reload_to_a_model_reading_a_profile_field_the_store_lacks_is_refused(bundle, store_url, tmp_path):
+    """At start-up such a model serves degraded answers (above); a reload refuses it instead,
+    so the model that the store's data can feed keeps serving."""
+    token = "reload-token-123456"
+    settings = Settings(
+        bundle=bundle.path, redis_url=store_url, intra_op_threads=1, admin_token=token,
+        store_timeout_ms=5000, store_read_timeout_ms=5000, store_connect_timeout_ms=5000,
+    )  # fmt: skip
+    async with serving(settings) as (client, _):
+        r = await client.post("/admin/reload", json={"bundle": str(_reads_gender(tmp_path).path)},
+                              headers={"Authorization": f"Bearer {token}"})
+        after = await client.post("/rank", json=body(int(USERS[0]), 3))
+    assert r.status_code == 422, r.text
+    assert "reads profile field(s) ['gender'] that the store's loaded data does not keep" in r.json()["detail"]
+    assert after.json()["model_version"] == bundle.model_version and after.json()["degraded"] is False
