@@ -47,6 +47,7 @@ CHROMIUM_ARGS = [
 MAX_CANDIDATES = 10  # the served limit (MAX_CANDIDATES setting), small so a 4xx is easy to provoke
 BIG = 2**53 + 1  # item ids above 2**53: a JS number cannot hold them, the page must keep them exact
 STARTUP_S = 120.0
+API_KEY = "explain-page-key-1"  # the keyed service's one key (API_KEYS needs 8+ characters)
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ class Service:
     bundle: Path
     model_version: str
     log: BehaviourLog
+    redis_url: str
 
 
 def _din() -> str:
@@ -145,8 +147,9 @@ def _serve(world: tuple[Path, BehaviourLog, str], model: str) -> Iterator[Servic
 
 
 def _run_service(tmp: Path, log: BehaviourLog, bundle: Path, model_version: str, model: str,
-                 redis_url: str, env: dict[str, str]) -> Iterator[Service]:
-    """`din serve` under uvicorn on a free port, up until /readyz says 200."""
+                 redis_url: str, env: dict[str, str], api_key: str | None = None) -> Iterator[Service]:
+    """`din serve` under uvicorn on a free port, up until /readyz says 200 (`api_key`: one of
+    the API_KEYS in `env`, for the wiring check)."""
     port = free_port()
     log_file = (tmp / f"serve-{model}.log").open("w")
     proc = subprocess.Popen(
@@ -166,8 +169,8 @@ def _run_service(tmp: Path, log: BehaviourLog, bundle: Path, model_version: str,
                 pass
             assert time.monotonic() < deadline, f"din serve not ready in {STARTUP_S}s:\n{_tail(tmp / f'serve-{model}.log')}"
             time.sleep(0.2)
-        _check_explain_is_served(base, log)
-        yield Service(base_url=base, bundle=bundle, model_version=model_version, log=log)
+        _check_explain_is_served(base, log, api_key)
+        yield Service(base_url=base, bundle=bundle, model_version=model_version, log=log, redis_url=redis_url)
     finally:
         proc.terminate()
         try:
@@ -182,11 +185,11 @@ def _tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def _check_explain_is_served(base: str, log: BehaviourLog) -> None:
+def _check_explain_is_served(base: str, log: BehaviourLog, api_key: str | None = None) -> None:
     """The wiring the page needs, checked without a browser (a failure here is the service's)."""
     page = httpx.get(f"{base}/", timeout=10)
     assert page.status_code == 200 and 'id="heatmap"' in page.text, f"GET / does not serve the page: {page.status_code}"
-    r = httpx.post(f"{base}/rank", timeout=30, json={
+    r = httpx.post(f"{base}/rank", timeout=30, headers={"X-API-Key": api_key} if api_key else {}, json={
         "user_id": int(log.user_id[0]), "candidates": [{"item_id": 101, "cate_id": 1}], "explain": True})
     assert r.status_code == 200 and "attention_available" in r.json(), f"POST /rank explain: {r.status_code} {r.text}"
 
@@ -199,6 +202,15 @@ def din_service(world) -> Iterator[Service]:
 @pytest.fixture(scope="module")
 def base_service(world) -> Iterator[Service]:
     yield from _serve(world, "base")
+
+
+@pytest.fixture(scope="module")
+def keyed_service(world, din_service: Service) -> Iterator[Service]:
+    """The DIN bundle and histories of `din_service`, served again with API_KEYS set."""
+    tmp, log, _ = world
+    env = _env(tmp) | {"API_KEYS": f"{API_KEY},another-key-2"}
+    yield from _run_service(tmp, log, din_service.bundle, din_service.model_version, "din-keyed",
+                            din_service.redis_url, env, api_key=API_KEY)
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +301,9 @@ def test_page_ranks_a_user_and_draws_the_attention_heatmap(browser, din_service:
     _rank(page, user, cands)
     api = httpx.post(f"{din_service.base_url}/rank", timeout=30, json={
         "user_id": user, "candidates": [{"item_id": i, "cate_id": c} for i, c in cands], "explain": True}).json()
+
+    # Without API_KEYS the page never asks for a key.
+    assert page.locator("#api-key-form").is_hidden()
 
     # Header: the model that answered, not degraded.
     assert page.inner_text("#model-version") == din_service.model_version == api["model_version"]
@@ -473,3 +488,82 @@ def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_page_asks_for_an_api_key_and_sends_it(browser, keyed_service: Service, page):
+    """With API_KEYS set: the first call's 401 brings up a password field saying a key is
+    needed, a wrong key shows the service's 403, the right one makes Sample and Rank work and
+    goes out as X-API-Key on every call, kept in this tab's sessionStorage only."""
+    log = keyed_service.log
+    sent: list[tuple[str, str | None]] = []  # (path, X-API-Key) of every API call the page made
+    page.on("request", lambda req: sent.append((req.url.split("?")[0].removeprefix(keyed_service.base_url),
+                                                 req.headers.get("x-api-key")))
+            if req.url.split("?")[0].endswith(("/rank", "/api/sample")) else None)
+    error = "document.getElementById('message').classList.contains('msg-error') && !document.getElementById('message').hidden"
+
+    # Page load samples the population: 401, and the page says a key is needed (body[data-ready]
+    # comes once that call is answered, so no waiting here).
+    _open(page, keyed_service)
+    assert page.evaluate(error), f"no error shown after the load's sample got a 401: {page.inner_text('#message')!r}"
+    key_field = page.locator("#api-key")
+    assert page.locator("#api-key-form").is_visible() and key_field.get_attribute("type") == "password"
+    assert "requires an API key" in page.inner_text("#api-key-note")
+    message = page.inner_text("#message")
+    assert message.startswith("HTTP 401") and "requires an API key" in message
+    assert sent == [("/api/sample", None)]
+    assert page.input_value("#candidates") == ""
+
+    # A wrong key: the service's 403 message, on the page and by the field.
+    key_field.fill("not-the-right-key")
+    page.click("#api-key-use")
+    page.wait_for_function(f"({error}) && document.getElementById('message').textContent.startsWith('HTTP 403')")
+    assert "unknown API key" in page.inner_text("#message")
+    assert "did not accept this key" in page.inner_text("#api-key-note")
+    assert sent[-1] == ("/api/sample", "not-the-right-key")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "explain-api-key.png"))
+
+    # The right key: the stopped call runs again, then Sample, Random user and Rank work.
+    key_field.fill(API_KEY)
+    page.click("#api-key-use")
+    _filled_or_error(page, "candidates")
+    page.fill("#candidates", "")
+    page.fill("#sample-n", "5")
+    page.click("#sample-candidates")
+    _filled_or_error(page, "candidates")
+    assert len(re.split(r"[,\s]+", page.input_value("#candidates").strip())) == 5
+    page.fill("#user-id", "")
+    page.click("#random-user")
+    _filled_or_error(page, "user-id")
+    assert int(page.input_value("#user-id")) in set(log.user_id.tolist())
+    page.click("#rank-btn")
+    page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)")
+    assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#message")
+    assert page.locator("#ranked .bar").count() == 5 and page.locator("#heatmap tr.hm-row").count() == 5
+    assert page.inner_text("#model-version") == keyed_service.model_version
+    assert page.locator("#message").is_hidden()
+    assert "accepted" in page.inner_text("#api-key-note")
+    after = sent[sent.index(("/api/sample", "not-the-right-key")) + 1:]
+    assert [p for p, _ in after] == ["/api/sample"] * 3 + ["/rank"]
+    assert all(k == API_KEY for _, k in after), after
+
+    # Kept for this tab only: in sessionStorage, not in localStorage nor in a cookie.
+    assert API_KEY in page.evaluate("JSON.stringify(Object.values(sessionStorage))")
+    assert API_KEY not in page.evaluate("JSON.stringify(Object.values(localStorage))")
+    assert API_KEY not in page.evaluate("document.cookie")
+    assert all(API_KEY not in c["value"] for c in page.context.cookies())
+    # A reload keeps it (same tab): the link in the URL ranks again at once, with the key.
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#message")
+    assert page.locator("#heatmap tr.hm-row").count() == 5
+    assert sent[-1] == ("/rank", API_KEY)
+    # Another tab does not have it.
+    other = page.context.new_page()
+    try:
+        _open(other, keyed_service)
+        assert other.evaluate(error)
+        assert other.inner_text("#message").startswith("HTTP 401") and other.locator("#api-key-form").is_visible()
+        assert other.input_value("#api-key") == ""
+    finally:
+        other.close()

@@ -1,7 +1,9 @@
 """GET /: the explain page (docs/explain.md), and its files under /static.
 
 Plain HTML/CSS/JS shipped in the package (service/static/), no build step, no CDN: the page
-calls POST /rank with `"explain": true` and GET /api/sample, both by relative URL.
+calls POST /rank with `"explain": true` and GET /api/sample, both by relative URL. With
+API_KEYS set, both answer 401/403 without a valid X-API-Key: the page then asks for a key
+and sends it on every call, keeping it in the tab's sessionStorage (docs/explain.md).
 """
 
 from __future__ import annotations

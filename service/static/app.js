@@ -94,7 +94,56 @@
     return (text || "").trim().slice(0, 300) || "no details in the response";
   }
 
+  // ---------------------------------------------------------------------------- API key
+  // With API_KEYS set, /rank and /api/sample need an X-API-Key header (401 without one, 403
+  // for an unknown one). The field appears only once the service asked for a key; the key is
+  // kept for this tab only (sessionStorage: it survives a reload, not closing the tab; never
+  // localStorage or a cookie) and goes out with every API call.
+  const KEY_SLOT = "din-explain:api-key";
+  const isAuthError = (e) => e && (e.status === 401 || e.status === 403);
+  let keyInMemory = null; // only where sessionStorage is unavailable (then the key lasts until a reload)
+  let retry = null; // the action a 401/403 stopped: pressing "Use key" runs it again
+
+  function getKey() {
+    try {
+      return sessionStorage.getItem(KEY_SLOT) || null;
+    } catch (_) {
+      return keyInMemory;
+    }
+  }
+
+  function setKey(key) {
+    keyInMemory = key || null;
+    try {
+      if (key) sessionStorage.setItem(KEY_SLOT, key);
+      else sessionStorage.removeItem(KEY_SLOT);
+    } catch (_) {
+      /* kept in memory instead */
+    }
+  }
+
+  function keyNote(kind, text) {
+    const note = $("api-key-note");
+    note.className = `key-note${kind ? ` key-${kind}` : ""}`;
+    note.textContent = text;
+  }
+
+  /** The service refused the call: show the key field, saying why. */
+  function askForKey(status, detail, sentKey) {
+    $("api-key-form").hidden = false;
+    if (status === 401 || !sentKey) {
+      keyNote("bad", "This service requires an API key: enter one of its keys (API_KEYS) and press Use key.");
+    } else {
+      keyNote("bad", `The service did not accept this key (HTTP ${status}: ${detail}). Check it and press Use key again.`);
+    }
+    const input = $("api-key");
+    input.focus();
+    input.select();
+  }
+
   async function requestJSON(url, init) {
+    const sentKey = getKey();
+    init = { ...init, headers: { ...((init && init.headers) || {}), ...(sentKey ? { "X-API-Key": sentKey } : {}) } };
     let resp;
     try {
       resp = await fetch(url, init);
@@ -109,10 +158,19 @@
       body = null;
     }
     if (!resp.ok) {
-      const err = new HttpError(`HTTP ${resp.status} ${resp.statusText || ""} from ${init && init.method || "GET"} /${url.split("?")[0]}: ${describeError(resp.status, body, text)}`);
+      const detail = describeError(resp.status, body, text);
+      let hint = "";
+      if (resp.status === 401 || resp.status === 403) {
+        askForKey(resp.status, detail, sentKey);
+        hint = (/[.!?]$/.test(detail) ? " " : ". ") + (resp.status === 401 || !sentKey
+          ? "This service requires an API key: enter it in the API key field."
+          : "Check the API key.");
+      }
+      const err = new HttpError(`HTTP ${resp.status} ${resp.statusText || ""} from ${init.method || "GET"} /${url.split("?")[0]}: ${detail}${hint}`);
       err.status = resp.status;
       throw err;
     }
+    if (sentKey && !$("api-key-form").hidden) keyNote("ok", "Key accepted: it is sent as X-API-Key on every call from this tab.");
     if (body === null) throw new HttpError(`The response of /${url.split("?")[0]} is not JSON.`);
     return body;
   }
@@ -456,6 +514,7 @@
       document.body.dataset.state = "done";
     } catch (e) {
       if (mySeq !== seq) return;
+      if (isAuthError(e)) retry = rank;
       $("results").classList.add("stale"); // what is still on screen answers an older request
       showMessage("error", e.message);
       document.body.dataset.state = "error";
@@ -482,6 +541,7 @@
       $("user-id").value = users[Math.floor(Math.random() * users.length)];
       clearMessage();
     } catch (e) {
+      if (isAuthError(e)) retry = randomUser;
       showMessage("error", e.message);
     }
   }
@@ -494,6 +554,7 @@
       $("candidates").value = formatCandidates(cands);
       clearMessage();
     } catch (e) {
+      if (isAuthError(e)) retry = sampleCandidates;
       showMessage("error", e.message);
     }
   }
@@ -505,14 +566,54 @@
     if (q.get("candidates")) $("candidates").value = q.get("candidates");
     if (q.get("top_k")) $("top-k").value = q.get("top_k");
     if (q.get("user") && q.get("candidates")) return rank();
+    return fillFromSample();
+  }
+
+  async function fillFromSample() {
     try {
       const s = await sample();
       // Fill only what is still empty: never overwrite what someone typed meanwhile.
       if (!$("user-id").value && s.user_ids && s.user_ids.length) $("user-id").value = s.user_ids[0];
       if (!$("candidates").value && s.candidates && s.candidates.length) $("candidates").value = formatCandidates(s.candidates);
-    } catch (_) {
-      /* no sample endpoint: the form stays empty, the placeholders show the format */
+    } catch (e) {
+      // The service wants an API key: say so (the key field is showing). Otherwise there is
+      // no sample endpoint: the form stays empty, the placeholders show the format.
+      if (isAuthError(e)) {
+        retry = fillFromSample;
+        showMessage("error", e.message);
+      }
     }
+  }
+
+  /** "Use key": keep the key for this tab, then run again what the 401/403 stopped. */
+  async function useKey() {
+    const key = $("api-key").value.trim();
+    if (!key) {
+      keyNote("bad", "Type the API key first.");
+      $("api-key").focus();
+      return;
+    }
+    try {
+      new Headers({ "X-API-Key": key }); // what fetch would reject (line breaks, non-Latin-1 characters)
+    } catch (_) {
+      keyNote("bad", "That key has characters an HTTP header cannot carry: check it.");
+      return;
+    }
+    setKey(key);
+    keyNote("", "Key kept for this tab.");
+    const again = retry;
+    retry = null;
+    if (!again) return;
+    const trying = "Trying again with the API key…";
+    showMessage("info", trying);
+    await again();
+    if ($("message").textContent === trying) clearMessage();
+  }
+
+  function forgetKey() {
+    setKey(null);
+    $("api-key").value = "";
+    keyNote("", "Key forgotten: calls from this tab go without one until you enter another.");
   }
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -522,6 +623,14 @@
     });
     $("random-user").addEventListener("click", randomUser);
     $("sample-candidates").addEventListener("click", sampleCandidates);
+    $("api-key-form").addEventListener("submit", (ev) => { ev.preventDefault(); useKey(); });
+    $("api-key-forget").addEventListener("click", forgetKey);
+    const key = getKey();
+    if (key) { // a key entered earlier in this tab (before a reload): show it, so it can be changed
+      $("api-key").value = key;
+      $("api-key-form").hidden = false;
+      keyNote("", "Using the key entered earlier in this tab.");
+    }
     installHover();
     prefill().finally(() => { document.body.dataset.ready = "true"; });
   });
