@@ -368,12 +368,45 @@ def plot_title(config: LoadTestConfig) -> str:
     return f"POST {endpoints}, {config.candidates} candidates, {users}"
 
 
+# Everything a run writes into out_dir (and the locust CSVs, f"{CSV_PREFIX}_*.csv"): removed when a
+# run starts, so no file of an earlier run can be read as this one's result.
+RESULT_FILES = ("summary.json", "report.html", "loadtest.png", "population.json", "service.log", "locust.log", "locust.out")
+
+
+def _clear_results(out: Path) -> None:
+    for stale in [*out.glob(f"{CSV_PREFIX}_*.csv"), *(out / name for name in RESULT_FILES)]:
+        stale.unlink(missing_ok=True)
+
+
+def _config_json(config: LoadTestConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+
+def _write_failed_summary(out: Path, config: LoadTestConfig, error: BaseException) -> None:
+    """summary.json of a run that ended before it had results: failed, and why."""
+    reason = str(error) or type(error).__name__  # KeyboardInterrupt has no message
+    payload = {"passed": False, "error": reason, "host": config.host or "local", "config": _config_json(config)}
+    (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
-    """Run the load test the config describes; the report says whether it passed."""
+    """Run the load test the config describes; the report says whether it passed.
+
+    The run's files replace the previous run's as a whole: they are removed first, and a run
+    that fails before it has results leaves a summary.json with "passed": false and the error.
+    """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{CSV_PREFIX}_*.csv"):
-        stale.unlink()
+    _clear_results(out)
+    try:
+        return _run(config, out)
+    except BaseException as e:
+        if not (out / "summary.json").exists():
+            _write_failed_summary(out, config, e)
+        raise
+
+
+def _run(config: LoadTestConfig, out: Path) -> LoadTestReport:
     service_log = out / "service.log"
     service_log.write_text("")
     # a mistyped --bundle fails now, not after the data is read
@@ -418,7 +451,7 @@ def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
                 "problems": problems,
                 "passed": not problems,
                 "host": host if config.host else "local",
-                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+                "config": _config_json(config),
             },
             indent=2,
         )

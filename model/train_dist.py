@@ -90,7 +90,7 @@ from model.inputs import split_inputs
 from model.metric_sums import MetricSums
 from model.objective import Objective
 from model.regularization import REGULARIZERS, HashedCoins, RegularizationConfig
-from model.registry import MODELS, build_model
+from model.registry import MODELS, build_model, has_attention
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -156,6 +156,11 @@ class DistTrainConfig:
             raise ValueError(f"hash_buckets must be >= 1, got {self.hash_buckets}")
         _data_scheme(self.data)
         self.regularization()  # validates reg, reg_lambda, id_dropout
+        if self.reg_lambda and self.reg not in ("l2", "mba"):  # it would be ignored
+            raise ValueError(f"--reg-lambda {self.reg_lambda:g} would be ignored: only --reg l2 / mba take a lambda, not --reg {self.reg}")
+        if self.attention_softmax and not has_attention(MODELS[self.model]):  # it would be ignored
+            with_attention = ", ".join(name for name, cls in MODELS.items() if has_attention(cls))
+            raise ValueError(f"--attention-softmax needs a model with attention ({with_attention}); --model {self.model} has none")
 
     def regularization(self) -> RegularizationConfig:
         return RegularizationConfig(kind=self.reg, lam=self.reg_lambda, id_dropout=self.id_dropout)
@@ -398,13 +403,14 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
             plan = StreamPlan.load(run_dir)
             plan.check_source()
         else:
+            t0 = time.perf_counter()
+            # the plan validates the log: a run that cannot start leaves the previous one as it was
+            plan = plan_stream(path, config.stream_config(), progress=config.progress)
             if not config.resume:
                 removed = clear_checkpoints(run_dir)
                 if removed:
                     _info(config, ctx, f"new run in {run_dir}: removed {removed} old checkpoint(s)")
                 (run_dir / REPORT).unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            plan = plan_stream(path, config.stream_config(), progress=config.progress)
             plan.save(run_dir)
             _info(config, ctx, f"data plan in {time.perf_counter() - t0:.1f}s: {plan.describe()}")
     barrier(ctx)

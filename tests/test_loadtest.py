@@ -406,6 +406,29 @@ def test_bad_input_through_din_loadtest_and_population(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_a_failed_run_leaves_no_result_of_the_previous_run(tmp_path, capsys):
+    """A run's files replace the previous run's as a whole: after a run that could not be made,
+    summary.json says it failed and why, and no earlier report, plot or CSV is left to be read as its result."""
+    from loadtest.run import main
+
+    out = tmp_path / "out"
+    write_run(out / "locust")  # a previous, passing run's files
+    S.plot(S.read_history(out / "locust_stats_history.csv"), out / "loadtest.png")
+    (out / "report.html").write_text("<html>the previous run</html>")
+    (out / "summary.json").write_text(json.dumps({"passed": True, "problems": [], "requests": 1000}))
+    (out / "population.json").write_text("{}")
+    (out / "locust.log").write_text("the previous run\n")
+
+    assert main(["run", "--host", "http://127.0.0.1:1", "--data", "bogus", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--data" in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passed"] is False and "--data" in summary["error"]
+    assert summary["host"] == "http://127.0.0.1:1" and summary["config"]["data"] == "bogus"
+    left = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert left == ["service.log", "summary.json"], left  # service.log: this run's, empty
+
+
 LOCAL_RUN = dict(duration_s=8, users=2, spawn_rate=20, user_rps=10, candidates=30)
 
 

@@ -109,6 +109,25 @@ def test_bad_configs_are_rejected_with_the_field_named(tmp_path):
         train(tiny_config(tiny, tmp_path))
 
 
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        (dict(reg="none", reg_lambda=0.5), "--reg-lambda 0.5 would be ignored"),
+        (dict(reg="dropout", reg_lambda=0.1), "--reg-lambda 0.1 would be ignored"),
+        (dict(model="base", attention_softmax=True), "--attention-softmax needs a model with attention"),
+        (dict(model="lr", attention_softmax=True), "--attention-softmax needs a model with attention"),
+    ],
+)
+def test_switches_the_run_would_ignore_are_refused(kw, flag):
+    """A switch the chosen regulariser or model does not use is an error naming the flag, not silently dropped."""
+    with pytest.raises(ValueError, match=flag) as refused:
+        TrainConfig(**kw)
+    if "attention_softmax" in kw:  # the models with attention, from the registry
+        assert "(din, din_dice)" in str(refused.value)
+    TrainConfig(model="din_dice", attention_softmax=True)  # what they are for is still accepted
+    TrainConfig(reg="l2", reg_lambda=0.5)
+
+
 @pytest.mark.parametrize("reg,kw", [("l2", {"reg_lambda": 0.05}), ("mba", {"reg_lambda": 0.5}), ("dropout", {"id_dropout": 0.5})])
 def test_regularisers_are_wired_into_training(tiny_log_path, tmp_path, reg, kw):
     plain = fit(tiny_config(tiny_log_path, tmp_path, model="base"), _samples(tiny_log_path))

@@ -192,6 +192,14 @@ def test_config_rejects_what_streamed_training_cannot_do():
         DistTrainConfig(reg="l1")
     with pytest.raises(ValueError, match="streamed training reads a Parquet log"):
         DistTrainConfig(data="movielens:/data/ml-1m")
+    # switches the run would silently ignore
+    with pytest.raises(ValueError, match="--reg-lambda 0.5 would be ignored: only --reg l2 / mba take a lambda, not --reg none"):
+        DistTrainConfig(reg="none", reg_lambda=0.5)
+    with pytest.raises(ValueError, match="--reg-lambda 0.2 would be ignored"):
+        DistTrainConfig(reg="dropout", reg_lambda=0.2)
+    with pytest.raises(ValueError, match=r"--attention-softmax needs a model with attention \(din, din_dice\); --model base has none"):
+        DistTrainConfig(model="base", attention_softmax=True)
+    DistTrainConfig(model="din_dice", attention_softmax=True, reg="mba", reg_lambda=0.5)  # still accepted where used
 
 
 def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path):
@@ -303,3 +311,22 @@ def test_more_processes_than_shards_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="9 processes need at least as many data shards, got 8"):
         launch(config, nproc=9)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_that_cannot_start_leaves_the_previous_run_alone(data, tmp_path):
+    """Bad data is refused before the run directory is touched: the previous run's checkpoints
+    and report stay, and it can still be resumed."""
+    config = _config(data, tmp_path, "run", epochs=1, checkpoint_every=0, record_samples=False, verify_replicas=False,
+                     export=False)  # fmt: skip
+    first = launch(config, 1)
+    checkpoints = list_checkpoints(config.run_path)
+    report = (config.run_path / "report.json").read_text()
+    assert checkpoints and json.loads(report)["global_steps"] == first["global_steps"]
+    not_parquet = tmp_path / "events.csv"
+    not_parquet.write_text("user_id,item_id,cate_id,ts\n1,2,3,4\n")
+    with pytest.raises(ValueError, match="Parquet"):
+        launch(replace(config, data=f"events:{not_parquet}"), 1)
+    assert list_checkpoints(config.run_path) == checkpoints
+    assert (config.run_path / "report.json").read_text() == report
+    resumed = launch(replace(config, resume=True), 1)  # nothing left to train: the finished run, tested again
+    assert resumed["resumed_from"] == first["global_steps"] and resumed["metrics"] == first["metrics"]
