@@ -25,7 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DIN_HOME = Path(os.environ.get("DIN_HOME", ".din"))
 DEFAULT_BUNDLES = Path("artifacts/bundles")
 
 RedisUrlOpt = Annotated[
@@ -36,10 +35,34 @@ RedisClusterOpt = Annotated[
     bool,
     typer.Option("--redis-cluster", envvar="REDIS_CLUSTER", help="Use the Redis Cluster client (or a redis+cluster:// URL)."),
 ]
+NamespaceOpt = Annotated[
+    str,
+    typer.Option("--namespace", envvar="REDIS_NAMESPACE", help="Key namespace in Redis (the service's REDIS_NAMESPACE)."),
+]
 DataOpt = Annotated[
     str,
     typer.Option("--data", help="synthetic | events:PATH | movielens:PATH | amazon:PATH"),
 ]
+
+
+@app.callback()
+def _main() -> None:
+    # runs before a command's options are parsed (their envvars read): `.env` counts as the environment
+    _load_dotenv()
+
+
+def _load_dotenv() -> None:
+    """`./.env` into the environment, as the service's settings read it; what is already set wins."""
+    from dotenv import load_dotenv
+
+    env_file = Path(".env")
+    if env_file.is_file():
+        load_dotenv(env_file, override=False, encoding="utf-8")
+
+
+def _din_home() -> Path:
+    """Read when used, not at import: after `.env` is loaded."""
+    return Path(os.environ.get("DIN_HOME", ".din"))
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -64,6 +87,55 @@ def _finite(obj):
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
+
+
+def _check_namespace(namespace: str) -> None:
+    """Refused here, before any data is read, by the rule the service applies to REDIS_NAMESPACE."""
+    from feature_store.keys import check_name
+
+    try:
+        check_name(namespace, "namespace")
+    except ValueError as e:
+        _fail(f"--namespace / REDIS_NAMESPACE: {e}")
+
+
+def _refuse_file_as_dir(path: Path, option: str) -> None:
+    """A directory the command writes into must not be (or lie under) an existing file: refused
+    before the work, not after it with a traceback."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                _fail(f"{option} {str(path)!r}: {str(p)!r} is a file, not a directory; pass a directory")
+            return
+
+
+def _refuse_unbindable(host: str, port: int, port_option: str, host_option: str | None = None) -> None:
+    """Bind host:port as uvicorn will (every address it resolves to, SO_REUSEADDR), then let go:
+    a busy port is one line before anything is loaded, not an error after "startup complete"."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        _fail(f"cannot bind {host}:{port}: {e.strerror}; check {host_option or 'the host'}")
+    sockets = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    _fail(f"port {port} on {host} is already in use; stop what holds it or pick another with {port_option}")
+                _fail(f"cannot bind {host}:{port}: {e.strerror}; check {' and '.join(filter(None, (host_option, port_option)))}")
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _load_bundle(path: Path):
@@ -110,6 +182,8 @@ def synth(
 
     from model.data.synthetic import DEFAULT_SYNTHETIC, write_synthetic
 
+    if out.suffix.lower() != ".parquet":
+        _fail(f"--out {str(out)!r} must end in .parquet: din synth writes Parquet (read back as --data events:PATH)")
     if items < categories:
         _fail(f"--items ({items}) must be at least --categories ({categories}): every category needs an item")
     interests = tuple(min(k, categories) for k in DEFAULT_SYNTHETIC.interests_per_user)  # a user cannot like more than exist
@@ -153,6 +227,7 @@ def train(
 
     if model not in MODELS:
         _fail(f"--model {model!r} is not known; choose one of: {', '.join(sorted(MODELS))}")
+    _refuse_file_as_dir(out, "--out")
     if stream or nproc > 1 or resume or hash_buckets or checkpoint_every or run_dir or workers:
         from model.data.stream import DEFAULT_SHARDS
         from model.train_dist import DistTrainConfig
@@ -267,7 +342,7 @@ def bench_train(
         counts = ()
     if not counts or min(counts) < 1:
         _fail(f"--procs {procs!r} must be comma-separated process counts of at least 1, e.g. 1,2")
-    result = run_bench(TrainBenchConfig(work_dir=work_dir or DIN_HOME / "bench" / "train", users=users, procs=counts,
+    result = run_bench(TrainBenchConfig(work_dir=work_dir or _din_home() / "bench" / "train", users=users, procs=counts,
                                         steps=steps, batch_size=batch_size, device=device, threads=threads))  # fmt: skip
     if json_output:
         typer.echo(json.dumps(result))
@@ -289,7 +364,7 @@ def bench_train_memory(
     from model.bench_train import MemoryBenchConfig
     from model.bench_train import bench_train_memory as run_bench
 
-    result = run_bench(MemoryBenchConfig(work_dir=work_dir or DIN_HOME / "bench" / "train-memory", events=events,
+    result = run_bench(MemoryBenchConfig(work_dir=work_dir or _din_home() / "bench" / "train-memory", events=events,
                                          steps=steps, eval_blocks=eval_blocks), progress=not json_output)  # fmt: skip
     if json_output:
         typer.echo(json.dumps(result))
@@ -314,6 +389,7 @@ def experiment(
     from model.experiment import ExperimentConfig, finite, run_experiment
     from model.report import comparison_table, data_table, din_vs_base
 
+    _refuse_file_as_dir(out, "--out")
     _load_log(data)  # validates --data early with a clear message
     import shlex
 
@@ -345,7 +421,7 @@ def load(
     ] = None,
     redis_url: RedisUrlOpt = None,
     redis_cluster: RedisClusterOpt = False,
-    namespace: Annotated[str, typer.Option(help="Key namespace in Redis.")] = "din",
+    namespace: NamespaceOpt = "din",
     max_history: Annotated[
         Optional[int], typer.Option(min=1, help="Behaviours kept per user (default: the bundle's, else 50).")
     ] = None,
@@ -362,6 +438,7 @@ def load(
 ) -> None:
     """Load users' histories and ad features into Redis (a new data version, switched atomically)."""
     _setup_logging()
+    _check_namespace(namespace)
     from feature_store.embedded import resolve_redis
     from feature_store.redis_store import RedisHistoryStore
 
@@ -372,7 +449,7 @@ def load(
         profile_fields = b.spec.profile_fields
         history = max_history or b.spec.max_history
     log = _load_log(data)
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url, _store_errors():
+    with resolve_redis(redis_url, _din_home() / "redis") as url, _store_errors():
         store = RedisHistoryStore.from_url(url, namespace=namespace, cluster=redis_cluster or None)
         report = store.bulk_load(
             log, max_history=history, profile_fields=profile_fields, keep_old=keep_old, grace_s=grace,
@@ -419,12 +496,13 @@ def events(
     path: Annotated[Path, typer.Argument(help="CSV or Parquet: user_id, item_id, cate_id, timestamp, event_id.")],
     redis_url: RedisUrlOpt = None,
     redis_cluster: RedisClusterOpt = False,
-    namespace: Annotated[str, typer.Option(help="Key namespace in Redis.")] = "din",
+    namespace: NamespaceOpt = "din",
     batch: Annotated[int, typer.Option(min=1, max=100_000, help="Events per Redis round trip.")] = 1000,
     json_output: Annotated[bool, typer.Option("--json", help="Print the totals as JSON on stdout.")] = False,
 ) -> None:
     """Append live behaviour events from a file (idempotent per event_id: a re-sent file adds nothing)."""
     _setup_logging()
+    _check_namespace(namespace)
     import asyncio
 
     from tqdm import tqdm
@@ -455,7 +533,7 @@ def events(
             await store.close()
         return totals
 
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url, _store_errors():
+    with resolve_redis(redis_url, _din_home() / "redis") as url, _store_errors():
         totals = asyncio.run(append_all(url))
     if json_output:
         typer.echo(json.dumps(totals))
@@ -474,11 +552,12 @@ app.add_typer(store_app, name="store")
 def store_stats(
     redis_url: RedisUrlOpt = None,
     redis_cluster: RedisClusterOpt = False,
-    namespace: Annotated[str, typer.Option(help="Key namespace in Redis.")] = "din",
+    namespace: NamespaceOpt = "din",
     json_output: Annotated[bool, typer.Option("--json", help="Print the stats as JSON on stdout.")] = False,
 ) -> None:
     """Users, keys, bytes per user, memory used and data version of the live data."""
     _setup_logging()
+    _check_namespace(namespace)
     import asyncio
 
     from feature_store.embedded import resolve_redis
@@ -491,7 +570,7 @@ def store_stats(
         finally:
             await store.close()
 
-    with resolve_redis(redis_url, DIN_HOME / "redis") as url, _store_errors():
+    with resolve_redis(redis_url, _din_home() / "redis") as url, _store_errors():
         stats = asyncio.run(collect(url))
     if json_output:
         typer.echo(json.dumps(stats.to_json()))
@@ -517,12 +596,18 @@ def serve(
         Optional[int], typer.Option(min=1, max=65535, help="Port to bind; default: $PORT or 8000.")
     ] = None,
     redis_url: RedisUrlOpt = None,
+    redis_cluster: Annotated[
+        Optional[bool], typer.Option("--redis-cluster", help="Use the Redis Cluster client; default: $REDIS_CLUSTER or off.")
+    ] = None,
     access_log: Annotated[
         Optional[bool], typer.Option("--access-log/--no-access-log", help="Log every request (costs CPU under load); default: $ACCESS_LOG or on.")
     ] = None,
 ) -> None:
     """Serve the ranking API (POST /rank) under uvicorn. Every setting is an environment variable (README)."""
-    settings = _settings_or_fail(bundle=bundle, host=host, port=port, redis_url=redis_url, access_log=access_log)
+    settings = _settings_or_fail(
+        bundle=bundle, host=host, port=port, redis_url=redis_url, redis_cluster=redis_cluster, access_log=access_log
+    )
+    _refuse_unbindable(settings.host, settings.port, "--port / PORT", "--host / HOST")  # before loading anything
     from feature_store.embedded import resolve_redis
     from model.bundle import BundleError
     from service.hot_reload import resolve_bundle
@@ -532,7 +617,7 @@ def serve(
     except BundleError as e:
         _fail(str(e))
     _refuse_unloadable_model(_load_bundle(bundle_path))  # refuse a bad bundle before starting anything
-    with resolve_redis(settings.redis_url, DIN_HOME / "redis") as url:
+    with resolve_redis(settings.redis_url, _din_home() / "redis") as url:
         _run_server(settings.model_copy(update={"redis_url": url}))
 
 
@@ -611,11 +696,12 @@ def demo(
     _setup_logging()
     from model.bundle import BundleError, resolve_bundle_path, update_latest
 
-    settings = _settings_or_fail(bundle=DIN_HOME / "demo" / "bundles", host="127.0.0.1", port=port)
+    settings = _settings_or_fail(bundle=_din_home() / "demo" / "bundles", host="127.0.0.1", port=port)
+    _refuse_unbindable(settings.host, port, "--port")  # before training or loading anything
     from feature_store.embedded import EmbeddedRedis
     from feature_store.redis_store import RedisHistoryStore
 
-    bundles = DIN_HOME / "demo" / "bundles"
+    bundles = _din_home() / "demo" / "bundles"
     try:
         if retrain:
             raise BundleError("retrain asked")
@@ -633,7 +719,7 @@ def demo(
         typer.echo(f"[demo] test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}", err=True)
     b = _load_bundle(bundle_path)
     log = _load_log("synthetic")
-    with EmbeddedRedis(DIN_HOME / "demo" / "redis") as redis:
+    with EmbeddedRedis(_din_home() / "demo" / "redis") as redis:
         typer.echo(f"[demo] embedded Redis at {redis.url}; loading histories", err=True)
         store = RedisHistoryStore.from_url(redis.url)
         store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import subprocess
 import shutil
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -49,15 +52,12 @@ def test_train_json_is_the_only_stdout(trained):
     assert (Path(payload["bundle"]) / "model.onnx").is_file()
 
 
-def test_synth_load_serve_rank(trained, redis_url):
-    work, env, log_path, out = trained
-    bundle = json.loads(out.stdout)["bundle"]
-    loaded = din("load", "--bundle", bundle, "--data", f"events:{log_path}", "--redis-url", redis_url, env=env)
-    assert "loaded 200 users" in loaded.stdout
-
+@contextlib.contextmanager
+def serving(*args: str, env: dict) -> Iterator[str]:
+    """`din serve ARGS --port P` running until ready; yields its base URL."""
     port = free_port()
     server = subprocess.Popen(
-        [*DIN, "serve", "--bundle", str(work / "bundles"), "--port", str(port), "--redis-url", redis_url],
+        [*DIN, "serve", *args, "--port", str(port)],
         cwd=ROOT, env={**env, "STORE_TIMEOUT_MS": "5000", "STORE_READ_TIMEOUT_MS": "5000", "STORE_CONNECT_TIMEOUT_MS": "5000"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -72,25 +72,70 @@ def test_synth_load_serve_rank(trained, redis_url):
             assert server.poll() is None, server.stdout.read().decode()
             assert time.monotonic() < deadline, "service never became ready"
             time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
-        log = read_log(log_path)
-        user = int(log.user_id[0])
-        n_events = int((log.user_id == user).sum())
-        rng = np.random.default_rng(0)
-        pick = rng.choice(len(log), size=30, replace=False)
-        candidates = [{"item_id": int(log.item_id[i]), "cate_id": int(log.cate_id[i])} for i in pick]
-        r = httpx.post(f"{base}/rank", json={"user_id": user, "candidates": candidates, "top_k": 10})
-        assert r.status_code == 200, r.text
-        body = r.json()
+
+def rank_first_user(base: str, log_path: Path) -> tuple[dict, int]:
+    """POST /rank for the log's first user with 30 of its items; (the answer, that user's behaviours)."""
+    log = read_log(log_path)
+    user = int(log.user_id[0])
+    n_events = int((log.user_id == user).sum())
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(log), size=30, replace=False)
+    candidates = [{"item_id": int(log.item_id[i]), "cate_id": int(log.cate_id[i])} for i in pick]
+    r = httpx.post(f"{base}/rank", json={"user_id": user, "candidates": candidates, "top_k": 10})
+    assert r.status_code == 200, r.text
+    return r.json(), n_events
+
+
+def test_synth_load_serve_rank(trained, redis_url):
+    work, env, log_path, out = trained
+    env = {**env, "REDIS_NAMESPACE": "e2e-ns"}  # exported once: `din load` and `din serve` both use it
+    bundle = json.loads(out.stdout)["bundle"]
+    loaded = din("load", "--bundle", bundle, "--data", f"events:{log_path}", "--redis-url", redis_url, env=env)
+    assert "loaded 200 users" in loaded.stdout
+
+    with serving("--bundle", str(work / "bundles"), "--redis-url", redis_url, env=env) as base:
+        body, n_events = rank_first_user(base, log_path)
         assert body["degraded"] is False
-        assert body["history_length"] == min(n_events, 50)
+        assert body["history_length"] == min(n_events, 50)  # read from the namespace `din load` wrote
         ctrs = [c["ctr"] for c in body["ranked"]]
         assert len(ctrs) == 10
         assert ctrs == sorted(ctrs, reverse=True)
         assert all(0.0 < p < 1.0 for p in ctrs)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_serve_redis_cluster_flag_reads_what_load_wrote_to_a_cluster(trained, redis_cluster, redis_cluster_url):
+    """`--redis-cluster` on a plain redis:// URL of one node: `din load` and `din serve` alike (README)."""
+    work, env, log_path, out = trained
+    node = f"redis://127.0.0.1:{redis_cluster.ports[0]}"
+    din("load", "--bundle", json.loads(out.stdout)["bundle"], "--data", f"events:{log_path}", "--redis-url", node,
+        "--redis-cluster", env=env)  # fmt: skip
+    with serving("--bundle", str(work / "bundles"), "--redis-url", node, "--redis-cluster", env=env) as base:
+        body, n_events = rank_first_user(base, log_path)
+    assert body["degraded"] is False and body["history_length"] == min(n_events, 50)
+
+
+def test_a_busy_port_is_one_line_before_anything_starts(trained, redis_url, tmp_path):
+    """It used to be reported after "Application startup complete" (uvicorn binds last), exit 3."""
+    work, env, _, out = trained
+    home = tmp_path / "home"  # `din demo` finds a bundle here: it would not train
+    shutil.copytree(Path(json.loads(out.stdout)["bundle"]), home / "demo" / "bundles" / Path(json.loads(out.stdout)["bundle"]).name)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        held.listen()
+        port = held.getsockname()[1]
+        cases = [
+            (["serve", "--bundle", str(work / "bundles"), "--redis-url", redis_url, "--port", str(port)], "--port / PORT"),
+            (["demo", "--port", str(port)], "--port"),
+        ]
+        for args, flag in cases:
+            r = din(*args, env={**env, "DIN_HOME": str(home)}, check=False)
+            assert r.returncode == 2, (args, r.stderr[-2000:])
+            assert r.stderr.strip() == f"error: port {port} on 127.0.0.1 is already in use; stop what holds it or pick another with {flag}"
 
 
 def test_bad_inputs_give_clear_cli_errors(tmp_path):
@@ -124,7 +169,7 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
          "the training events hold 1 distinct item(s)"),
         (["bench", "train", "--procs", "0", "--steps", "1", "--users", "50"], "--procs '0' must be comma-separated process counts of at least 1"),
         (["synth", "--out", "/dev/null/x.parquet", "--users", "5"], "cannot write --out '/dev/null/x.parquet'"),
-        (["serve", "--bundle", str(corrupt), "--port", "1"], "cannot be loaded by ONNX Runtime"),
+        (["serve", "--bundle", str(corrupt), "--port", str(free_port())], "cannot be loaded by ONNX Runtime"),
     ]  # fmt: skip
     for args, says in cases:
         r = din(*args, env=env, check=False)
@@ -140,3 +185,23 @@ def test_synth_takes_fewer_categories_than_a_users_interests(tmp_path):
     import pyarrow.parquet as pq
 
     assert set(pq.read_table(out).column("cate_id").to_pylist()) <= {0, 1, 2} and out.is_file()
+
+
+def test_outputs_it_cannot_write_are_refused_before_the_work(trained, tmp_path):
+    """`--out` naming a file: train and experiment used to run to the end, then die with a traceback;
+    synth wrote Parquet into a .csv that `--data events:x.csv` then failed to parse."""
+    _, env, log_path, _ = trained
+    existing = tmp_path / "existing"
+    existing.write_text("not a directory")
+    cases = [
+        (["train", "--data", f"events:{log_path}", "--epochs", "1", "--out", str(existing)],
+         f"error: --out '{existing}': '{existing}' is a file, not a directory; pass a directory"),
+        (["experiment", "--data", f"events:{log_path}", "--epochs", "1", "--seeds", "1", "--models", "lr", "--out", str(existing / "x")],
+         f"error: --out '{existing / 'x'}': '{existing}' is a file, not a directory; pass a directory"),
+        (["synth", "--users", "5", "--out", str(tmp_path / "x.csv")],
+         f"error: --out '{tmp_path / 'x.csv'}' must end in .parquet: din synth writes Parquet (read back as --data events:PATH)"),
+    ]  # fmt: skip
+    for args, says in cases:
+        r = din(*args, env=env, check=False)
+        assert (r.returncode, r.stderr.strip()) == (2, says), (args, r.stderr[-2000:])
+    assert existing.read_text() == "not a directory" and not (tmp_path / "x.csv").exists()

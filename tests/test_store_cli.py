@@ -77,3 +77,31 @@ def test_a_store_the_command_cannot_use_is_one_line_not_a_traceback(redis_url, t
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert says in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+def test_namespace_comes_from_redis_namespace_as_the_services_does(redis_url, redis_client, tmp_path):
+    """REDIS_NAMESPACE exported for `din serve` used to be ignored by load, events and stats (they wrote
+    and read "din"): every user then ranked with an empty history."""
+    log = write_log(BehaviourLog(user_id=np.array([1, 2]), item_id=np.array([10, 20]), cate_id=np.array([1, 2]),
+                                 timestamp=np.array([5, 6])), tmp_path / "log.parquet")  # fmt: skip
+    events = tmp_path / "events.csv"
+    pacsv.write_csv(pa.table({"user_id": [1], "item_id": [12], "cate_id": [1], "timestamp": [8], "event_id": ["e1"]}), events)
+    env = {"REDIS_NAMESPACE": "prod"}
+    loaded = CliRunner().invoke(app, ["load", "--data", f"events:{log}", "--redis-url", redis_url, "--json"], env=env)
+    assert loaded.exit_code == 0, loaded.output
+    assert redis_client.get("prod:current").decode() == json.loads(loaded.stdout)["version"]
+    assert redis_client.get("din:current") is None
+    appended = CliRunner().invoke(app, ["events", str(events), "--redis-url", redis_url, "--json"], env=env)
+    assert json.loads(appended.stdout)["applied"] == 1
+    stats = json.loads(CliRunner().invoke(app, ["store", "stats", "--redis-url", redis_url, "--json"], env=env).stdout)
+    assert (stats["namespace"], stats["users"]) == ("prod", 2)
+    flag = CliRunner().invoke(app, ["store", "stats", "--redis-url", redis_url, "--namespace", "din", "--json"], env=env)
+    assert json.loads(flag.stdout)["namespace"] == "din"  # the flag wins over the variable
+
+    # refused as the service refuses it, before the data is read, naming the variable
+    bad = {"REDIS_NAMESPACE": "a:b"}
+    for args in (["load", "--data", f"events:{tmp_path / 'missing.parquet'}"], ["events", str(events)], ["store", "stats"]):
+        result = CliRunner().invoke(app, [*args, "--redis-url", redis_url], env=bad)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output.strip().startswith("error: --namespace / REDIS_NAMESPACE: namespace 'a:b' is not allowed"), (args, result.output)
+    assert redis_client.keys("a:b*") == []
