@@ -212,7 +212,7 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process (streamed).")] = 0,
     reg: Annotated[str, typer.Option(help="Regulariser: none | l2 | mba (mini-batch aware) | dropout (id dropout).")] = "none",
     reg_lambda: Annotated[float, typer.Option(min=0.0, help="Lambda of --reg l2 / mba.")] = 0.0,
-    id_dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Drop probability of --reg dropout.")] = 0.5,
+    id_dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Drop probability of --reg dropout [default: 0.5].")] = None,
     attention_softmax: Annotated[bool, typer.Option("--attention-softmax", help="Normalise DIN's attention with a softmax (the paper has none).")] = False,
 ) -> None:
     """Train a model, evaluate it (validation per epoch, test once) and export the ONNX bundle."""
@@ -228,6 +228,9 @@ def train(
     if model not in MODELS:
         _fail(f"--model {model!r} is not known; choose one of: {', '.join(sorted(MODELS))}")
     _refuse_file_as_dir(out, "--out")
+    if id_dropout is not None and reg != "dropout":
+        _fail(f"--id-dropout {id_dropout:g} would be ignored: it is the drop probability of --reg dropout, not --reg {reg}")
+    dropout = {} if id_dropout is None else {"id_dropout": id_dropout}
     if stream or nproc > 1 or resume or hash_buckets or checkpoint_every or run_dir or workers:
         from model.data.stream import DEFAULT_SHARDS
         from model.train_dist import DistTrainConfig
@@ -236,7 +239,7 @@ def train(
             config = DistTrainConfig(
                 data=data, model=model, seed=seed, out=out, resume=resume, hash_buckets=hash_buckets,
                 checkpoint_every=checkpoint_every, run_dir=run_dir, workers=workers, reg=reg, reg_lambda=reg_lambda,
-                id_dropout=id_dropout, attention_softmax=attention_softmax, **({"epochs": epochs} if epochs else {}),
+                attention_softmax=attention_softmax, **dropout, **({"epochs": epochs} if epochs else {}),
                 **({"shards": nproc} if nproc > DEFAULT_SHARDS else {}),  # every process needs a data shard
             )  # fmt: skip
         except ValueError as e:
@@ -246,8 +249,8 @@ def train(
     _load_log(data)  # validates --data early with a clear message
     try:
         config = TrainConfig(
-            data=data, model=model, seed=seed, out=out, reg=reg, reg_lambda=reg_lambda, id_dropout=id_dropout,
-            attention_softmax=attention_softmax,
+            data=data, model=model, seed=seed, out=out, reg=reg, reg_lambda=reg_lambda, attention_softmax=attention_softmax,
+            **dropout,
         )
     except ValueError as e:
         _fail(str(e))

@@ -167,6 +167,8 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
          "every training behaviour is item 7: no negative can differ"),
         (["train", "--stream", "--data", f"events:{one_item_parquet}", "--epochs", "1", "--out", str(tmp_path / "b")],
          "the training events hold 1 distinct item(s)"),
+        (["train", "--data", f"events:{few}", "--id-dropout", "0.3", "--out", str(tmp_path / "b")],
+         "--id-dropout 0.3 would be ignored: it is the drop probability of --reg dropout, not --reg none"),
         (["bench", "train", "--procs", "0", "--steps", "1", "--users", "50"], "--procs '0' must be comma-separated process counts of at least 1"),
         (["synth", "--out", "/dev/null/x.parquet", "--users", "5"], "cannot write --out '/dev/null/x.parquet'"),
         (["serve", "--bundle", str(corrupt), "--port", str(free_port())], "cannot be loaded by ONNX Runtime"),
