@@ -11,10 +11,12 @@ nothing more.
 - Access log: one structured line per request.
 - Errors: an exception that escapes the app becomes a generic 500 JSON body with the
   request id (the traceback goes to the log only, never to the client).
-- A client that hangs up before its response is complete (mid-body, or while it waits) is
-  its own outcome, not a server error: status 499 (nginx's "client closed request") in the
-  metric and the access log, one info line without a traceback, and no response attempted.
-  Counting it as 500 would let hung-up clients set off error-rate alerts.
+- A client that hangs up while its body is read (the app sees `http.disconnect`, or
+  Starlette's ClientDisconnect escapes) is its own outcome, not a server error: status 499
+  (nginx's "client closed request") in the metric and the access log, one info line without
+  a traceback, and no response attempted. Counting it as 500 would let hung-up clients set
+  off error-rate alerts. A hang-up after the body, while the request waits for its ranking, is
+  not watched for (a task per request would be the price) and keeps its answer's status.
 """
 
 from __future__ import annotations

@@ -365,3 +365,32 @@ async def test_readyz_says_whether_the_store_holds_a_data_version(trained, loade
     async with serving(settings_for(trained.bundle.path, f"redis://127.0.0.1:{free_port()}/0")) as client:
         down = (await client.get("/readyz")).json()
     assert down["store_data"] is None and down["store"].startswith("unreachable")
+
+
+async def test_readyz_behind_a_burst_of_store_calls_says_busy_not_down(trained, loaded_redis):
+    """Every connection held by slow calls: /readyz's PING queues behind them and Redis is not
+    asked. That is the 'busy' of the store guard (calls queue, they do not fail), not
+    "no answer to PING", and the data version last read is still known."""
+    import httpx
+
+    from service.app import create_app
+
+    app = create_app(settings_for(trained.bundle.path, loaded_redis, store_max_connections=1, store_timeout_ms=200))
+    user = int(trained.log.user_id[0])
+    admin = redis.Redis.from_url(loaded_redis)
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://service"
+        ) as client:
+            assert (await client.get("/readyz")).json()["store_data"] == "loaded"
+            admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(app.state.store.get_histories, [user])  # a slow read holds the only connection
+                await anyio.sleep(0.2)
+                busy = (await client.get("/readyz")).json()
+                admin.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert busy["store"].startswith("busy") and busy["store_data"] == "loaded" and busy["ready"] is True, busy
+    assert busy["degraded"] is False, busy

@@ -19,7 +19,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
-from feature_store.base import StoreUnavailableError
+from feature_store.base import CONNECTION_WAIT, ConnectionWait, StoreBusyError, StoreUnavailableError
 from service.deps import SettingsDep, StoreDep
 from service.routes.rank import json_response
 from service.schemas import Readiness
@@ -27,6 +27,10 @@ from service.schemas import Readiness
 router = APIRouter(tags=["health"])
 
 LOADED, NONE_LOADED = "loaded", "none loaded"
+OK = "ok"
+# A burst of store calls holds every connection of this process: the PING queued behind them
+# and Redis was not asked. Calls queue, they do not fail, so this is no outage either.
+BUSY = "busy: every Redis connection of this process is in use (PING not sent; not an outage)"
 
 
 class StoreReadiness(Readiness):
@@ -41,7 +45,7 @@ class StoreReadiness(Readiness):
 
 def store_data(store, store_state: str) -> str | None:
     """Whether the store has a data version, as its last pointer read found (no extra read)."""
-    if store_state != "ok" or not hasattr(store, "version"):
+    if store_state not in (OK, BUSY) or not hasattr(store, "version"):
         return None
     return LOADED if store.version is not None else NONE_LOADED
 
@@ -54,16 +58,22 @@ async def healthz() -> dict[str, str]:
 async def store_status(store, timeout_s: float) -> str:
     if store is None:
         return "not configured (set REDIS_URL)"
+    wait = ConnectionWait()  # the store marks it while the PING queues for a connection
+    token = CONNECTION_WAIT.set(wait)
     try:
         with anyio.fail_after(timeout_s):
             await store.ping()
     except TimeoutError:
-        return f"no answer to PING within {timeout_s * 1000:.0f} ms"
+        return BUSY if wait.waiting else f"no answer to PING within {timeout_s * 1000:.0f} ms"
+    except StoreBusyError:
+        return BUSY
     except StoreUnavailableError as e:
         return f"unreachable: {e}"  # the store's message carries a redacted URL
     except Exception as e:
         return f"unreachable ({type(e).__name__})"
-    return "ok"
+    finally:
+        CONNECTION_WAIT.reset(token)
+    return OK
 
 
 @router.get(
@@ -91,7 +101,7 @@ async def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> Re
         model=model,
         store=store_state,
         store_data=store_data(store, store_state),  # (PING read the pointer: no extra round trip)
-        degraded=store_state != "ok" or circuit not in (None, "closed"),
+        degraded=store_state not in (OK, BUSY) or circuit not in (None, "closed"),
         store_url=None if store is None else getattr(store, "url", None),  # password hidden
         store_circuit=circuit,
         model_version=None if scorer is None else scorer.model_version,
