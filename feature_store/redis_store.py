@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import redis
@@ -194,6 +194,26 @@ class RedisHistoryStore(HistoryStore):
         """An error reply (OOM, WRONGTYPE, NOAUTH...): Redis is up but did not do it."""
         return StoreError(f"Redis at {self.url} refused {what}: {e}")
 
+    @contextlib.asynccontextmanager
+    async def _call(self, what: str | None = None) -> AsyncIterator[None]:
+        """One store call: a connection slot (_CallSlots), and redis-py's failures as the store's.
+
+        Pool exhaustion is StoreBusyError (MaxConnectionsError is a ConnectionError, but Redis
+        was not asked), no connection StoreUnavailableError, and an error reply StoreError
+        when `what` names the call (else it goes up as it is).
+        """
+        try:
+            async with self._slots:
+                yield
+        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
+            raise self._busy(e) from e
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+        except redis.ResponseError as e:
+            if what is None:
+                raise
+            raise self._refused(e, what) from e
+
     async def refresh_version(self) -> str | None:
         """Re-read `{ns}:current` now (and the meta when the version changed).
 
@@ -313,20 +333,13 @@ class RedisHistoryStore(HistoryStore):
         ids = [int(u) for u in user_ids]
         if not ids:
             return []
-        try:
-            async with self._slots:  # queue for a free connection (_CallSlots)
-                await self._version_now()
-                values = await self._fetch(ids)
-                if None in values and time.monotonic() - self._checked_at >= self.miss_refresh_s:
-                    before = self.version
-                    if await self.refresh_version() != before:
-                        values = await self._fetch(ids)
-        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
-            raise self._busy(e) from e
-        except _UNAVAILABLE as e:
-            raise self._unavailable(e) from e
-        except redis.ResponseError as e:
-            raise self._refused(e, "the history read") from e
+        async with self._call("the history read"):
+            await self._version_now()
+            values = await self._fetch(ids)
+            if None in values and time.monotonic() - self._checked_at >= self.miss_refresh_s:
+                before = self.version
+                if await self.refresh_version() != before:
+                    values = await self._fetch(ids)
         out = decode_users(values)
         for i, h in enumerate(out):
             if h.__class__ is CorruptValueError:
@@ -337,19 +350,12 @@ class RedisHistoryStore(HistoryStore):
     async def get_ad_features(self, ad_ids) -> AdFeatures:
         """Category id (and any other ad field) per ad, -1 / not found for unknown ads; one MGET."""
         ids = np.asarray(ad_ids, dtype=np.int64)
-        try:
-            async with self._slots:  # queue for a free connection (_CallSlots)
-                await self._version_now()
-                fields = tuple(self._meta.get("ad_fields", AD_FIELDS))
-                if self._keys is None or ids.size == 0:
-                    return AdFeatures(fields, np.zeros(ids.size, bool), np.full((ids.size, len(fields)), -1, np.int64))
-                values = await self._mget(self._keys.ads(ids.tolist()))
-        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
-            raise self._busy(e) from e
-        except _UNAVAILABLE as e:
-            raise self._unavailable(e) from e
-        except redis.ResponseError as e:
-            raise self._refused(e, "the ad read") from e
+        async with self._call("the ad read"):
+            await self._version_now()
+            fields = tuple(self._meta.get("ad_fields", AD_FIELDS))
+            if self._keys is None or ids.size == 0:
+                return AdFeatures(fields, np.zeros(ids.size, bool), np.full((ids.size, len(fields)), -1, np.int64))
+            values = await self._mget(self._keys.ads(ids.tolist()))
         found, out, corrupt = decode_ads(values, len(fields))
         if corrupt:
             self._corrupt("ad", f"{corrupt} ad value(s) of data version {self.version}", "not an ad value of this layout", corrupt)
@@ -399,11 +405,6 @@ class RedisHistoryStore(HistoryStore):
         raise AssertionError("unreachable")
 
     async def append_events(self, events: EventBatch) -> AppendReport:
-        """Append live behaviours; returns once Redis has run every user's script (see _append)."""
-        async with self._slots:  # queue for a free connection (_CallSlots)
-            return await self._append(events)
-
-    async def _append(self, events: EventBatch) -> AppendReport:
         """Append live behaviours; returns once Redis has run every user's script.
 
         Each user's events go through one script call on the live version; a fence may
@@ -411,7 +412,7 @@ class RedisHistoryStore(HistoryStore):
         retired one (R), or report the version gone (stale: re-read the pointer).
         """
         groups = events.by_user()
-        try:
+        async with self._call("the append"):
             version = await self._append_version()
             if not groups:
                 return AppendReport(0, 0, 0, 0, version)
@@ -450,12 +451,6 @@ class RedisHistoryStore(HistoryStore):
                 todo = after
             if todo:
                 raise StoreError(f"appends kept being redirected between data versions ({sorted(set(v for _, v in todo))})")
-        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
-            raise self._busy(e) from e
-        except _UNAVAILABLE as e:
-            raise self._unavailable(e) from e
-        except redis.ResponseError as e:
-            raise self._refused(e, "the append") from e
         applied = sum(a for a, _ in first.values())
         dups = sum(d for _, d in first.values())
         metrics.EVENTS_APPLIED.inc(applied)
@@ -470,7 +465,7 @@ class RedisHistoryStore(HistoryStore):
 
     async def stats(self) -> StoreStats:
         """Scans the live version's keys (seconds for millions of users): a CLI command, not a hot path."""
-        try:
+        async with self._call():
             await self.refresh_version()
             keys = self._keys
             kinds = {"u": "users", "e": "event_ids", "p": "pending", "q": "pending_sets", "a": "ads", "f": "fences"}
@@ -503,10 +498,6 @@ class RedisHistoryStore(HistoryStore):
             async for key in self._redis.scan_iter(match=f"{self.namespace}:v*:meta", count=5000):
                 versions.append(key.decode().split(":")[1][1:])
             loading = sorted(k.decode() for k in (await self._redis.hkeys(loading_key(self.namespace))))
-        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
-            raise self._busy(e) from e
-        except _UNAVAILABLE as e:
-            raise self._unavailable(e) from e
         return StoreStats(
             namespace=self.namespace, version=self.version, users=counts["users"], ads=counts["ads"],
             keys=total_keys, version_keys=counts, bytes_per_user=round(memory, 1),
@@ -525,38 +516,26 @@ class RedisHistoryStore(HistoryStore):
         if limit < 1:
             return []
         step = 1000
-        try:
-            async with self._slots:  # queue for a free connection (_CallSlots)
-                await self._version_now()
-                if self._keys is None:
-                    return []
-                prefix = self._keys.user_prefix.encode()
-                ids: list[int] = []
-                cursor, scanned = 0, 0
-                while True:
-                    cursor, keys = await self._redis.scan(cursor, match=prefix + b"*", count=step)
-                    scanned += step
-                    for key in keys:  # b"{prefix}{<uid>}"
-                        with contextlib.suppress(ValueError):
-                            ids.append(int(key[len(prefix) + 1 : -1]))
-                    if cursor == 0 or len(ids) >= limit or scanned >= max_scanned:
-                        return ids[:limit]
-        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
-            raise self._busy(e) from e
-        except _UNAVAILABLE as e:
-            raise self._unavailable(e) from e
-        except redis.ResponseError as e:
-            raise self._refused(e, "the user scan") from e
+        async with self._call("the user scan"):
+            await self._version_now()
+            if self._keys is None:
+                return []
+            prefix = self._keys.user_prefix.encode()
+            ids: list[int] = []
+            cursor, scanned = 0, 0
+            while True:
+                cursor, keys = await self._redis.scan(cursor, match=prefix + b"*", count=step)
+                scanned += step
+                for key in keys:  # b"{prefix}{<uid>}"
+                    with contextlib.suppress(ValueError):
+                        ids.append(int(key[len(prefix) + 1 : -1]))
+                if cursor == 0 or len(ids) >= limit or scanned >= max_scanned:
+                    return ids[:limit]
 
     async def ping(self) -> None:
-        try:
-            async with self._slots:  # queue for a free connection (_CallSlots)
-                await self._redis.ping()
-                await self._version_now()
-        except _POOL_EXHAUSTED as e:  # (a cluster node's pool; or a stray caller past the slots)
-            raise self._busy(e) from e
-        except _UNAVAILABLE as e:
-            raise self._unavailable(e) from e
+        async with self._call():
+            await self._redis.ping()
+            await self._version_now()
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -51,6 +51,13 @@ def has_attention(model: nn.Module) -> bool:
     return bool(getattr(model, "has_attention", False))
 
 
+def check_attention_softmax(model_name: str, attention_softmax: bool) -> None:
+    """The softmax switch normalises attention: asked of a model without any, it would be ignored."""
+    if attention_softmax and not has_attention(MODELS[model_name]):
+        with_attention = ", ".join(name for name, cls in MODELS.items() if has_attention(cls))
+        raise ValueError(f"--attention-softmax needs a model with attention ({with_attention}); --model {model_name} has none")
+
+
 def model_config(model: nn.Module) -> ModelConfig:
     """The configuration a model was actually built with (DIN with Dice forces its activation)."""
     return model.config

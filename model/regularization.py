@@ -55,6 +55,8 @@ class RegularizationConfig:
             raise ValueError(f"the regularization lambda must be >= 0, got {self.lam}")
         if self.kind in ("l2", "mba") and not self.lam > 0:
             raise ValueError(f"--reg {self.kind} needs --reg-lambda > 0 (got {self.lam})")
+        if self.lam and self.kind not in ("l2", "mba"):
+            raise ValueError(f"--reg-lambda {self.lam:g} would be ignored: only --reg l2 / mba take a lambda, not --reg {self.kind}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id dropout must be in [0, 1), got {self.id_dropout}")
 

@@ -33,7 +33,7 @@ from model.inputs import split_inputs
 from model.metrics import ctr_metrics
 from model.objective import Objective
 from model.regularization import RegularizationConfig, id_counts
-from model.registry import MODELS, build_model, has_attention
+from model.registry import MODELS, build_model, check_attention_softmax
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         self.regularization()  # validates reg, reg_lambda, id_dropout
-        if self.reg_lambda and self.reg not in ("l2", "mba"):  # it would be ignored
-            raise ValueError(f"--reg-lambda {self.reg_lambda:g} would be ignored: only --reg l2 / mba take a lambda, not --reg {self.reg}")
-        if self.attention_softmax and not has_attention(MODELS[self.model]):  # it would be ignored
-            with_attention = ", ".join(name for name, cls in MODELS.items() if has_attention(cls))
-            raise ValueError(f"--attention-softmax needs a model with attention ({with_attention}); --model {self.model} has none")
+        check_attention_softmax(self.model, self.attention_softmax)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(embedding_dim=self.embedding_dim, attention_softmax=self.attention_softmax)

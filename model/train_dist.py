@@ -90,7 +90,7 @@ from model.inputs import split_inputs
 from model.metric_sums import MetricSums
 from model.objective import Objective
 from model.regularization import REGULARIZERS, HashedCoins, RegularizationConfig
-from model.registry import MODELS, build_model, has_attention
+from model.registry import MODELS, build_model, check_attention_softmax
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -156,11 +156,7 @@ class DistTrainConfig:
             raise ValueError(f"hash_buckets must be >= 1, got {self.hash_buckets}")
         _data_scheme(self.data)
         self.regularization()  # validates reg, reg_lambda, id_dropout
-        if self.reg_lambda and self.reg not in ("l2", "mba"):  # it would be ignored
-            raise ValueError(f"--reg-lambda {self.reg_lambda:g} would be ignored: only --reg l2 / mba take a lambda, not --reg {self.reg}")
-        if self.attention_softmax and not has_attention(MODELS[self.model]):  # it would be ignored
-            with_attention = ", ".join(name for name, cls in MODELS.items() if has_attention(cls))
-            raise ValueError(f"--attention-softmax needs a model with attention ({with_attention}); --model {self.model} has none")
+        check_attention_softmax(self.model, self.attention_softmax)
 
     def regularization(self) -> RegularizationConfig:
         return RegularizationConfig(kind=self.reg, lam=self.reg_lambda, id_dropout=self.id_dropout)

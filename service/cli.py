@@ -35,9 +35,23 @@ RedisClusterOpt = Annotated[
     bool,
     typer.Option("--redis-cluster", envvar="REDIS_CLUSTER", help="Use the Redis Cluster client (or a redis+cluster:// URL)."),
 ]
+def _valid_namespace(namespace: str) -> str:
+    """Refused while the options are read, before any data, by the rule the service applies to REDIS_NAMESPACE."""
+    from feature_store.keys import check_name
+
+    try:
+        check_name(namespace, "namespace")
+    except ValueError as e:
+        _fail(f"--namespace / REDIS_NAMESPACE: {e}")
+    return namespace
+
+
 NamespaceOpt = Annotated[
     str,
-    typer.Option("--namespace", envvar="REDIS_NAMESPACE", help="Key namespace in Redis (the service's REDIS_NAMESPACE)."),
+    typer.Option(
+        "--namespace", envvar="REDIS_NAMESPACE", callback=_valid_namespace,
+        help="Key namespace in Redis (the service's REDIS_NAMESPACE).",
+    ),
 ]
 DataOpt = Annotated[
     str,
@@ -87,16 +101,6 @@ def _finite(obj):
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
-
-
-def _check_namespace(namespace: str) -> None:
-    """Refused here, before any data is read, by the rule the service applies to REDIS_NAMESPACE."""
-    from feature_store.keys import check_name
-
-    try:
-        check_name(namespace, "namespace")
-    except ValueError as e:
-        _fail(f"--namespace / REDIS_NAMESPACE: {e}")
 
 
 def _refuse_file_as_dir(path: Path, option: str) -> None:
@@ -441,7 +445,6 @@ def load(
 ) -> None:
     """Load users' histories and ad features into Redis (a new data version, switched atomically)."""
     _setup_logging()
-    _check_namespace(namespace)
     from feature_store.embedded import resolve_redis
     from feature_store.redis_store import RedisHistoryStore
 
@@ -505,7 +508,6 @@ def events(
 ) -> None:
     """Append live behaviour events from a file (idempotent per event_id: a re-sent file adds nothing)."""
     _setup_logging()
-    _check_namespace(namespace)
     import asyncio
 
     from tqdm import tqdm
@@ -560,7 +562,6 @@ def store_stats(
 ) -> None:
     """Users, keys, bytes per user, memory used and data version of the live data."""
     _setup_logging()
-    _check_namespace(namespace)
     import asyncio
 
     from feature_store.embedded import resolve_redis
