@@ -35,10 +35,14 @@ RedisClusterOpt = Annotated[
     bool,
     typer.Option("--redis-cluster", envvar="REDIS_CLUSTER", help="Use the Redis Cluster client (or a redis+cluster:// URL)."),
 ]
-def _valid_namespace(namespace: str) -> str:
+def _valid_namespace(ctx: typer.Context, param: typer.CallbackParam, namespace: str) -> str:
     """Refused while the options are read, before any data, by the rule the service applies to REDIS_NAMESPACE."""
     from feature_store.keys import check_name
 
+    # click reads an empty environment variable as unset: without this the command would use
+    # "din" where `din serve` refuses the same environment
+    if os.environ.get("REDIS_NAMESPACE") == "" and ctx.get_parameter_source(param.name).name == "DEFAULT":
+        _fail("REDIS_NAMESPACE is set but empty: name a namespace, or unset it for the default 'din'")
     try:
         check_name(namespace, "namespace")
     except ValueError as e:

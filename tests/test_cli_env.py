@@ -54,3 +54,19 @@ def test_dotenv_din_home_is_where_the_embedded_redis_lives(tmp_path):
     assert stats.returncode == 0, stats.stderr[-2000:]
     assert json.loads(stats.stdout)["users"] == 0
     assert (work / "home-from-dotenv" / "redis").is_dir() and not (work / ".din").exists()
+
+
+def test_an_empty_redis_namespace_is_refused_as_the_service_refuses_it(tmp_path):
+    """click reads REDIS_NAMESPACE= as unset; the command must not quietly use 'din' instead."""
+    for env_file in (False, True):
+        env = {}
+        if env_file:
+            (tmp_path / ".env").write_text("REDIS_NAMESPACE=\n")
+        else:
+            env["REDIS_NAMESPACE"] = ""
+        stats = din("store", "stats", "--redis-url", "redis://127.0.0.1:1/0", cwd=tmp_path, **env)
+        assert stats.returncode != 0
+        assert "REDIS_NAMESPACE is set but empty" in stats.stderr + stats.stdout
+        assert "Traceback" not in stats.stderr
+    explicit = din("store", "stats", "--namespace", "din", "--redis-url", "redis://127.0.0.1:1/0", cwd=tmp_path)
+    assert "REDIS_NAMESPACE" not in explicit.stderr + explicit.stdout  # only the unreachable Redis is reported
