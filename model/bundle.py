@@ -65,6 +65,17 @@ class Bundle:
         return bool(self.manifest.get("has_attention", False))
 
 
+def finite(obj):
+    """NaN -> null, so what we write is strict JSON (e.g. GAUC of a split where every user has one class)."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def new_model_version(model_type: str, fingerprint: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{model_type}-{stamp}-{fingerprint[:8]}"
@@ -104,7 +115,7 @@ def write_bundle(
             "created_at": datetime.now(timezone.utc).isoformat(),
             **extra,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(json.dumps(finite(manifest), indent=2, sort_keys=True, allow_nan=False))
         tmp.chmod(0o755)  # mkdtemp makes it private; serving images run as another user
         os.replace(tmp, final)  # atomic on one filesystem
     except BaseException:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model.bundle import finite
 from model.cpu import cores
 from model.data.log import BehaviourLog
 from model.data.samples import SampleConfig, Samples, build_samples
@@ -118,9 +119,9 @@ class ExperimentResult:
 
 
 def summary(values: list[float]) -> dict:
-    """{mean, std, per_seed}; std is the sample standard deviation (ddof=1), 0 for one seed."""
+    """{mean, std, per_seed}; std is the sample standard deviation (ddof=1), None for one seed (no spread)."""
     arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    std = float(arr.std(ddof=1)) if arr.size > 1 else None
     return {"mean": float(arr.mean()), "std": std, "per_seed": [float(v) for v in arr]}
 
 
@@ -243,15 +244,6 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult:
 _FIGURE_PREFERENCE = ("din", "din_dice")  # the figures show DIN, as the paper's do
 
 
-def finite(obj):
-    """NaN -> null, so results.json is strict JSON (e.g. GAUC of a split with one class per user)."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------ figure data

@@ -27,6 +27,8 @@ def _pm(summary: dict | None, digits: int = 4, percent: bool = False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     unit = "%" if percent else ""
+    if std is None:  # one seed: no spread to show
+        return f"{mean * scale:.{digits}f}{unit}"
     return f"{mean * scale:.{digits}f}{unit} ± {std * scale:.{digits}f}{unit}"
 
 
@@ -44,7 +46,10 @@ def comparison_table(results: dict) -> str:
             f"| {m['num_params']:,} | {m['train_seconds']['mean']:.1f} | {', '.join(map(str, m['best_epoch']))} |"
         )
     lines.append("")
-    lines.append(f"Test split, mean ± sample std (ddof=1) over {n} seed{'s' if n != 1 else ''}; per-seed values in `results.json`.")
+    if n == 1:
+        lines.append("Test split, one seed: no spread over seeds (run --seeds 2 or more to see one); values in `results.json`.")
+    else:
+        lines.append(f"Test split, mean ± sample std (ddof=1) over {n} seeds; per-seed values in `results.json`.")
     return "\n".join(lines)
 
 
@@ -76,6 +81,12 @@ def din_vs_base(results: dict) -> str:
             continue
         m = models[name]["gauc"]
         diff = m["mean"] - base["mean"]
+        if m["std"] is None or base["std"] is None:  # one seed: nothing to weigh the difference against
+            out.append(
+                f"- {models[name]['display_name']}: GAUC {m['mean']:.4f} vs BaseModel {base['mean']:.4f} "
+                f"(difference {diff:+.4f}) over one seed: no spread to judge it by; run --seeds 2 or more."
+            )
+            continue
         std = max(m["std"], base["std"])
         if diff > std:
             verdict = "beats BaseModel by more than the std over seeds"
@@ -304,9 +315,11 @@ def plot_embeddings(data: str, example, path: Path) -> Path:
 
 
 def write_figures(out: Path, results: dict, attention, embeddings) -> list[Path]:
+    """The run's figures; one this run does not draw (no DIN among the models) is removed, not left from an earlier run."""
     files = [plot_validation_gauc(results, out / VALIDATION_PLOT)]
-    if attention is not None:
-        files.append(plot_attention(results["data"], attention, out / ATTENTION_PLOT))
-    if embeddings is not None:
-        files.append(plot_embeddings(results["data"], embeddings, out / EMBEDDING_PLOT))
+    for example, plot, name in ((attention, plot_attention, ATTENTION_PLOT), (embeddings, plot_embeddings, EMBEDDING_PLOT)):
+        if example is not None:
+            files.append(plot(results["data"], example, out / name))
+        else:
+            (out / name).unlink(missing_ok=True)
     return files

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -53,6 +54,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model.bundle import finite
 from model.checkpoint import (
     clear_checkpoints,
     latest_checkpoint,
@@ -579,21 +581,13 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
         result.bundle = bundle
         report = {**result.to_json(), "config": config.to_json(), "device": str(ctx.device), "backend": ctx.backend}
         tmp = run_dir / f".{REPORT}.tmp"
-        tmp.write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
+        tmp.write_text(json.dumps(finite(report), indent=2, allow_nan=False))
         tmp.replace(run_dir / REPORT)
     result.bundle = broadcast_object(ctx, bundle)
     barrier(ctx)
     return result
 
 
-def _finite(obj):
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------
@@ -645,7 +639,11 @@ def parse_args(argv: list[str] | None = None) -> DistTrainConfig:
         else:
             kind = _OPTIONAL_TYPES.get(f.name) or type(default)
             parser.add_argument(flag, type=kind, default=default, help=f.metadata.get("help"))
-    return DistTrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        return DistTrainConfig(**vars(parser.parse_args(argv)))
+    except ValueError as e:  # a value the config refuses: argparse's one-line error, naming the flag
+        names = "|".join(f.name for f in fields(DistTrainConfig))
+        parser.error(re.sub(rf"\b({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e), count=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             (config.run_path / ERROR_FILE).write_text(str(e))
         return 2
     if rank == 0:
-        print(json.dumps(_finite({"bundle": None if result.bundle is None else str(result.bundle), "metrics": result.metrics,
+        print(json.dumps(finite({"bundle": None if result.bundle is None else str(result.bundle), "metrics": result.metrics,
                                   "samples_per_second": result.samples_per_second, "world": result.world})))  # fmt: skip
     return 0
 

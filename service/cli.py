@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -96,25 +97,39 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _finite(obj):
-    """NaN (e.g. GAUC on a split where every user has one class) -> null: strict JSON."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
-def _refuse_file_as_dir(path: Path, option: str) -> None:
-    """A directory the command writes into must not be (or lie under) an existing file: refused
-    before the work, not after it with a traceback."""
+def _writable_dir(path: Path, option: str) -> None:
+    """Make the directory a command writes into, and write to it, before the work: a path under
+    a file, on a read-only mount or in a pseudo file system is refused now, not after the
+    training with a traceback."""
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 _fail(f"{option} {str(path)!r}: {str(p)!r} is a file, not a directory; pass a directory")
-            return
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        _fail(f"{option} {str(path)!r} cannot be written ({e.strerror or e}); pass a writable directory")
+
+
+def _refuse_bundle_as_out(out: Path) -> None:
+    """--out holds bundles and their `latest` link; a new bundle written inside an old one is never served."""
+    from model.bundle import LATEST, MANIFEST
+
+    if (out / MANIFEST).is_file():
+        _fail(f"--out {str(out)!r} is a bundle (it holds {MANIFEST}); pass the directory that holds the bundles, "
+              f"e.g. {str(out.resolve().parent)!r}")  # fmt: skip
+    if (out / LATEST).exists() and not (out / LATEST).is_symlink():
+        _fail(f"--out {str(out)!r}: {str(out / LATEST)!r} is not the link din train keeps to the newest bundle; move it away")
+
+
+def _metric(value) -> str:
+    """A test metric for the one-line summary: 'n/a' where it is undefined (NaN, or null from JSON)."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
 
 
 def _refuse_unbindable(host: str, port: int, port_option: str, host_option: str | None = None) -> None:
@@ -182,7 +197,7 @@ def synth(
     users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 10_000,
     items: Annotated[int, typer.Option(min=1, help="Number of items (ads).")] = 5_000,
     categories: Annotated[int, typer.Option(min=1, help="Number of categories.")] = 100,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed.")] = 0,
 ) -> None:
     """Generate a synthetic behaviour log (Parquet) with planted local-activation structure."""
     _setup_logging()
@@ -207,8 +222,8 @@ def synth(
 def train(
     data: DataOpt = "synthetic",
     model: Annotated[str, typer.Option(help="lr | base | wdl | pnn | deepfm | din | din_dice.")] = "din",
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (data split, init, order).")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (default: 3; the best on validation is exported).")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed (data split, init, order).")] = 0,
     out: Annotated[Path, typer.Option(help="Directory the bundle is written into.")] = DEFAULT_BUNDLES,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes (torchrun, DDP); implies --stream.")] = 1,
@@ -220,14 +235,14 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process (streamed).")] = 0,
     reg: Annotated[str, typer.Option(help="Regulariser: none | l2 | mba (mini-batch aware) | dropout (id dropout).")] = "none",
     reg_lambda: Annotated[float, typer.Option(min=0.0, help="Lambda of --reg l2 / mba.")] = 0.0,
-    id_dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Drop probability of --reg dropout [default: 0.5].")] = None,
+    id_dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Drop probability of --reg dropout (default: 0.5).")] = None,
     attention_softmax: Annotated[bool, typer.Option("--attention-softmax", help="Normalise DIN's attention with a softmax (the paper has none).")] = False,
 ) -> None:
     """Train a model, evaluate it (validation per epoch, test once) and export the ONNX bundle."""
     _setup_logging()
     from dataclasses import replace
 
-    from model.bundle import update_latest
+    from model.bundle import finite, update_latest
     from model.data.log import UntrainableLogError
     from model.registry import MODELS
     from model.train import TrainConfig
@@ -235,9 +250,14 @@ def train(
 
     if model not in MODELS:
         _fail(f"--model {model!r} is not known; choose one of: {', '.join(sorted(MODELS))}")
-    _refuse_file_as_dir(out, "--out")
+    _refuse_bundle_as_out(out)
+    _writable_dir(out, "--out")
+    if run_dir is not None:
+        _writable_dir(run_dir, "--run-dir")
     if id_dropout is not None and reg != "dropout":
         _fail(f"--id-dropout {id_dropout:g} would be ignored: it is the drop probability of --reg dropout, not --reg {reg}")
+    if id_dropout == 0:
+        _fail("--id-dropout 0 drops nothing: that run is --reg none")
     dropout = {} if id_dropout is None else {"id_dropout": id_dropout}
     if stream or nproc > 1 or resume or hash_buckets or checkpoint_every or run_dir or workers:
         from model.data.stream import DEFAULT_SHARDS
@@ -271,18 +291,18 @@ def train(
     update_latest(out, result.bundle)
     payload = {"bundle": str(result.bundle), "model": result.model, "metrics": result.metrics}
     if json_output:
-        typer.echo(json.dumps(_finite(payload), allow_nan=False))
+        typer.echo(json.dumps(finite(payload), allow_nan=False))
     else:
         m = result.metrics
         typer.echo(
-            f"{result.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}\n"
+            f"{result.model}: test AUC {_metric(m['auc'])}  GAUC {_metric(m['gauc'])}  logloss {_metric(m['logloss'])}\n"
             f"bundle: {result.bundle}"
         )
 
 
 def _train_streamed(config, nproc: int, json_output: bool) -> None:
     """`din train --stream / --nproc N`: model/train_dist.py, in this process or under torchrun."""
-    from model.bundle import update_latest
+    from model.bundle import finite, update_latest
     from model.data.log import LogFormatError
     from model.train_dist import launch
 
@@ -294,12 +314,12 @@ def _train_streamed(config, nproc: int, json_output: bool) -> None:
     payload = {"bundle": report["bundle"], "model": report["model"], "metrics": report["metrics"], "world": report["world"],
                "samples_per_second": report["samples_per_second"], "report": str(config.run_path / "report.json")}  # fmt: skip
     if json_output:
-        typer.echo(json.dumps(_finite(payload), allow_nan=False))
+        typer.echo(json.dumps(finite(payload), allow_nan=False))
     else:
         m = report["metrics"]
         typer.echo(
             f"{report['model']} ({report['world']} process(es), {report['samples_per_second']:.0f} samples/s): "
-            f"test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}\nbundle: {report['bundle']}"
+            f"test AUC {_metric(m['auc'])}  GAUC {_metric(m['gauc'])}  logloss {_metric(m['logloss'])}\nbundle: {report['bundle']}"
         )
 
 
@@ -316,6 +336,11 @@ def prepare(
     from model.data.log import LogFormatError
     from model.data.prepare import prepare_log
 
+    if out.suffix.lower() != ".parquet":
+        _fail(f"OUT {str(out)!r} must end in .parquet: din prepare writes Parquet (read back as --data events:PATH)")
+    if out.is_dir():
+        _fail(f"OUT {str(out)!r} is a directory; name the Parquet file to write")
+    _writable_dir(out.parent, "OUT's directory")
     try:
         report = prepare_log(source, out, memory_mb=memory_mb, row_group_rows=row_group_rows, progress=not json_output)
     except (LogFormatError, ValueError) as e:
@@ -397,10 +422,11 @@ def experiment(
     """Compare models like the paper's Table 3: every model x seed, test once, report + figures."""
     _setup_logging()
     from model.data.log import UntrainableLogError
-    from model.experiment import ExperimentConfig, finite, run_experiment
+    from model.bundle import finite
+    from model.experiment import ExperimentConfig, run_experiment
     from model.report import comparison_table, data_table, din_vs_base
 
-    _refuse_file_as_dir(out, "--out")
+    _writable_dir(out, "--out")
     _load_log(data)  # validates --data early with a clear message
     import shlex
 
@@ -729,7 +755,7 @@ def demo(
     log = _load_log("synthetic")
     with EmbeddedRedis(_din_home() / "demo" / "redis") as redis:
         typer.echo(f"[demo] embedded Redis at {redis.url}; loading histories", err=True)
-        store = RedisHistoryStore.from_url(redis.url)
+        store = RedisHistoryStore.from_url(redis.url, namespace=settings.redis_namespace)  # where the service reads
         store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)
         user = int(log.user_id[0])
         typer.echo(

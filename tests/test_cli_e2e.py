@@ -156,6 +156,13 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
     one_item = tmp_path / "one_item.csv"  # enough users, but every click is item 7: no negative can differ from it
     one_item.write_text("user_id,item_id,cate_id,timestamp\n" + "".join(f"{u},7,1,{t}\n" for u in range(40) for t in range(5)))
     one_item_parquet = write_log(read_log(one_item).sorted_by_user_time(), tmp_path / "one_item.parquet")  # sorted: streamable
+    empty = tmp_path / "empty.csv"
+    empty.write_text("user_id,item_id,cate_id,timestamp\n")
+    clicks = "user_id,item_id,cate_id,timestamp,label\n" + "".join(f"{u},{t % 7 + 1},{t % 3 + 1},{t},{{}}\n" for u in range(40) for t in range(5))
+    no_clicks, all_clicks = tmp_path / "no_clicks.csv", tmp_path / "all_clicks.csv"
+    no_clicks.write_text(clicks.replace("{}", "0"))
+    all_clicks.write_text(clicks.replace("{}", "1"))
+    no_clicks_parquet = write_log(read_log(no_clicks).sorted_by_user_time(), tmp_path / "no_clicks.parquet")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(Path(json.loads(out.stdout)["bundle"]), corrupt)
     (corrupt / "model.onnx").write_bytes(b"\x08\x07garbage, not a graph")
@@ -171,6 +178,17 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
          "--id-dropout 0.3 would be ignored: it is the drop probability of --reg dropout, not --reg none"),
         (["bench", "train", "--procs", "0", "--steps", "1", "--users", "50"], "--procs '0' must be comma-separated process counts of at least 1"),
         (["synth", "--out", "/dev/null/x.parquet", "--users", "5"], "cannot write --out '/dev/null/x.parquet'"),
+        (["train", "--data", f"events:{empty}", "--epochs", "1", "--out", str(tmp_path / "b")], "is empty; nothing to train on"),
+        (["experiment", "--data", f"events:{empty}", "--epochs", "1", "--seeds", "1", "--models", "lr", "--out", str(tmp_path / "x")],
+         "is empty; nothing to train on"),
+        (["train", "--data", f"events:{no_clicks}", "--epochs", "1", "--out", str(tmp_path / "b")], "has no clicks (label = 1)"),
+        (["train", "--stream", "--data", f"events:{no_clicks_parquet}", "--epochs", "1", "--out", str(tmp_path / "b")],
+         "has no clicks (label = 1)"),
+        (["train", "--data", f"events:{all_clicks}", "--epochs", "1", "--out", str(tmp_path / "b")],
+         "has only clicks (label = 1): no negative to learn from"),
+        (["train", "--data", f"events:{few}", "--reg", "dropout", "--id-dropout", "0", "--out", str(tmp_path / "b")],
+         "--id-dropout 0 drops nothing"),
+        (["train", "--seed", "-1", "--out", str(tmp_path / "b")], "Invalid value for '--seed'"),
         (["serve", "--bundle", str(corrupt), "--port", str(free_port())], "cannot be loaded by ONNX Runtime"),
     ]  # fmt: skip
     for args, says in cases:
@@ -195,6 +213,10 @@ def test_outputs_it_cannot_write_are_refused_before_the_work(trained, tmp_path):
     _, env, log_path, _ = trained
     existing = tmp_path / "existing"
     existing.write_text("not a directory")
+    a_bundle = tmp_path / "a_bundle"  # a bundle given as --out: the new one would land inside it, never served
+    a_bundle.mkdir()
+    (a_bundle / "bundle.json").write_text("{}")
+    (tmp_path / "odd" / "latest").mkdir(parents=True)  # a real directory where din train keeps its link
     cases = [
         (["train", "--data", f"events:{log_path}", "--epochs", "1", "--out", str(existing)],
          f"error: --out '{existing}': '{existing}' is a file, not a directory; pass a directory"),
@@ -202,8 +224,30 @@ def test_outputs_it_cannot_write_are_refused_before_the_work(trained, tmp_path):
          f"error: --out '{existing / 'x'}': '{existing}' is a file, not a directory; pass a directory"),
         (["synth", "--users", "5", "--out", str(tmp_path / "x.csv")],
          f"error: --out '{tmp_path / 'x.csv'}' must end in .parquet: din synth writes Parquet (read back as --data events:PATH)"),
+        (["train", "--data", f"events:{log_path}", "--epochs", "1", "--out", "/proc/din-bundles"],
+         "error: --out '/proc/din-bundles' cannot be written (No such file or directory); pass a writable directory"),
+        (["experiment", "--data", f"events:{log_path}", "--epochs", "1", "--seeds", "1", "--models", "lr", "--out", "/proc/x"],
+         "error: --out '/proc/x' cannot be written (No such file or directory); pass a writable directory"),
+        (["train", "--data", f"events:{log_path}", "--stream", "--epochs", "1", "--out", str(tmp_path / "b"), "--run-dir", str(existing)],
+         f"error: --run-dir '{existing}': '{existing}' is a file, not a directory; pass a directory"),
+        (["train", "--data", f"events:{log_path}", "--epochs", "1", "--out", str(a_bundle)],
+         f"error: --out '{a_bundle}' is a bundle (it holds bundle.json); pass the directory that holds the bundles, e.g. '{tmp_path}'"),
+        (["train", "--data", f"events:{log_path}", "--epochs", "1", "--out", str(tmp_path / "odd")],
+         f"error: --out '{tmp_path / 'odd'}': '{tmp_path / 'odd' / 'latest'}' is not the link din train keeps to the newest bundle; move it away"),
+        (["prepare", str(log_path), str(tmp_path / "sorted.csv")],
+         f"error: OUT '{tmp_path / 'sorted.csv'}' must end in .parquet: din prepare writes Parquet (read back as --data events:PATH)"),
+        (["prepare", str(log_path), str(existing / "sorted.parquet")],
+         f"error: OUT's directory '{existing}': '{existing}' is a file, not a directory; pass a directory"),
     ]  # fmt: skip
     for args, says in cases:
         r = din(*args, env=env, check=False)
         assert (r.returncode, r.stderr.strip()) == (2, says), (args, r.stderr[-2000:])
     assert existing.read_text() == "not a directory" and not (tmp_path / "x.csv").exists()
+    assert sorted(p.name for p in a_bundle.iterdir()) == ["bundle.json"] and not (tmp_path / "sorted.csv").exists()
+
+
+def test_the_one_line_summary_says_n_a_for_an_undefined_metric():
+    """A streamed run's metrics come back through JSON, NaN as null; the summary crashed on it after the bundle was written."""
+    from service.cli import _metric
+
+    assert [_metric(v) for v in (None, float("nan"), 0.51234)] == ["n/a", "n/a", "0.5123"]

@@ -61,7 +61,7 @@ def test_results_json_has_the_issue_keys(run):
 def test_summary_statistics():
     s = summary([0.5, 0.7, 0.6])
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["per_seed"] == [0.5, 0.7, 0.6]
-    assert summary([0.4])["std"] == 0.0
+    assert summary([0.4])["std"] is None  # one seed: no spread, not a spread of 0
 
 
 def test_report_prints_exactly_the_numbers_of_results_json(run):
@@ -145,8 +145,28 @@ def test_a_baseline_with_a_gauc_of_exactly_one_half_still_gives_a_report(tmp_pat
         data=f"events:{path}", models=("base", "lr"), seeds=1, epochs=1, out=tmp_path / "out", batch_size=128,
         embedding_dim=4, max_history=10, progress=False, command="din experiment (test)",
     )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "attention.png").write_bytes(b"an earlier run's figure")  # this run has no DIN to draw
     result = run_experiment(config)
     models = result.results["models"]
+    assert not (tmp_path / "out" / "attention.png").exists()
     assert models["base"]["gauc"]["mean"] == 0.5
     assert np.isnan(models["lr"]["relaimpr"]["mean"])
     assert "n/a" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_one_seed_reports_no_spread_and_no_verdict(run):
+    """With one seed there is no std: the report must not print '± 0.0000' nor judge DIN by it."""
+    import copy
+
+    from model.report import comparison_table, din_vs_base
+
+    one = copy.deepcopy(run[1].results)
+    one["config"]["seeds"] = 1
+    for m in one["models"].values():
+        for key in ("gauc", "auc", "logloss", "relaimpr"):
+            if isinstance(m.get(key), dict):
+                m[key]["std"] = None
+    table, verdict = comparison_table(one), din_vs_base(one)
+    assert "±" not in table and "one seed: no spread" in table
+    assert "no spread to judge it by; run --seeds 2 or more" in verdict and "beats" not in verdict

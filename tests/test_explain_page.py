@@ -455,9 +455,10 @@ def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: 
     """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.
 
     No browser needed. The demo reuses a bundle already in its home (this module's DIN),
-    so it does not train; it still loads the default synthetic histories and serves.
+    so it does not train; it still loads the default synthetic histories and serves, into
+    the REDIS_NAMESPACE it serves from (a user's .env may set one).
     """
-    env = _env(tmp_path)
+    env = {**_env(tmp_path), "REDIS_NAMESPACE": "shop"}
     bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
     shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
     port = free_port()
@@ -481,6 +482,7 @@ def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: 
                 time.sleep(0.2)
         assert page.status_code == 200 and 'id="heatmap"' in page.text
         assert "reusing bundle" in err_path.read_text()  # it did not train
+        assert httpx.get(f"{url}api/sample", timeout=5).json()["user_ids"], "the demo's users are not where it serves from"
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does: uvicorn and the embedded Redis stop
         try:

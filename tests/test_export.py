@@ -158,3 +158,21 @@ def test_export_bundle_writes_a_loadable_bundle(tmp_path):
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     x = random_inputs(SPEC, 2, 4, 6, seed=9)
     np.testing.assert_allclose(session.run(["ctr"], x)[0], torch_scores(model, SPEC, x)[0], rtol=0, atol=1e-5)
+
+
+def test_a_bundle_with_undefined_metrics_is_strict_json(tmp_path):
+    """A run whose GAUC is undefined (NaN) wrote `NaN` into bundle.json, which JSON parsers refuse."""
+    import json
+
+    from model.bundle import MANIFEST, write_bundle
+
+    spec = FeatureSpec(vocab_sizes={"item_id": 5, "cate_id": 4}, max_history=3)
+    vocabs = {"item_id": Vocabulary(np.arange(3)), "cate_id": Vocabulary(np.arange(2))}
+    path = write_bundle(tmp_path, model_version="din-x", model_type="din", spec=spec, vocabularies=vocabs,
+                        onnx_bytes=b"", extra={"metrics": {"auc": 0.7, "gauc": float("nan")}})  # fmt: skip
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    manifest = json.loads((path / MANIFEST).read_text(), parse_constant=refuse)
+    assert manifest["metrics"] == {"auc": 0.7, "gauc": None}

@@ -330,3 +330,15 @@ def test_a_new_run_that_cannot_start_leaves_the_previous_run_alone(data, tmp_pat
     assert (config.run_path / "report.json").read_text() == report
     resumed = launch(replace(config, resume=True), 1)  # nothing left to train: the finished run, tested again
     assert resumed["resumed_from"] == first["global_steps"] and resumed["metrics"] == first["metrics"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["--lr", "0"], "error: --lr must be > 0, got 0.0"),
+    (["--model", "transformer"], "error: unknown --model 'transformer'; choose one of: lr, base"),
+])  # fmt: skip
+def test_bad_values_are_argparse_errors_naming_the_flag(argv, says, capsys):
+    """`python -m model.train_dist` (documented in the README) used to end these in a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err

@@ -37,6 +37,17 @@ class UntrainableLogError(ValueError):
     """A readable log that no model can be trained on; the message says what it lacks."""
 
 
+def check_clicks(name: str, clicks: int, events: int) -> None:
+    """A labelled log needs clicks (histories and positives) and non-clicks (its negatives)."""
+    if clicks == 0:
+        raise UntrainableLogError(f"behaviour log {name!r} has no clicks (label = 1): nothing can be a history or a positive")
+    if clicks == events:
+        raise UntrainableLogError(
+            f"behaviour log {name!r} has only clicks (label = 1): no negative to learn from; "
+            "drop the label column to have negatives sampled from the items"
+        )
+
+
 class NotEnoughUsersError(UntrainableLogError):
     """A readable log whose users do not fill the train, validation and test splits."""
 
@@ -140,6 +151,8 @@ _INT64_LIMIT = 2.0**63  # exactly representable: ids as doubles must lie in [-2^
 
 def int_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     col = table.column(name)
+    if pa.types.is_null(col.type) and len(col) == 0:  # a CSV with a header and no rows
+        return np.zeros(0, np.int64)
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise LogFormatError(f"{path}: column {name!r} must be integer, found {col.type}")
     if col.null_count:
@@ -164,17 +177,20 @@ def read_table(path: str | Path, required: Sequence[str], what: str, column_type
     log needs ...").
     """
     path = Path(path)
+    if path.is_dir():
+        raise LogFormatError(f"{path}: a directory, not a log file")
     if not path.is_file():
         raise LogFormatError(f"{path}: no such file")
+    text = path.suffix.lower() in (".csv", ".tsv", ".txt")
     try:
-        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        if text:
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
             convert = pacsv.ConvertOptions(column_types=column_types or {})
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
         else:
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise LogFormatError(f"{path}: cannot be read as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} ({e})") from None
+        raise LogFormatError(f"{path}: cannot be read as {'CSV' if text else 'Parquet'} ({e})") from None
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise LogFormatError(f"{path}: missing column(s) {', '.join(missing)}; {what}")

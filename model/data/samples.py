@@ -37,7 +37,15 @@ import torch
 
 from model.contract import CAND_USER, PAD_ROW, FeatureSpec, Vocabulary, cand_input, hist_input, profile_input
 from model.data.negatives import draw_negatives
-from model.data.log import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, BehaviourLog, NotEnoughUsersError, UntrainableLogError
+from model.data.log import (
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+    SPLIT_VALID,
+    BehaviourLog,
+    NotEnoughUsersError,
+    UntrainableLogError,
+    check_clicks,
+)
 
 SEQUENCE_FIELDS = ("item_id", "cate_id")
 
@@ -219,7 +227,9 @@ def _event_split(log: BehaviourLog, config: SampleConfig) -> np.ndarray:
 def build_samples(log: BehaviourLog, config: SampleConfig = SampleConfig()) -> Samples:
     """Split `log` (its own `split`, else by user), fit vocabularies on training events, index every sample."""
     if len(log) == 0:
-        raise ValueError(f"behaviour log {log.name!r} is empty; nothing to train on")
+        raise UntrainableLogError(f"behaviour log {log.name!r} is empty; nothing to train on")
+    if log.label is not None:
+        check_clicks(log.name, int(np.count_nonzero(log.label == 1)), len(log))
     log = log.sorted_by_user_time()
     has_label = log.label is not None
     behaviour = log.behaviour_mask()

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.contract import FeatureSpec, Vocabulary
-from model.data.log import REQUIRED_COLUMNS, LogFormatError, NotEnoughUsersError, UntrainableLogError, int_column
+from model.data.log import REQUIRED_COLUMNS, LogFormatError, NotEnoughUsersError, UntrainableLogError, check_clicks, int_column
 from model.data.reservoir import BottomKSample
 from model.hashing import HashedIds, IdMapping, row_counts, unit_interval
 
@@ -271,7 +271,7 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
     block_events = []  # [blocks] of (3,) event counts per split
     current = np.zeros(3, np.int64)  # events per split of the open block
     prev: tuple[int, int] | None = None
-    row = 0
+    row = clicks = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -320,7 +320,9 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
                 row_counts(HashedIds(config.hash_buckets), cols[f][train], bucket_counts[f])
             else:
                 counters[f].add(cols[f][train])
-        if not has_label:
+        if has_label:
+            clicks += int(np.count_nonzero(cols["label"] == 1))
+        else:
             pool.add(row + np.flatnonzero(train), item=cols["item_id"][train], cate=cols["cate_id"][train])
         prev = (int(user[-1]), int(ts[-1]))
         row += n
@@ -330,6 +332,8 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
         bar.close()
     if row == 0:
         raise LogFormatError(f"{path}: the behaviour log is empty; nothing to train on")
+    if has_label:
+        check_clicks(str(path), clicks, row)
     block_events.append(current)
     cuts.append(row)
     events_per_split = np.stack(block_events)  # (blocks, 3)
