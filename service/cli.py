@@ -231,7 +231,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the newest checkpoint in --run-dir (streamed).")] = False,
     hash_buckets: Annotated[Optional[int], typer.Option(min=1, help="Hash ids into N rows per field (streamed).")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps; 0: epoch ends (streamed).")] = 0,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints and report of a streamed run.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints and report of a streamed run (default: OUT/../runs/MODEL, shared by sibling --out directories).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process (streamed).")] = 0,
     reg: Annotated[str, typer.Option(help="Regulariser: none | l2 | mba (mini-batch aware) | dropout (id dropout).")] = "none",
     reg_lambda: Annotated[float, typer.Option(min=0.0, help="Lambda of --reg l2 / mba.")] = 0.0,
