@@ -57,8 +57,23 @@ def resolve_bundle(path: Path) -> Path:
     return resolve_bundle_path(path)
 
 
+def _real_bundle_dir(path: Path) -> Path:
+    """The directory a bundle path names now: a `latest` symlink resolved, a plain path as given.
+
+    A bundle is loaded from its real directory, so that the serving scorer remembers which bundle
+    it is (`latest` re-pointed later names another one) and every file is read from that one
+    bundle, even if `latest` is re-pointed while it loads.
+    """
+    path = Path(path)
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a symlink loop: load_bundle says what is wrong
+        return path
+    return path if real == path.absolute() else real
+
+
 def _load_and_warm(path: Path, settings: Settings, refuse_device_problem: bool) -> Scorer:
-    bundle = load_bundle(path)
+    bundle = load_bundle(_real_bundle_dir(path))
     check_servable(bundle)
     check_onnx_loads(bundle)
     scorer = Scorer.load(bundle, options=settings.runtime_options())
@@ -123,6 +138,7 @@ class ModelReloader:
             if not source.exists():
                 raise ReloadRefused(404, f"bundle {source} does not exist")
             path = resolve_bundle(source)
+            # old.bundle.path is the real directory it was loaded from (not a `latest` that now names another)
             if old is not None and path.resolve() == old.bundle.path.resolve():
                 return ReloadResult(old.model_version, old.model_version, False, 0.0)
             new, seconds = await load_scorer(path, self._settings, refuse_device_problem=True)

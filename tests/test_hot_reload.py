@@ -267,6 +267,35 @@ async def test_reload_without_a_path_takes_the_latest_bundle_of_the_directory(tr
     assert then["model_version"] == V2
 
 
+async def test_reload_follows_a_latest_symlink_that_is_re_pointed(trained, bundles):
+    """BUNDLE=/bundles/latest (the Dockerfile's and the compose file's): a reload after `latest` is
+    re-pointed serves the newer bundle; another reload with `latest` unchanged changes nothing."""
+    root = bundles["dir"]
+    update_latest(root, bundles["v1"])
+    shutil.copytree(bundles["v2"], root / V2)
+    latest = root / "latest"
+    body = rank_body(1, some_candidates(trained.log, 3))
+    async with serving(settings_for(latest, None, admin_token=TOKEN)) as client:
+        first = (await client.post("/rank", json=body)).json()
+        same = await client.post("/admin/reload", headers=AUTH)
+        update_latest(root, root / V2)
+        newer = await client.post("/admin/reload", headers=AUTH)
+        then = (await client.post("/rank", json=body)).json()
+        again = await client.post("/admin/reload", headers=AUTH)
+        update_latest(root, bundles["v1"])  # a roll-back is a re-point too, named explicitly this time
+        back = await client.post("/admin/reload", json={"bundle": str(latest)}, headers=AUTH)
+        last = (await client.post("/rank", json=body)).json()
+    v1 = trained.bundle.model_version
+    assert first["model_version"] == v1
+    assert same.status_code == 200 and same.json()["changed"] is False
+    assert newer.status_code == 200, newer.text
+    assert newer.json()["changed"] is True and newer.json()["model_version"] == V2 and newer.json()["previous_version"] == v1
+    assert then["model_version"] == V2
+    assert again.status_code == 200 and again.json()["changed"] is False and again.json()["model_version"] == V2
+    assert back.status_code == 200 and back.json()["changed"] is True and back.json()["model_version"] == v1
+    assert last["model_version"] == v1
+
+
 async def test_a_second_reload_while_one_runs_is_409(trained, bundles):
     app = create_app(settings_for(bundles["v1"], None, admin_token=TOKEN))
     async with app.router.lifespan_context(app):
