@@ -346,6 +346,39 @@ def test_every_service_setting_is_in_the_ranker_environment_with_its_default():
     assert env["BUNDLE"] == "/bundles/latest" and env["PORT"] == "8000"
 
 
+def _din_envvars(subcommand: str) -> set[str]:
+    """The environment variables a `din` subcommand reads (its options' envvar=...)."""
+    import typer
+
+    from service.cli import app
+
+    command = typer.main.get_command(app).commands[subcommand]
+    names = set()
+    for param in command.params:
+        envvar = getattr(param, "envvar", None)
+        names.update([envvar] if isinstance(envvar, str) else envvar or [])
+    return names
+
+
+def test_the_trainer_loads_the_redis_and_namespace_the_ranker_reads():
+    """A setting both the trainer's `din load` and the ranker read (REDIS_URL, REDIS_NAMESPACE,
+    REDIS_CLUSTER) reaches both from the same variable: set REDIS_NAMESPACE and the data is loaded
+    where the ranker looks for it."""
+    user_env = {"REDIS_URL": "redis+cluster://cache:7000", "REDIS_NAMESPACE": "tenant-a", "REDIS_CLUSTER": "true"}
+    services = load_compose(user_env)["services"]
+    trainer, ranker = services["trainer"]["environment"], services["ranker"]["environment"]
+    lines = [line for line in compose_command_lines({"services": {"trainer": services["trainer"]}}) if line[:1] == ["din"]]
+    read_by_trainer = set().union(*(_din_envvars(line[1]) for line in lines))
+    shared = read_by_trainer & set(ranker)
+    assert {"REDIS_URL", "REDIS_NAMESPACE", "REDIS_CLUSTER"} <= shared, shared
+    for name in sorted(shared):
+        assert name in trainer, f"the trainer's `din load` reads {name}, the ranker gets it, the trainer does not"
+        assert trainer[name] == ranker[name], f"{name}: trainer {trainer[name]!r}, ranker {ranker[name]!r}"
+    defaults = load_compose()["services"]
+    for name in sorted(shared):  # and with nothing set, both get the same default
+        assert defaults["trainer"]["environment"][name] == defaults["ranker"]["environment"][name], name
+
+
 def _din_subcommands_in(lines: list[list[str]]) -> set[str]:
     return {line[1] for line in lines if line and line[0] == "din"}
 
