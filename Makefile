@@ -27,9 +27,13 @@ demo: install
 
 # Load test: starts the local service (unless HOST is given), runs locust headless,
 # writes reports/loadtest/ and exits non-zero when the thresholds are broken.
+#   make loadtest HOST=http://10.0.0.5:8000 LOADTEST_ARGS="--duration 120 --users 20"
+# HOST counts only on make's command line: a HOST in the environment is din serve's bind
+# address (e.g. 0.0.0.0), not a service to load-test.
 LOADTEST_ARGS ?=
+LOADTEST_HOST := $(if $(filter command line,$(origin HOST)),$(HOST))
 loadtest: install
-	$(BIN)/din loadtest $(LOADTEST_ARGS)
+	$(BIN)/din loadtest $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST)) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .din artifacts reports

@@ -263,6 +263,20 @@ def check_rank_response(
     return None
 
 
+def http_failure(response) -> str:
+    """Why a non-2xx answer failed: its status and body, or, when nothing came back (locust's
+    status 0), the connection error itself (refused, reset, timed out, a name that does not resolve)."""
+    error = getattr(response, "error", None)
+    status = response.status_code
+    if not status:
+        what = f"{type(error).__name__}: {error}" if error is not None and str(error) else repr(error)
+        return f"no HTTP response: {what}"[:300]
+    body = (response.text or "")[:200]
+    if not body and error is not None:
+        body = f"{type(error).__name__}: {error}"[:200]
+    return f"HTTP {status}: {body}"
+
+
 _traffic: Traffic | None = None
 
 
@@ -308,7 +322,7 @@ class MatchingStage(FastHttpUser):
             name="/rank", catch_response=True,
         ) as response:  # fmt: skip
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
+                response.failure(http_failure(response))
                 return
             try:
                 payload = response.json()
@@ -336,7 +350,7 @@ class MatchingStage(FastHttpUser):
             name="/events", catch_response=True,
         ) as response:  # fmt: skip
             if not 200 <= response.status_code < 300:
-                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
+                response.failure(http_failure(response))
 
 
 class RankingLoadShape(LoadTestShape):

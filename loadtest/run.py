@@ -31,6 +31,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,11 +152,27 @@ def write_population(log, path: str | Path, max_users: int = MAX_POPULATION_USER
         "item_events": item_events.tolist(),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, separators=(",", ":")))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload, separators=(",", ":")))
+        os.replace(tmp, path)
+    except OSError as e:  # a file where a directory should be, no permission, a full disk
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise LoadTestError(f"cannot write the population file {path}: {_os_reason(e, path.parent)}") from None
     return path
+
+
+def _os_reason(e: OSError, directory: Path) -> str:
+    """Why `directory` could not be made or written, in words: a file in the way, else the OS's reason."""
+    for p in (directory, *directory.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                return f"{p} is a file, not a directory"
+            break
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{reason} ({e.filename})" if e.filename else reason
 
 
 def population_from_spec(data: str, path: Path) -> Path:
@@ -219,25 +236,45 @@ def ensure_bundle(bundle: Path | None, data: str) -> Path:
     return resolve_bundle_path(DEFAULT_BUNDLES)
 
 
-def _ready(url: str) -> bool:
+def _ready(url: str) -> str | None:
+    """None when GET /readyz answers 200, else why not (the HTTP status, or the connection error)."""
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=2.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:  # 503: up, not ready yet
+        return f"HTTP {e.code}"
+    except urllib.error.URLError as e:
+        return _connection_error(e.reason)
+    except OSError as e:  # a reset or a timeout while reading the answer
+        return _connection_error(e)
+
+
+def _connection_error(reason: object) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return f"the host name does not resolve ({reason.strerror or reason})"
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "no answer within 2 s"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[:1].lower() + reason.strerror[1:]
+    return str(reason) or type(reason).__name__
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
-    """Poll GET /readyz until 200; fail early when the server process has exited."""
+    """Poll GET /readyz until 200; fail early when the server process has exited.
+
+    A timeout says the last answer or connection error, e.g. refused or a name that does not resolve.
+    """
     deadline = time.monotonic() + timeout_s
-    while not _ready(url):
+    while (problem := _ready(url)) is not None:
         if proc is not None and proc.poll() is not None:
             raise LoadTestError(
                 f"the service exited (code {proc.returncode}) before it was ready"
                 + (f"; the end of {log}:\n{_tail(log)}" if log else "")
             )
         if time.monotonic() > deadline:
-            raise LoadTestError(f"{url}/readyz did not answer 200 within {timeout_s:.0f} s")
+            raise LoadTestError(f"{url}/readyz did not answer 200 within {timeout_s:g} s (last: {problem})")
         time.sleep(0.25)
 
 
@@ -396,8 +433,11 @@ def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
     that fails before it has results leaves a summary.json with "passed": false and the error.
     """
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_results(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_results(out)
+    except OSError as e:  # --out names a file, a path under one, or a directory it may not write
+        raise LoadTestError(f"--out {out}: cannot hold the run's reports: {_os_reason(e, out)}") from None
     try:
         return _run(config, out)
     except BaseException as e:
@@ -496,10 +536,19 @@ def main(argv: list[str] | None = None) -> int:
         help="load the run's data into this Redis instead of starting one; its data is REPLACED "
         "($REDIS_URL is not read). Refused with --host (exit 2)",
     )  # fmt: skip
-    pop = sub.add_parser("population", help="write the traffic's population file from a data SPEC")
+    pop = sub.add_parser(
+        "population", prog="din loadtest population", help="write the traffic's population file from a data SPEC"
+    )
     pop.add_argument("--data", default="synthetic")
     pop.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    # A subcommand's arguments are parsed by its own parser: an unknown option is then refused with
+    # that command's usage (`din loadtest [-h] [--host HOST] ...`), not the top level's `{run,population}`,
+    # which `din loadtest` does not take (it inserts `run` itself).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["run"], ["population"]):
+        args = (run if argv[0] == "run" else pop).parse_args(argv[1:], argparse.Namespace(command=argv[0]))
+    else:
+        args = parser.parse_args(argv)
 
     # bad input is exit 2 with one line, like a run that could not be made; 1 means a broken threshold
     try:

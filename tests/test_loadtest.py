@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import os
 import struct
 import subprocess
@@ -519,3 +520,92 @@ def test_plot_title_matches_the_users_of_a_real_run(local_run_next_to_a_live_red
     assert peak == 2 * LOCAL_RUN["users"]
     title = plot_title(LoadTestConfig(tags=("rank", "events"), **LOCAL_RUN))
     assert title == f"POST /rank + /events, {LOCAL_RUN['candidates']} candidates, 2 users, spike to {peak}"
+
+
+# --- where a run cannot start: the --out path, an unreachable --host, a refused connection --------
+
+
+def test_an_out_path_that_cannot_be_a_directory_is_one_error_line(tmp_path):
+    """`--out report.json` (an existing file) or a path under a file: one `error:` line, exit 2, no traceback."""
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,cate_id,timestamp\n7,100,1,1\n3,100,1,3\n")
+    taken = tmp_path / "report.json"
+    taken.write_text("someone's file\n")
+    cases = [
+        (["--out", str(taken), "--host", "http://127.0.0.1:1", "--data", f"events:{events}"], "--out"),
+        (["--out", str(taken / "sub"), "--host", "http://127.0.0.1:1", "--data", f"events:{events}"], "--out"),
+        (["population", "--data", f"events:{events}", "--out", str(taken / "pop.json")], "population file"),
+    ]
+    for args, says in cases:
+        result = _loadtest_cli(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert says in result.stderr and f"{taken} is a file, not a directory" in result.stderr, result.stderr
+    assert taken.read_text() == "someone's file\n"
+
+
+def test_a_host_that_is_not_ready_says_why(tmp_path):
+    """The readiness wait names the last connection error or answer, not only "did not answer 200"."""
+    import http.server
+    import threading
+
+    from feature_store.embedded import free_port
+    from loadtest.run import LoadTestError, wait_ready
+
+    with pytest.raises(LoadTestError, match=r"did not answer 200 within 0.3 s \(last: connection refused\)"):
+        wait_ready(f"http://127.0.0.1:{free_port()}", None, timeout_s=0.3)
+    with pytest.raises(LoadTestError, match=r"\(last: the host name does not resolve"):
+        wait_ready("http://no-such-host.invalid:8000", None, timeout_s=0.3)
+
+    class NotReady(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReady)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(LoadTestError, match=r"\(last: HTTP 503\)"):
+            wait_ready(f"http://127.0.0.1:{server.server_address[1]}", None, timeout_s=0.3)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_refused_connection_is_recorded_with_its_cause(tmp_path):
+    """locust_failures.csv names the connection error, not an empty `HTTP 0: `."""
+    from feature_store.embedded import free_port
+    from loadtest.run import run_locust
+
+    config = LoadTestConfig(duration_s=2, users=1, spawn_rate=10, user_rps=5, candidates=5, shape="steady", out_dir=tmp_path)
+    run_locust(config, f"http://127.0.0.1:{free_port()}", tmp_path, None)  # nothing listens there
+    failures = (tmp_path / "locust_failures.csv").read_text()
+    assert "Connection refused" in failures and "HTTP 0: '" not in failures, failures
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_loadtest_targets_host_when_given():
+    def din_line(*args: str, env: dict[str, str] | None = None) -> str:
+        out = subprocess.run(["make", "-n", "loadtest", *args], capture_output=True, text=True, cwd=ROOT, timeout=30,
+                             env={**os.environ, **(env or {})}, check=True).stdout  # fmt: skip
+        (line,) = [line for line in out.splitlines() if "din loadtest" in line]
+        return line
+
+    assert din_line("HOST=http://10.0.0.5:8000", "LOADTEST_ARGS=--users 3").split()[-5:] == [
+        "loadtest", "--host", "http://10.0.0.5:8000", "--users", "3"
+    ]  # fmt: skip
+    assert "--host" not in din_line()
+    assert "--host" not in din_line(env={"HOST": "0.0.0.0"})  # din serve's bind address, not a target
+
+
+def test_din_loadtest_usage_is_the_command_the_user_typed():
+    """A mistyped option is refused with the usage of `din loadtest` (which inserts `run` itself), not `{run,population}`."""
+    bogus = _loadtest_cli("--bogus")
+    assert bogus.returncode == 2 and "unrecognized arguments: --bogus" in bogus.stderr, bogus.stderr
+    assert bogus.stderr.startswith("usage: din loadtest [-h] [--host HOST]") and "{run,population}" not in bogus.stderr
+    pop = _loadtest_cli("population", "--out", "x.json", "--bogus")
+    assert pop.returncode == 2 and pop.stderr.startswith("usage: din loadtest population [-h]"), pop.stderr
