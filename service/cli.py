@@ -475,7 +475,6 @@ def load(
 ) -> None:
     """Load users' histories and ad features into Redis (a new data version, switched atomically)."""
     _setup_logging()
-    from feature_store.embedded import resolve_redis
     from feature_store.redis_store import RedisHistoryStore
 
     profile_fields = None
@@ -485,7 +484,7 @@ def load(
         profile_fields = b.spec.profile_fields
         history = max_history or b.spec.max_history
     log = _load_log(data)
-    with resolve_redis(redis_url, _din_home() / "redis") as url, _store_errors():
+    with _redis(redis_url, _din_home() / "redis") as url, _store_errors():
         store = RedisHistoryStore.from_url(url, namespace=namespace, cluster=redis_cluster or None)
         report = store.bulk_load(
             log, max_history=history, profile_fields=profile_fields, keep_old=keep_old, grace_s=grace,
@@ -499,6 +498,20 @@ def load(
         f"loaded {report.users} users, {report.events} behaviours, {report.ads} ads into data version "
         f"{report.version} in {report.seconds:.1f}s ({report.users_per_s:,.0f} users/s){resumed}"
     )
+
+
+@contextlib.contextmanager
+def _redis(url: str | None, data_dir: Path) -> Iterator[str]:
+    """`url`, else a built-in Redis on `data_dir`; one that cannot start (e.g. another command's
+    already runs there) is one error line saying which URL to use instead."""
+    from feature_store.embedded import EmbeddedRedisError, resolve_redis
+
+    with contextlib.ExitStack() as stack:
+        try:
+            resolved = stack.enter_context(resolve_redis(url, data_dir))
+        except EmbeddedRedisError as e:
+            _fail(str(e))
+        yield resolved
 
 
 @contextlib.contextmanager
@@ -542,7 +555,6 @@ def events(
 
     from tqdm import tqdm
 
-    from feature_store.embedded import resolve_redis
     from feature_store.events import read_events
     from feature_store.redis_store import RedisHistoryStore
     from model.data.log import LogFormatError
@@ -568,7 +580,7 @@ def events(
             await store.close()
         return totals
 
-    with resolve_redis(redis_url, _din_home() / "redis") as url, _store_errors():
+    with _redis(redis_url, _din_home() / "redis") as url, _store_errors():
         totals = asyncio.run(append_all(url))
     if json_output:
         typer.echo(json.dumps(totals))
@@ -594,7 +606,6 @@ def store_stats(
     _setup_logging()
     import asyncio
 
-    from feature_store.embedded import resolve_redis
     from feature_store.redis_store import RedisHistoryStore
 
     async def collect(url: str):
@@ -604,7 +615,7 @@ def store_stats(
         finally:
             await store.close()
 
-    with resolve_redis(redis_url, _din_home() / "redis") as url, _store_errors():
+    with _redis(redis_url, _din_home() / "redis") as url, _store_errors():
         stats = asyncio.run(collect(url))
     if json_output:
         typer.echo(json.dumps(stats.to_json()))
@@ -642,7 +653,6 @@ def serve(
         bundle=bundle, host=host, port=port, redis_url=redis_url, redis_cluster=redis_cluster, access_log=access_log
     )
     _refuse_unbindable(settings.host, settings.port, "--port / PORT", "--host / HOST")  # before loading anything
-    from feature_store.embedded import resolve_redis
     from model.bundle import BundleError
     from service.hot_reload import resolve_bundle
 
@@ -651,7 +661,7 @@ def serve(
     except BundleError as e:
         _fail(str(e))
     _refuse_unloadable_model(_load_bundle(bundle_path))  # refuse a bad bundle before starting anything
-    with resolve_redis(settings.redis_url, _din_home() / "redis") as url:
+    with _redis(settings.redis_url, _din_home() / "redis") as url:
         _run_server(settings.model_copy(update={"redis_url": url}))
 
 
@@ -732,7 +742,6 @@ def demo(
 
     settings = _settings_or_fail(bundle=_din_home() / "demo" / "bundles", host="127.0.0.1", port=port)
     _refuse_unbindable(settings.host, port, "--port")  # before training or loading anything
-    from feature_store.embedded import EmbeddedRedis
     from feature_store.redis_store import RedisHistoryStore
 
     bundles = _din_home() / "demo" / "bundles"
@@ -753,9 +762,9 @@ def demo(
         typer.echo(f"[demo] test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}", err=True)
     b = _load_bundle(bundle_path)
     log = _load_log("synthetic")
-    with EmbeddedRedis(_din_home() / "demo" / "redis") as redis:
-        typer.echo(f"[demo] embedded Redis at {redis.url}; loading histories", err=True)
-        store = RedisHistoryStore.from_url(redis.url, namespace=settings.redis_namespace)  # where the service reads
+    with _redis(None, _din_home() / "demo" / "redis") as redis_url:
+        typer.echo(f"[demo] embedded Redis at {redis_url}; loading histories", err=True)
+        store = RedisHistoryStore.from_url(redis_url, namespace=settings.redis_namespace)  # where the service reads
         store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)
         user = int(log.user_id[0])
         typer.echo(
@@ -766,7 +775,7 @@ def demo(
             f"{{\"item_id\": 42, \"cate_id\": 5}}], \"top_k\": 10}}'\n",
             err=True,
         )
-        _run_server(settings.model_copy(update={"redis_url": redis.url}))
+        _run_server(settings.model_copy(update={"redis_url": redis_url}))
 
 
 @app.command(

@@ -70,3 +70,15 @@ def test_an_empty_redis_namespace_is_refused_as_the_service_refuses_it(tmp_path)
         assert "Traceback" not in stats.stderr
     explicit = din("store", "stats", "--namespace", "din", "--redis-url", "redis://127.0.0.1:1/0", cwd=tmp_path)
     assert "REDIS_NAMESPACE" not in explicit.stderr + explicit.stdout  # only the unreachable Redis is reported
+
+
+def test_a_command_beside_a_running_built_in_redis_is_told_its_url(tmp_path):
+    """Two built-in Redis servers on one data directory overwrote each other's saves; the second
+    command is refused in one line that names the running server's URL."""
+    from feature_store.embedded import EmbeddedRedis
+
+    (tmp_path / ".env").write_text("DIN_HOME=home\n")
+    with EmbeddedRedis(tmp_path / "home" / "redis") as running:
+        stats = din("store", "stats", cwd=tmp_path)
+    assert stats.returncode == 2 and "Traceback" not in stats.stderr, stats.stderr[-2000:]
+    assert stats.stderr.startswith("error: ") and running.url in stats.stderr
