@@ -277,59 +277,61 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
         from tqdm import tqdm
 
         bar = tqdm(total=pf.metadata.num_rows, unit="event", desc="plan", leave=False)
-    for batch in pf.iter_batches(batch_size=config.read_rows, columns=list(columns)):
-        cols = batch_columns(batch, path, columns)
-        user, ts = cols["user_id"], cols["timestamp"]
-        n = user.size
-        if n == 0:
-            continue
-        bad = unsorted_row(user, ts, prev)
-        if bad is not None:
-            before = prev if bad == 0 else (int(user[bad - 1]), int(ts[bad - 1]))
-            raise LogFormatError(
-                f"{path}: not sorted by (user_id, timestamp) at row {row + bad} "
-                f"(user {int(user[bad])}, time {int(ts[bad])} after user {before[0]}, time {before[1]}); "
-                f"streamed training needs each user's events together and in time order: "
-                f"run `din prepare {path} SORTED.parquet` once"
-            )
-        for c in columns:
-            digest.update(np.ascontiguousarray(cols[c]).tobytes())
-        split = user_split(user, config.split, config.seed)
-        new_user = np.r_[prev is None or user[0] != prev[0], user[1:] != user[:-1]]
-        users += np.bincount(split[new_user], minlength=3)
+    try:  # an error mid-read closes the bar first, so its message starts a line of its own
+        for batch in pf.iter_batches(batch_size=config.read_rows, columns=list(columns)):
+            cols = batch_columns(batch, path, columns)
+            user, ts = cols["user_id"], cols["timestamp"]
+            n = user.size
+            if n == 0:
+                continue
+            bad = unsorted_row(user, ts, prev)
+            if bad is not None:
+                before = prev if bad == 0 else (int(user[bad - 1]), int(ts[bad - 1]))
+                raise LogFormatError(
+                    f"{path}: not sorted by (user_id, timestamp) at row {row + bad} "
+                    f"(user {int(user[bad])}, time {int(ts[bad])} after user {before[0]}, time {before[1]}); "
+                    f"streamed training needs each user's events together and in time order: "
+                    f"run `din prepare {path} SORTED.parquet` once"
+                )
+            for c in columns:
+                digest.update(np.ascontiguousarray(cols[c]).tobytes())
+            split = user_split(user, config.split, config.seed)
+            new_user = np.r_[prev is None or user[0] != prev[0], user[1:] != user[:-1]]
+            users += np.bincount(split[new_user], minlength=3)
 
-        # blocks: cut at the first user start at or after `block_events` events into the block
-        starts = np.flatnonzero(new_user)
-        local_cut = 0
-        while True:
-            need = cuts[-1] + config.block_events - row  # first local row where the block may end
-            k = np.searchsorted(starts, max(need, cuts[-1] - row + 1))  # never an empty block
-            if k >= starts.size:
-                break
-            cut = int(starts[k])
-            current += np.bincount(split[local_cut:cut], minlength=3)
-            block_events.append(current)
-            current = np.zeros(3, np.int64)
-            cuts.append(row + cut)
-            local_cut = cut
-        current += np.bincount(split[local_cut:], minlength=3)
+            # blocks: cut at the first user start at or after `block_events` events into the block
+            starts = np.flatnonzero(new_user)
+            local_cut = 0
+            while True:
+                need = cuts[-1] + config.block_events - row  # first local row where the block may end
+                k = np.searchsorted(starts, max(need, cuts[-1] - row + 1))  # never an empty block
+                if k >= starts.size:
+                    break
+                cut = int(starts[k])
+                current += np.bincount(split[local_cut:cut], minlength=3)
+                block_events.append(current)
+                current = np.zeros(3, np.int64)
+                cuts.append(row + cut)
+                local_cut = cut
+            current += np.bincount(split[local_cut:], minlength=3)
 
-        train = split == TRAIN
-        for f in SEQUENCE_FIELDS:
-            if hashed:
-                row_counts(HashedIds(config.hash_buckets), cols[f][train], bucket_counts[f])
+            train = split == TRAIN
+            for f in SEQUENCE_FIELDS:
+                if hashed:
+                    row_counts(HashedIds(config.hash_buckets), cols[f][train], bucket_counts[f])
+                else:
+                    counters[f].add(cols[f][train])
+            if has_label:
+                clicks += int(np.count_nonzero(cols["label"] == 1))
             else:
-                counters[f].add(cols[f][train])
-        if has_label:
-            clicks += int(np.count_nonzero(cols["label"] == 1))
-        else:
-            pool.add(row + np.flatnonzero(train), item=cols["item_id"][train], cate=cols["cate_id"][train])
-        prev = (int(user[-1]), int(ts[-1]))
-        row += n
+                pool.add(row + np.flatnonzero(train), item=cols["item_id"][train], cate=cols["cate_id"][train])
+            prev = (int(user[-1]), int(ts[-1]))
+            row += n
+            if bar is not None:
+                bar.update(n)
+    finally:
         if bar is not None:
-            bar.update(n)
-    if bar is not None:
-        bar.close()
+            bar.close()
     if row == 0:
         raise LogFormatError(f"{path}: the behaviour log is empty; nothing to train on")
     if has_label:
