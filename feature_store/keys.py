@@ -125,6 +125,12 @@ class KeySpace:
         return [f"{p}{{{int(a)}}}" for a in ad_ids]
 
 
+def retiring_key(namespace: str = "din") -> str:
+    """HASH of replaced data versions whose deletion is due: version -> successor. A load
+    interrupted in its grace period leaves its entry, and the next load deletes the version."""
+    return f"{check_name(namespace, 'namespace')}:retiring"
+
+
 def loading_key(namespace: str = "din") -> str:
     """HASH of the unfinished bulk loads of `namespace`: version -> JSON state (resume, heartbeat)."""
     return f"{check_name(namespace, 'namespace')}:loading"

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
 from feature_store.connection import is_cluster
 from feature_store.fences import Fence, delete_fences, read_fence, slot_tags, user_fence_tag, write_fences
-from feature_store.keys import KeySpace, current_key, loading_key, seq_key
+from feature_store.keys import KeySpace, current_key, loading_key, retiring_key, seq_key
 from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_ads, encode_users
 from feature_store.resp import SetWriter, format_command
 from model.data.log import BehaviourLog
@@ -309,7 +309,25 @@ def abandon_version(client, namespace: str, version: str) -> int:
 def retire_version(client, namespace: str, version: str, successor: str) -> int:
     """Point the version's appends at `successor`, then delete its keys (fences last)."""
     _redirect(client, namespace, version, "R", successor)
-    return delete_version(client, KeySpace(namespace=namespace, version=version))
+    deleted = delete_version(client, KeySpace(namespace=namespace, version=version))
+    client.hdel(retiring_key(namespace), version)
+    return deleted
+
+
+class LoadInProgressError(ValueError):
+    """Another load of other data into the namespace is making progress: two at once lose live events."""
+
+
+def _retire_leftovers(client, namespace: str) -> None:
+    """Delete versions a load replaced but was stopped (Ctrl-C, kill) before deleting."""
+    current = _current(client, namespace)
+    for raw_version, raw_successor in client.hgetall(retiring_key(namespace)).items():
+        version = raw_version.decode()
+        if version == current:  # switched back to since (not by us): keep it
+            client.hdel(retiring_key(namespace), version)
+            continue
+        logger.info("deleting data version %s of %s, replaced by an interrupted load", version, namespace)
+        retire_version(client, namespace, version, raw_successor.decode())
 
 
 def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: float) -> tuple[str, dict]:
@@ -323,6 +341,7 @@ def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: flo
     now = time.time()
     current = _current(client, namespace)
     found: tuple[str, dict] | None = None
+    running: tuple[str, float] | None = None
     entries = client.hgetall(loading_key(namespace))
     mine = fingerprint(wait=bool(entries))
     for raw_version, raw_state in sorted(entries.items()):
@@ -339,6 +358,15 @@ def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: flo
             logger.warning("removing the unfinished load of data version %s of %s (no progress for %.0f s)",
                            version, namespace, now - float(state.get("heartbeat", 0)))
             abandon_version(client, namespace, version)
+        else:  # other data, progress lately: it may be running
+            running = version, now - float(state.get("heartbeat", 0))
+    if running is not None:  # two loads at once: the live version's fences follow one, and events are lost
+        raise LoadInProgressError(
+            f"another load into namespace {namespace!r} (data version {running[0]}) made progress {running[1]:.0f} s "
+            f"ago; two loads at once would lose live events: wait for it to finish, or, if it was killed, "
+            f"run this again after {stale_after_s:.0f} s without progress (its partial version is then removed)"
+        )
+    _retire_leftovers(client, namespace)
     if found is not None:
         return found
     version = str(client.incr(seq_key(namespace)))
@@ -520,7 +548,12 @@ def load_log(
             _delete_placeholder(client, KeySpace(namespace=namespace, version=previous), merged)
             previous = None  # not a data version: the report says "first load", as before
         elif not keep_old:
-            time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
+            client.hset(retiring_key(namespace), previous, version)  # due now: a load stopped in the grace
+            try:  # period leaves it to the next load
+                time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
+            except BaseException:  # Ctrl-C: delete it now rather than leave it (readers re-read the pointer on a miss)
+                retire_version(client, namespace, previous, version)
+                raise
             deleted = retire_version(client, namespace, previous, version)
     return LoadReport(
         namespace=namespace,

@@ -148,3 +148,51 @@ def test_old_version_deletion_is_configurable(redis_url, redis_client, keep_old)
     store.bulk_load(many_users_log(5, seed=8), keep_old=keep_old, grace_s=0.0)
     left = redis_client.get(KeySpace(version=first.version).user(0))
     assert (left is not None) == keep_old
+
+
+def test_a_second_load_of_other_data_is_refused_while_one_runs(redis_url, redis_client, tmp_path):
+    """Two loads at once lost live events (the live version's fences follow only one of them);
+    the second is refused while the first makes progress, and the first finishes untouched."""
+    from feature_store.loader import LoadInProgressError
+
+    store = RedisHistoryStore.from_url(redis_url)
+    store.bulk_load(many_users_log(20, seed=6))
+    big = many_users_log(200_000, seed=7)
+    proc = din_load(redis_url, write_log(big, tmp_path / "big.parquet"), tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        raw = redis_client.hgetall(loading_key())
+        if raw and json.loads(next(iter(raw.values())))["users_done"] > 0:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the first load finished before the second could start"
+    with pytest.raises(LoadInProgressError, match="another load into namespace 'din' .* made progress"):
+        store.bulk_load(many_users_log(30, seed=8), grace_s=0.0)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert redis_client.get(current_key()).decode() == json.loads(out)["version"]
+    assert [items(h) for h in histories(redis_url, [0, 199_999])] == [newest_first_items(big, u) for u in (0, 199_999)]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
+def test_a_load_stopped_in_its_grace_period_leaves_no_old_version(redis_url, redis_client, tmp_path, stop):
+    """Stopped after the switch, while readers still had time to leave the old version: Ctrl-C
+    deletes it at once; a kill leaves it due, and the next load deletes it (it leaked for ever)."""
+    store = RedisHistoryStore.from_url(redis_url)
+    old = store.bulk_load(many_users_log(20, seed=9))
+    proc = din_load(redis_url, write_log(many_users_log(50, seed=10), tmp_path / "new.parquet"), tmp_path, "--grace", "60")
+    deadline = time.monotonic() + 60
+    while redis_client.get(current_key()).decode() == old.version:  # switched: now in its grace period
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(stop)
+    proc.wait(30)
+    old_keys = list(redis_client.scan_iter(match=f"din:v{old.version}:*", count=10_000))
+    if stop == signal.SIGINT:
+        assert old_keys == [] and redis_client.hgetall("din:retiring") == {}
+        return
+    assert old_keys and redis_client.hkeys("din:retiring") == [old.version.encode()]
+    store.bulk_load(many_users_log(30, seed=11), grace_s=0.0)
+    assert list(redis_client.scan_iter(match=f"din:v{old.version}:*", count=10_000)) == []
+    assert redis_client.hgetall("din:retiring") == {}
