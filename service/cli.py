@@ -703,8 +703,13 @@ def reload(
     """Hot-reload the model of a running service (POST /admin/reload); the old one serves until the swap."""
     import httpx
 
+    from service.settings import header_secret_problem
+
+    token = (token or "").strip(" \t")  # as the service strips the header's value
     if not token:
         _fail("no admin token: pass --token or set ADMIN_TOKEN")
+    if problem := header_secret_problem(token):  # non-ASCII: httpx raises; a control character: no valid header
+        _fail(f"--token / ADMIN_TOKEN: the admin token {problem}")
     try:
         r = httpx.post(
             f"{url.rstrip('/')}/admin/reload",
@@ -712,6 +717,8 @@ def reload(
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
         )
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:  # InvalidURL is no HTTPError
+        _fail(f"--url {url!r} is not a usable http:// or https:// URL: {e}")
     except httpx.HTTPError as e:
         _fail(f"cannot reach {url}: {type(e).__name__}: {e}")
     try:

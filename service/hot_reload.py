@@ -15,6 +15,7 @@ corrupt or incompatible is refused with `ReloadRefused` and the old model keeps 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import anyio
 
 from feature_store.records import RECORD_FIELDS
-from model.bundle import Bundle, BundleError, load_bundle, resolve_bundle_path
+from model.bundle import MANIFEST, Bundle, BundleError, load_bundle, resolve_bundle_path
 from service.metrics import ServiceMetrics
 from service.schemas import Candidate
 from service.scorer import Scorer, check_onnx_loads
@@ -70,6 +71,17 @@ def _real_bundle_dir(path: Path) -> Path:
     except (OSError, RuntimeError):  # missing, a symlink loop: load_bundle says what is wrong
         return path
     return path if real == path.absolute() else real
+
+
+def _model_version_at(path: Path) -> str | None:
+    """The model_version that the bundle at `path` names in its manifest; None when it names none
+    readable (loading it then says what is wrong)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    version = manifest.get("model_version") if isinstance(manifest, dict) else None
+    return None if version is None else str(version)
 
 
 def _load_and_warm(path: Path, settings: Settings, refuse_device_problem: bool) -> Scorer:
@@ -137,9 +149,10 @@ class ModelReloader:
         try:
             if not source.exists():
                 raise ReloadRefused(404, f"bundle {source} does not exist")
-            path = resolve_bundle(source)
-            # old.bundle.path is the real directory it was loaded from (not a `latest` that now names another)
-            if old is not None and path.resolve() == old.bundle.path.resolve():
+            path = _real_bundle_dir(resolve_bundle(source))
+            # Unchanged is decided by what the bundle is, not where it is: a path (BUNDLE=/models/x,
+            # --bundle fixed, a `latest`) that now holds another model reloads it.
+            if old is not None and _model_version_at(path) == old.model_version:
                 return ReloadResult(old.model_version, old.model_version, False, 0.0)
             new, seconds = await load_scorer(path, self._settings, refuse_device_problem=True)
         except (OSError, ValueError) as e:  # unreadable path, NUL byte in it, ...

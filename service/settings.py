@@ -34,6 +34,22 @@ def default_intra_op_threads() -> int:
     return max(1, cores() - 1)
 
 
+def header_secret_problem(secret: str) -> str | None:
+    """Why `secret` cannot be sent in an HTTP header and matched (a bearer token, an X-API-Key), else None.
+
+    Checked against uvicorn and FastAPI: a control character gets the request refused (400); a
+    character outside ASCII is refused by httpx (`din reload`) and sent as UTF-8 by curl from a
+    UTF-8 shell, while the service reads headers as latin-1, so it does not match (only a client
+    that encodes latin-1 gets through, and none with a character beyond latin-1); leading or
+    trailing whitespace is stripped from the header. Spaces and tabs inside arrive intact.
+    """
+    if any(not (" " <= c <= "~" or c == "\t") for c in secret):
+        return "holds a character outside printable ASCII (non-ASCII or a control character), which an HTTP header cannot carry"
+    if secret != secret.strip():
+        return "begins or ends with whitespace, which is stripped from an HTTP header"
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
@@ -224,6 +240,9 @@ class Settings(BaseSettings):
     def _keys_long_enough(cls, keys: tuple[SecretStr, ...] | None) -> tuple[SecretStr, ...] | None:
         if keys and any(len(k.get_secret_value()) < 8 for k in keys):
             raise ValueError("every API key must have at least 8 characters")
+        for k in keys or ():  # sent as X-API-Key
+            if problem := header_secret_problem(k.get_secret_value()):
+                raise ValueError(f"an API key {problem}")
         return keys
 
     @field_validator("admin_token", "redis_url", "max_connections", mode="before")
@@ -250,6 +269,8 @@ class Settings(BaseSettings):
     def _token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
         if token is not None and len(token.get_secret_value()) < 8:
             raise ValueError("the admin token must have at least 8 characters")
+        if token is not None and (problem := header_secret_problem(token.get_secret_value())):
+            raise ValueError(f"the admin token {problem}")  # sent as Authorization: Bearer <token>
         return token
 
     def doubtful(self) -> list[str]:

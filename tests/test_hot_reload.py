@@ -314,3 +314,42 @@ async def test_a_second_reload_while_one_runs_is_409(trained, bundles):
     (refused,) = [r for r in answers if r.status_code == 409]
     assert "another reload is in progress" in refused.json()["detail"]
     assert serving_now == V2
+
+
+async def test_a_bundle_replaced_at_the_same_path_is_reloaded(trained, bundles, tmp_path):
+    """What the path holds decides, not the path: `rm -rf x; cp -r B x` then a reload of x (BUNDLE=x and
+    a reload without a path, or `--bundle x` again) serves B; a reload that finds the serving model is
+    unchanged. It used to answer `unchanged` for any path the serving model had been loaded from."""
+    v1 = trained.bundle.model_version
+    body = rank_body(int(trained.log.user_id[0]), some_candidates(trained.log, 5, seed=3))
+
+    def replace(dest: Path, src: Path) -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest)
+
+    served, fixed = tmp_path / "models" / "x", tmp_path / "fixed"
+    replace(served, bundles["v1"])
+    answers = []
+    async with serving(settings_for(served, None, admin_token=TOKEN)) as client:
+        first = (await client.post("/rank", json=body)).json()
+
+        async def reload_and_rank(json=None) -> None:
+            r = await client.post("/admin/reload", json=json, headers=AUTH)
+            answers.append((r.status_code, r.json(), (await client.post("/rank", json=body)).json()))
+
+        replace(served, bundles["v2"])
+        await reload_and_rank()  # BUNDLE=x, x now holds v2
+        replace(fixed, bundles["v1"])
+        await reload_and_rank({"bundle": str(fixed)})  # cp -r A fixed; din reload --bundle fixed
+        replace(fixed, bundles["v2"])
+        await reload_and_rank({"bundle": str(fixed)})  # rm -rf fixed; cp -r B fixed; the same reload
+        await reload_and_rank({"bundle": str(fixed)})  # nothing changed since
+        m = samples((await client.get("/metrics")).text)
+    expected = {v1: scores(first), V2: shifted(scores(first), SHIFT)}
+    got = [(status, r["changed"], r["previous_version"], r["model_version"], ranked["model_version"])
+           for status, r, ranked in answers]
+    assert got == [(200, True, v1, V2, V2), (200, True, V2, v1, v1), (200, True, v1, V2, V2), (200, False, V2, V2, V2)]
+    for _, _, ranked in answers:  # scored by the model it names
+        assert scores(ranked) == pytest.approx(expected[ranked["model_version"]], abs=2e-6)
+    assert value(m, "din_model_reloads_total", outcome="ok") == 3
+    assert value(m, "din_model_reloads_total", outcome="unchanged") == 1

@@ -280,6 +280,27 @@ def test_din_reload_swaps_the_running_model_and_reports_refusals(live, trained, 
     assert rank() == "din-live-v2"
 
 
+def test_din_reload_with_a_url_or_token_it_cannot_send_is_one_error_line(live, tmp_path):
+    """Each ended in a traceback: httpx.InvalidURL (not an httpx.HTTPError), and a UnicodeEncodeError
+    for a token httpx cannot put in a header. Whitespace around the token is dropped, as the service
+    drops it from the header (the 404 below is an authenticated answer)."""
+    env = base_env(tmp_path)
+    nowhere = str(tmp_path / "no-such-bundle")
+    cases = [
+        (("--url", "http://[::1", "--token", TOKEN), "error: --url 'http://[::1' is not a usable http:// or https:// URL: "),
+        (("--url", "localhost:8000", "--token", TOKEN), "error: --url 'localhost:8000' is not a usable http:// or https:// URL: "),
+        (("--url", live.url, "--token", "tökén-123456"), "error: --token / ADMIN_TOKEN: the admin token holds a character outside printable ASCII"),
+        (("--url", live.url, "--token", "live-admin\x01token"), "error: --token / ADMIN_TOKEN: the admin token holds a character outside printable ASCII"),
+    ]
+    for args, says in cases:
+        r = din("reload", *args, "--bundle", nowhere, env=env)
+        assert r.returncode == 2 and r.stderr.startswith(says) and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    from_env = din("reload", "--url", live.url, "--bundle", nowhere, env=env | {"ADMIN_TOKEN": "tökén-123456"})
+    assert from_env.returncode == 2 and from_env.stderr.startswith(cases[2][1]) and "Traceback" not in from_env.stderr
+    padded = din("reload", "--url", live.url, "--bundle", nowhere, "--token", f"  {TOKEN} ", env=env)
+    assert padded.returncode == 1 and "reload refused (404): bundle " in padded.stderr, padded.stderr
+
+
 # ---------------------------------------------------------------------------------------
 # Clients that hang up or stall: what a real uvicorn process hands the app, over raw sockets.
 GUARD_MAX_CONNECTIONS = 4

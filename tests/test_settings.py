@@ -171,3 +171,46 @@ def test_a_store_timeout_past_the_request_deadline_is_flagged(clean_env, monkeyp
     monkeypatch.setenv("REQUEST_DEADLINE_MS", "400")
     (warning,) = Settings().doubtful()
     assert "STORE_TIMEOUT_MS (500) is not below REQUEST_DEADLINE_MS (400)" in warning
+
+
+@pytest.mark.parametrize(
+    "var,value,says",
+    [
+        ("ADMIN_TOKEN", "tökén-123456", "ADMIN_TOKEN: the admin token holds a character outside printable ASCII"),
+        ("ADMIN_TOKEN", "token-€-123456", "ADMIN_TOKEN: the admin token holds a character outside printable ASCII"),
+        ("ADMIN_TOKEN", "admin-token-123456\n", "ADMIN_TOKEN: the admin token holds a character outside printable ASCII"),
+        ("ADMIN_TOKEN", "admin-token-123456 ", "ADMIN_TOKEN: the admin token begins or ends with whitespace"),
+        ("API_KEYS", "rank-key-aaaaaaaa,kéy-123456", "API_KEYS: an API key holds a character outside printable ASCII"),
+        ("API_KEYS", "rank-key-\x7faaaaaa", "API_KEYS: an API key holds a character outside printable ASCII"),
+    ],
+    ids=["admin-latin1", "admin-euro", "admin-newline", "admin-trailing-space", "key-latin1", "key-control"],
+)
+def test_secrets_that_an_http_header_cannot_carry_are_refused(clean_env, monkeypatch, var, value, says):
+    """They used to be accepted, and then the usual clients could not authenticate: httpx (so
+    `din reload`) refuses such a header, curl from a UTF-8 shell sends bytes that the service reads
+    back as latin-1, and no client can send a character beyond latin-1; uvicorn answers 400 to a
+    control character, and whitespace at either end is stripped from the header. Spaces and tabs
+    inside arrive intact, and are kept."""
+    monkeypatch.setenv("BUNDLE", "/b")
+    monkeypatch.setenv(var, "a secret\twith spaces")
+    kept = Settings().admin_token if var == "ADMIN_TOKEN" else Settings().api_keys[0]
+    assert kept.get_secret_value() == "a secret\twith spaces"
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    msg = settings_error_message(e.value)
+    assert says in msg and "\n" not in msg
+    assert value.strip() not in msg and "123456" not in msg and "aaaa" not in msg  # the secret is not shown
+
+
+def test_din_serve_with_a_non_ascii_admin_token_prints_one_line_and_exits_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k.upper() not in {n.upper() for n in Settings.model_fields}}
+    env |= {"PYTHONPATH": str(ROOT), "DIN_HOME": str(tmp_path / "din"), "ADMIN_TOKEN": "tökén-123456"}
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--bundle", str(tmp_path / "nothing")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: invalid settings: ADMIN_TOKEN: the admin token holds a character outside " \
+        "printable ASCII (non-ASCII or a control character), which an HTTP header cannot carry"
+
