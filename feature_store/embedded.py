@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import re
@@ -44,6 +45,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+log = logging.getLogger(__name__)
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no directory lock
@@ -52,11 +55,29 @@ except ImportError:  # not POSIX: no directory lock
 DUMP_FILE = "dump.rdb"
 LOG_FILE = "redis-server.log"
 LOCK_FILE = "redis.lock"
+LOCK_RELEASE_WAIT_S = 30.0  # how long a server whose parent has exited may take to save and go
 # A save point that never fires (68 years and 2**31-1 writes): Redis before 7 saves on SIGTERM
 # only when a save point is configured, and has no `shutdown-on-sigterm` to ask for it.
 _NEVER_FIRING_SAVE_POINT = ("2147483647", "2147483647")  # two arguments: one "A B" string is ignored by 6.2
 
 _live: "set[EmbeddedRedis]" = set()  # started and not yet stopped: stopped at exit
+
+
+def _pid_alive(pid) -> bool:
+    """Whether `pid` names a process that has not exited (a zombie has); False for no pid."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:  # no /proc (macOS): signal 0 says whether it exists
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in ("Z", "X")
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -89,7 +110,8 @@ def _persistence_args(binary: Path, persist: bool) -> list[str]:
         return ["--save", ""]
     major = redis_major_version(binary)
     if major is not None and major >= 7:
-        return ["--save", "", "--shutdown-on-sigterm", "save", "--shutdown-on-sigint", "save"]
+        # force: a save that fails (disk full) must not leave a server behind that holds the data dir's lock
+        return ["--save", "", "--shutdown-on-sigterm", "save", "force", "--shutdown-on-sigint", "save", "force"]
     return ["--save", *_NEVER_FIRING_SAVE_POINT]
 
 
@@ -235,10 +257,22 @@ class EmbeddedRedis:
         if fcntl is None or self._lock_fd is not None:
             return
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._lock_holder(fd)
+        deadline, waited = time.monotonic() + LOCK_RELEASE_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = self._lock_holder(fd)
+                # a holder whose parent has exited is a server finishing its save (`kill` of `din
+                # serve`, then the next command at once), or one that has saved and whose last
+                # thread is closing its files: wait for it rather than refuse
+                if time.monotonic() < deadline and not _pid_alive(holder.get("pid")):
+                    if not waited:
+                        log.warning("waiting for the embedded Redis of an exited process to finish saving (%s)", self.data_dir)
+                        waited = True
+                    time.sleep(0.05)
+                    continue
             os.close(fd)
             url = holder.get("url")
             where = f" at {url} (server pid {holder.get('server_pid', '?')}, started by pid {holder.get('pid', '?')})" if url else ""

@@ -581,6 +581,47 @@ def test_a_second_embedded_redis_on_the_same_directory_is_refused(tmp_path):
         pass
 
 
+HOLD_LOCK_AS_ORPHAN = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, json.dumps({"pid": int(sys.argv[2]), "server_pid": os.getpid(), "url": "redis://127.0.0.1:1/0"}).encode(), 0)
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))  # a server whose parent died, still saving
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_server_still_saving_after_its_parent_exited_is_waited_for_not_refused(tmp_path):
+    """`kill` of `din serve`, then `din store stats` at once: the old server is still saving
+    (seconds for millions of keys); the next command waits for it instead of being refused."""
+    from feature_store.embedded import LOCK_FILE, DataDirInUse
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_AS_ORPHAN, str(tmp_path / LOCK_FILE), dead.stdout.strip(), "1.5"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with EmbeddedRedis(tmp_path) as server:  # waits for the holder to let go
+            assert server.running and time.monotonic() - started > 0.5
+    finally:
+        holder.kill()
+        holder.wait()
+    alive_parent = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_AS_ORPHAN, str(tmp_path / LOCK_FILE), str(os.getpid()), "30"],
+                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:  # a holder whose parent lives is a running server: refused at once, not waited for
+        assert alive_parent.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(DataDirInUse):
+            EmbeddedRedis(tmp_path).start()
+        assert time.monotonic() - started < 5
+    finally:
+        alive_parent.kill()
+        alive_parent.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_embedded_redis_leaves_no_orphans(tmp_path):
     # The parent exits without stop(): atexit stops the server, with a save.
