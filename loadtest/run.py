@@ -184,6 +184,8 @@ def population_from_spec(data: str, path: Path) -> Path:
         log = load_source(data)
     except (ValueError, OSError, DownloadError) as e:  # LogFormatError is a ValueError
         raise LoadTestError(f"cannot read --data {data!r}: {e}") from None
+    if len(log.user_id) == 0:
+        raise LoadTestError(f"--data {data!r}: the behaviour log is empty; the load test draws its users from it")
     return write_population(log, path)
 
 
@@ -319,8 +321,13 @@ def _redis_for_run(redis_url: str | None, data_dir: Path) -> Iterator[str]:
         return
     from feature_store.embedded import EmbeddedRedis
 
+    from feature_store.embedded import EmbeddedRedisError
+
     server = EmbeddedRedis(data_dir, persist=False)
-    server.start()
+    try:
+        server.start()
+    except EmbeddedRedisError as e:
+        raise LoadTestError(f"the run's Redis under {data_dir}: {e}") from None
     try:
         yield server.url
     finally:
@@ -435,15 +442,35 @@ def run_loadtest(config: LoadTestConfig) -> LoadTestReport:
     out = Path(config.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _clear_results(out)
+        lock = _lock_out(out)  # before the previous run's files go: they may be a running run's
     except OSError as e:  # --out names a file, a path under one, or a directory it may not write
         raise LoadTestError(f"--out {out}: cannot hold the run's reports: {_os_reason(e, out)}") from None
     try:
+        _clear_results(out)
         return _run(config, out)
     except BaseException as e:
         if not (out / "summary.json").exists():
             _write_failed_summary(out, config, e)
         raise
+    finally:
+        os.close(lock)
+
+
+def _lock_out(out: Path) -> int:
+    """An flock on `out` for the run's life: a second run into the same --out is refused, not mixed in."""
+    import fcntl
+
+    fd = os.open(out / ".loadtest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LoadTestError(f"--out {out}: another din loadtest (pid {holder}) is writing there; "
+                            "wait for it, or pass another --out") from None  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def _run(config: LoadTestConfig, out: Path) -> LoadTestReport:

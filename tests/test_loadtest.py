@@ -545,6 +545,34 @@ def test_an_out_path_that_cannot_be_a_directory_is_one_error_line(tmp_path):
     assert taken.read_text() == "someone's file\n"
 
 
+def test_a_second_run_into_the_same_out_and_an_empty_log_are_one_error_line(tmp_path):
+    """Two `make loadtest` at once: the second deleted the first's files, then died with a
+    traceback; a header-only CSV (an empty log) was a traceback too."""
+    import fcntl
+
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,cate_id,timestamp\n7,100,1,1\n3,100,1,3\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("user_id,item_id,cate_id,timestamp\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"passed": true}')  # the running run's
+    fd = os.open(out / ".loadtest.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running `din loadtest --out out` holds it
+    try:
+        running = _loadtest_cli("--out", str(out), "--host", "http://127.0.0.1:1", "--data", f"events:{events}")
+    finally:
+        os.close(fd)
+    cases = [
+        (running, "another din loadtest"),
+        (_loadtest_cli("population", "--data", f"events:{empty}", "--out", str(tmp_path / "pop.json")), "the behaviour log is empty"),
+    ]
+    for result, says in cases:
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.startswith("error: ") and says in result.stderr, result.stderr
+    assert (out / "summary.json").read_text() == '{"passed": true}'
+
+
 def test_a_host_that_is_not_ready_says_why(tmp_path):
     """The readiness wait names the last connection error or answer, not only "did not answer 200"."""
     import http.server
