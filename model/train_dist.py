@@ -144,6 +144,8 @@ class DistTrainConfig:
             self.run_dir = Path(self.run_dir)
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds; `din train --seed` has the same bounds
+            raise ValueError(f"seed must be in 0..2^32-1, got {self.seed}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_history", "embedding_dim", "negatives", "shards", "block_events", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -643,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> DistTrainConfig:
         return DistTrainConfig(**vars(parser.parse_args(argv)))
     except ValueError as e:  # a value the config refuses: argparse's one-line error, naming the flag
         names = "|".join(f.name for f in fields(DistTrainConfig))
-        parser.error(re.sub(rf"\b({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e), count=1))
+        parser.error(re.sub(rf"(?<![-\w])({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e), count=1))
 
 
 def main(argv: list[str] | None = None) -> int:

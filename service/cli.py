@@ -102,18 +102,25 @@ def _fail(message: str, code: int = 2) -> None:
 def _writable_dir(path: Path, option: str) -> None:
     """Make the directory a command writes into, and write to it, before the work: a path under
     a file, on a read-only mount or in a pseudo file system is refused now, not after the
-    training with a traceback."""
+    training with a traceback. The directories made for the probe are removed again (the
+    command makes them when it writes), so a command refused later leaves nothing behind."""
+    made = []
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 _fail(f"{option} {str(path)!r}: {str(p)!r} is a file, not a directory; pass a directory")
             break
+        made.append(p)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         _fail(f"{option} {str(path)!r} cannot be written ({e.strerror or e}); pass a writable directory")
+    finally:
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def _refuse_bundle_as_out(out: Path) -> None:
@@ -501,14 +508,16 @@ def load(
 
 
 @contextlib.contextmanager
-def _redis(url: str | None, data_dir: Path) -> Iterator[str]:
+def _redis(url: str | None, data_dir: Path, in_use: str | None = None) -> Iterator[str]:
     """`url`, else a built-in Redis on `data_dir`; one that cannot start (e.g. another command's
-    already runs there) is one error line saying which URL to use instead."""
-    from feature_store.embedded import EmbeddedRedisError, resolve_redis
+    already runs there) is one error line saying which URL to use instead (or `in_use`)."""
+    from feature_store.embedded import DataDirInUse, EmbeddedRedisError, resolve_redis
 
     with contextlib.ExitStack() as stack:
         try:
             resolved = stack.enter_context(resolve_redis(url, data_dir))
+        except DataDirInUse as e:
+            _fail(in_use or str(e))
         except EmbeddedRedisError as e:
             _fail(str(e))
         yield resolved
@@ -769,7 +778,8 @@ def demo(
         typer.echo(f"[demo] test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}", err=True)
     b = _load_bundle(bundle_path)
     log = _load_log("synthetic")
-    with _redis(None, _din_home() / "demo" / "redis") as redis_url:
+    demo_redis = _din_home() / "demo" / "redis"
+    with _redis(None, demo_redis, in_use=f"another `din demo` runs on {demo_redis}; stop it first (Ctrl-C)") as redis_url:
         typer.echo(f"[demo] embedded Redis at {redis_url}; loading histories", err=True)
         store = RedisHistoryStore.from_url(redis_url, namespace=settings.redis_namespace)  # where the service reads
         store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)

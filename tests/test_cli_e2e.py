@@ -195,6 +195,7 @@ def test_more_bad_inputs_are_one_line_errors_not_tracebacks(trained, tmp_path):
         r = din(*args, env=env, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         assert says in r.stderr, (args, r.stderr[-2000:])
+    assert not (tmp_path / "b").exists() and not (tmp_path / "x").exists()  # a refused run leaves no empty --out
 
 
 def test_synth_takes_fewer_categories_than_a_users_interests(tmp_path):

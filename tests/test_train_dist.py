@@ -336,6 +336,8 @@ def test_a_new_run_that_cannot_start_leaves_the_previous_run_alone(data, tmp_pat
     (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
     (["--lr", "0"], "error: --lr must be > 0, got 0.0"),
     (["--model", "transformer"], "error: unknown --model 'transformer'; choose one of: lr, base"),
+    (["--seed", "-1"], "error: --seed must be in 0..2^32-1, got -1"),
+    (["--data", "bogus"], "reads a Parquet log: --data events:PATH"),  # the flag named once, not ----data
 ])  # fmt: skip
 def test_bad_values_are_argparse_errors_naming_the_flag(argv, says, capsys):
     """`python -m model.train_dist` (documented in the README) used to end these in a traceback."""
