@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ import pyarrow as pa
 import redis
 from tqdm import tqdm
 
+from feature_store.base import StoreError
 from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
 from feature_store.connection import is_cluster
 from feature_store.fences import Fence, delete_fences, read_fence, slot_tags, user_fence_tag, write_fences
@@ -315,19 +318,56 @@ def retire_version(client, namespace: str, version: str, successor: str) -> int:
 
 
 class LoadInProgressError(ValueError):
-    """Another load of other data into the namespace is making progress: two at once lose live events."""
+    """Another load into the namespace is running: two at once lose live events."""
+
+
+class LoadRemovedError(StoreError):
+    """This load's unfinished version was removed by another load that took it for dead."""
+
+
+_HOST = socket.gethostname()
+
+
+def _owner() -> dict:
+    return {"host": _HOST, "pid": os.getpid()}
+
+
+def _running(state: dict, now: float, stale_after_s: float) -> bool:
+    """Whether the load that wrote `state` may still be running: it made progress within
+    `stale_after_s` and, when it ran on this machine, its process is alive (a killed load on
+    this machine is known dead at once; one on another machine after `stale_after_s`)."""
+    return now - float(state.get("heartbeat", 0)) <= stale_after_s and _owner_alive(state.get("owner"))
+
+
+def _owner_alive(owner) -> bool:
+    """False only for a process of this machine that has exited; another machine's is assumed alive."""
+    if isinstance(owner, dict) and owner.get("host") == _HOST and isinstance(owner.get("pid"), int):
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
 
 
 def _retire_leftovers(client, namespace: str) -> None:
     """Delete versions a load replaced but was stopped (Ctrl-C, kill) before deleting."""
-    current = _current(client, namespace)
-    for raw_version, raw_successor in client.hgetall(retiring_key(namespace)).items():
+    current, now = _current(client, namespace), time.time()
+    for raw_version, raw in client.hgetall(retiring_key(namespace)).items():
         version = raw_version.decode()
+        try:
+            due = json.loads(raw)
+            successor, due_at, owner = str(due["successor"]), float(due["due_at"]), due.get("owner")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            successor, due_at, owner = raw.decode(errors="replace"), 0.0, None
         if version == current:  # switched back to since (not by us): keep it
             client.hdel(retiring_key(namespace), version)
             continue
+        if due_at > now and _owner_alive(owner):  # a running load's grace period: readers may still be on it
+            continue
         logger.info("deleting data version %s of %s, replaced by an interrupted load", version, namespace)
-        retire_version(client, namespace, version, raw_successor.decode())
+        retire_version(client, namespace, version, successor)
 
 
 def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: float) -> tuple[str, dict]:
@@ -341,7 +381,7 @@ def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: flo
     now = time.time()
     current = _current(client, namespace)
     found: tuple[str, dict] | None = None
-    running: tuple[str, float] | None = None
+    running: tuple[str, float] | None = None  # another load that may be running: refused
     entries = client.hgetall(loading_key(namespace))
     mine = fingerprint(wait=bool(entries))
     for raw_version, raw_state in sorted(entries.items()):
@@ -352,25 +392,28 @@ def _claim(client, namespace: str, fingerprint, resume: bool, stale_after_s: flo
             state = {}
         if version == current:
             client.hdel(loading_key(namespace), version)
+        elif _running(state, now, stale_after_s):  # of any data: joining or racing it loses events
+            running = version, now - float(state.get("heartbeat", 0))
         elif resume and found is None and mine is not None and state.get("fingerprint") == mine:
             found = version, state
-        elif now - float(state.get("heartbeat", 0)) > stale_after_s:
-            logger.warning("removing the unfinished load of data version %s of %s (no progress for %.0f s)",
-                           version, namespace, now - float(state.get("heartbeat", 0)))
+        else:
+            logger.warning("removing the unfinished load of data version %s of %s (its process has exited, or no "
+                           "progress for %.0f s)", version, namespace, now - float(state.get("heartbeat", 0)))
             abandon_version(client, namespace, version)
-        else:  # other data, progress lately: it may be running
-            running = version, now - float(state.get("heartbeat", 0))
     if running is not None:  # two loads at once: the live version's fences follow one, and events are lost
         raise LoadInProgressError(
-            f"another load into namespace {namespace!r} (data version {running[0]}) made progress {running[1]:.0f} s "
-            f"ago; two loads at once would lose live events: wait for it to finish, or, if it was killed, "
-            f"run this again after {stale_after_s:.0f} s without progress (its partial version is then removed)"
+            f"another load into namespace {namespace!r} (data version {running[0]}) is running (progress "
+            f"{running[1]:.0f} s ago); two loads at once would lose live events: wait for it to finish (a load "
+            f"killed on another machine counts as dead after {stale_after_s:.0f} s without progress)"
         )
     _retire_leftovers(client, namespace)
     if found is not None:
-        return found
+        version, state = found
+        state.update(owner=_owner(), heartbeat=now)  # ours now: others see a running load
+        client.hset(loading_key(namespace), version, json.dumps(state))
+        return version, state
     version = str(client.incr(seq_key(namespace)))
-    state = {"fingerprint": mine, "users_done": 0, "heartbeat": now, "started_at": now}
+    state = {"fingerprint": mine, "users_done": 0, "heartbeat": now, "started_at": now, "owner": _owner()}
     client.hset(loading_key(namespace), version, json.dumps(state))
     return version, state
 
@@ -524,6 +567,9 @@ def load_log(
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         t_written = time.perf_counter()
+        if read_fence(client, keys) is None:  # another load took us for dead and removed our version (fences too)
+            raise LoadRemovedError(f"data version {version} of {namespace!r} was removed by another load while this "
+                                   "one was stalled; run it again")
         client.set(keys.meta, json.dumps(meta))
         if placeholder is not None:  # its appends go to us only from now (parked, so merged below)
             _redirect(client, namespace, placeholder, "R", version)
@@ -548,8 +594,9 @@ def load_log(
             _delete_placeholder(client, KeySpace(namespace=namespace, version=previous), merged)
             previous = None  # not a data version: the report says "first load", as before
         elif not keep_old:
-            client.hset(retiring_key(namespace), previous, version)  # due now: a load stopped in the grace
-            try:  # period leaves it to the next load
+            due = {"successor": version, "due_at": time.time() + grace_s, "owner": _owner()}  # a load stopped in the grace
+            client.hset(retiring_key(namespace), previous, json.dumps(due))  # period leaves it to the next load
+            try:
                 time.sleep(grace_s)  # readers still on the old version re-check the pointer by then
             except BaseException:  # Ctrl-C: delete it now rather than leave it (readers re-read the pointer on a miss)
                 retire_version(client, namespace, previous, version)

@@ -123,7 +123,7 @@ def test_other_data_after_a_killed_load_removes_the_orphan(redis_url, redis_clie
     (orphan,) = [v.decode() for v in redis_client.hkeys(loading_key())]
 
     other = many_users_log(30, seed=5)
-    report = store.bulk_load(other, stale_after_s=0.0, grace_s=0.0)  # the orphan counts as dead at once
+    report = store.bulk_load(other, grace_s=0.0)  # its process has exited: dead at once, not after 60 s
     assert report.version != orphan and report.resumed_from == 0
     assert redis_client.hgetall(loading_key()) == {}
     assert list(redis_client.scan_iter(match=f"din:v{orphan}:*", count=10_000)) == []
@@ -166,8 +166,10 @@ def test_a_second_load_of_other_data_is_refused_while_one_runs(redis_url, redis_
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the first load finished before the second could start"
-    with pytest.raises(LoadInProgressError, match="another load into namespace 'din' .* made progress"):
+    with pytest.raises(LoadInProgressError, match="another load into namespace 'din' .* is running"):
         store.bulk_load(many_users_log(30, seed=8), grace_s=0.0)
+    with pytest.raises(LoadInProgressError):  # the same data too: joining a running load lost users and events
+        store.bulk_load(big, chunk_users=500, grace_s=0.0)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert redis_client.get(current_key()).decode() == json.loads(out)["version"]
@@ -196,3 +198,29 @@ def test_a_load_stopped_in_its_grace_period_leaves_no_old_version(redis_url, red
     store.bulk_load(many_users_log(30, seed=11), grace_s=0.0)
     assert list(redis_client.scan_iter(match=f"din:v{old.version}:*", count=10_000)) == []
     assert redis_client.hgetall("din:retiring") == {}
+
+
+def test_a_stalled_load_whose_version_was_removed_does_not_switch_to_it(redis_url, redis_client, tmp_path):
+    """A load stalled past stale_after_s is taken for dead and its version removed by the next
+    load; when it wakes up it must not seal and switch to the half-deleted version."""
+    from feature_store.loader import abandon_version
+
+    store = RedisHistoryStore.from_url(redis_url)
+    old = store.bulk_load(many_users_log(20, seed=12))
+    proc = din_load(redis_url, write_log(many_users_log(200_000, seed=13), tmp_path / "big.parquet"), tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        raw = redis_client.hgetall(loading_key())
+        if raw and json.loads(next(iter(raw.values())))["users_done"] > 0:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)  # stalled
+    try:
+        (version,) = [v.decode() for v in redis_client.hkeys(loading_key())]
+        abandon_version(redis_client, "din", version)  # what a load does to one it takes for dead
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "was removed by another load" in err and "Traceback" not in err, err[-2000:]
+    assert redis_client.get(current_key()).decode() == old.version  # still the old, whole version
+    assert [items(h) for h in histories(redis_url, [0, 19])] == [newest_first_items(many_users_log(20, seed=12), u) for u in (0, 19)]
