@@ -267,13 +267,21 @@ class EmbeddedRedis:
                 # a holder whose parent has exited is a server finishing its save (`kill` of `din
                 # serve`, then the next command at once), or one that has saved and whose last
                 # thread is closing its files: wait for it rather than refuse
-                if time.monotonic() < deadline and not _pid_alive(holder.get("pid")):
+                parent = holder.get("pid")  # no record yet: a server starting, not one whose parent exited
+                if time.monotonic() < deadline and isinstance(parent, int) and not _pid_alive(parent):
                     if not waited:
                         log.warning("waiting for the embedded Redis of an exited process to finish saving (%s)", self.data_dir)
                         waited = True
                     time.sleep(0.05)
                     continue
             os.close(fd)
+            server = holder.get("server_pid")
+            if isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]) and _pid_alive(server):
+                raise DataDirInUse(
+                    f"an orphaned embedded Redis (pid {server}; the process that started it has exited) still holds "
+                    f"{self.data_dir}, e.g. after a save that failed (see {self.log_path}): stop it (`kill {server}`) "
+                    "and try again"
+                ) from None
             url = holder.get("url")
             where = f" at {url} (server pid {holder.get('server_pid', '?')}, started by pid {holder.get('pid', '?')})" if url else ""
             use = f"--redis-url {url} (or REDIS_URL={url})" if url else "--redis-url / REDIS_URL and its URL"
@@ -283,6 +291,9 @@ class EmbeddedRedis:
                 "that started it (e.g. `din serve`) and try again"
             ) from None
         self._lock_fd = fd
+        with contextlib.suppress(OSError):  # who holds it, until the server's URL is known (_record_holder)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode(), 0)
 
     @staticmethod
     def _lock_holder(fd: int) -> dict:

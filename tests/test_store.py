@@ -720,3 +720,22 @@ def test_a_broken_version_pointer_is_a_store_error_saying_what_to_do(redis_url, 
     for call in (lambda s: s.get_histories([1]), lambda s: s.scan_user_ids(10), lambda s: s.get_ad_features([1])):
         with pytest.raises(StoreError, match="din load"):
             run(go(call))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_orphaned_server_that_keeps_the_lock_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A server whose parent died and whose save failed (Redis 6.2 then does not exit) keeps the
+    lock: after the wait, say so and how to stop it, not "stop the process that started it"."""
+    import feature_store.embedded as embedded
+
+    monkeypatch.setattr(embedded, "LOCK_RELEASE_WAIT_S", 0.5)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_AS_ORPHAN, str(tmp_path / embedded.LOCK_FILE), dead.stdout.strip(), "60"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert orphan.stdout.readline().strip() == "held"
+        with pytest.raises(embedded.DataDirInUse, match=rf"orphaned embedded Redis \(pid {orphan.pid};.*`kill {orphan.pid}`"):
+            EmbeddedRedis(tmp_path).start()
+    finally:
+        orphan.kill()
+        orphan.wait()
