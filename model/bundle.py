@@ -16,6 +16,7 @@ Torch-free: the service imports it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ class Bundle:
     manifest: dict
     spec: FeatureSpec
     vocabularies: dict[str, IdMapping]  # Vocabulary, or HashedIds for a hashed field
+    onnx_sha256: str | None = None  # of model.onnx when loaded: a reload can tell a changed file under the same name
 
     @property
     def onnx_path(self) -> Path:
@@ -178,7 +180,19 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 f"{spec.vocab_sizes.get(name)}; the bundle is corrupt"
             )
         vocabularies[name] = vocab
-    return Bundle(path=path, manifest=manifest, spec=spec, vocabularies=vocabularies)
+    return Bundle(path=path, manifest=manifest, spec=spec, vocabularies=vocabularies, onnx_sha256=file_sha256(path / ONNX_FILE))
+
+
+def file_sha256(path: Path) -> str | None:
+    """The file's sha256 (hex), None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 LATEST = "latest"

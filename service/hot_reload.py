@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 
 from feature_store.records import RECORD_FIELDS
-from model.bundle import MANIFEST, Bundle, BundleError, load_bundle, resolve_bundle_path
+from model.bundle import MANIFEST, ONNX_FILE, Bundle, BundleError, file_sha256, load_bundle, resolve_bundle_path
 from service.metrics import ServiceMetrics
 from service.schemas import Candidate
 from service.scorer import Scorer, check_onnx_loads
@@ -153,7 +153,10 @@ class ModelReloader:
             # Unchanged is decided by what the bundle is, not where it is: a path (BUNDLE=/models/x,
             # --bundle fixed, a `latest`) that now holds another model reloads it.
             if old is not None and _model_version_at(path) == old.model_version:
-                return ReloadResult(old.model_version, old.model_version, False, 0.0)
+                # the same name; unchanged only with the graph that was loaded (a reload that landed
+                # mid-copy loaded the old model.onnx under the new name: the finished copy reloads)
+                if await anyio.to_thread.run_sync(file_sha256, path / ONNX_FILE) == old.bundle.onnx_sha256:
+                    return ReloadResult(old.model_version, old.model_version, False, 0.0)
             new, seconds = await load_scorer(path, self._settings, refuse_device_problem=True)
         except (OSError, ValueError) as e:  # unreadable path, NUL byte in it, ...
             raise ReloadRefused(422, f"bundle {source!s:.300} cannot be read ({type(e).__name__})") from None

@@ -353,3 +353,22 @@ async def test_a_bundle_replaced_at_the_same_path_is_reloaded(trained, bundles, 
         assert scores(ranked) == pytest.approx(expected[ranked["model_version"]], abs=2e-6)
     assert value(m, "din_model_reloads_total", outcome="ok") == 3
     assert value(m, "din_model_reloads_total", outcome="unchanged") == 1
+
+
+async def test_a_reload_that_landed_mid_copy_is_followed_by_the_finished_copy(trained, bundles, tmp_path):
+    """A copy over a served bundle that writes bundle.json first (rsync's order): a reload in between
+    loads the old model.onnx under the new name; once the copy is done, the next reload must load
+    it, not answer 'unchanged' because the name already matches."""
+    body = rank_body(int(trained.log.user_id[0]), some_candidates(trained.log, 5, seed=3))
+    served = tmp_path / "models" / "x"
+    shutil.copytree(bundles["v1"], served)
+    async with serving(settings_for(served, None, admin_token=TOKEN)) as client:
+        first = scores((await client.post("/rank", json=body)).json())
+        shutil.copy(bundles["v2"] / "bundle.json", served / "bundle.json")  # the copy, half-way
+        mid = await client.post("/admin/reload", headers=AUTH)
+        shutil.copy(bundles["v2"] / "model.onnx", served / "model.onnx")  # ... and done
+        done = await client.post("/admin/reload", headers=AUTH)
+        ranked = (await client.post("/rank", json=body)).json()
+    assert (mid.status_code, mid.json()["model_version"]) == (200, V2)
+    assert (done.status_code, done.json()["changed"]) == (200, True), done.json()
+    assert ranked["model_version"] == V2 and scores(ranked) == pytest.approx(shifted(first, SHIFT), abs=2e-6)
