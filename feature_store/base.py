@@ -89,6 +89,7 @@ class StoreStats:
     memory_used: int  # bytes (INFO used_memory, summed over primaries)
     versions: list[str] = field(default_factory=list)  # data versions present (have a meta)
     loading: list[str] = field(default_factory=list)  # unfinished loads
+    retiring: list[str] = field(default_factory=list)  # replaced versions whose deletion is due (the next load's)
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

@@ -37,7 +37,7 @@ from feature_store.base import (
 from feature_store.connection import RedisAddress, async_client, redacted_url, sync_client
 from feature_store.events import AppendReport, EventBatch
 from feature_store.fences import Fence, user_fence_tag
-from feature_store.keys import KeySpace, check_name, current_key, loading_key
+from feature_store.keys import KeySpace, check_name, current_key, loading_key, retiring_key
 from feature_store.loader import (
     AD_FIELDS,
     DEFAULT_CHUNK_USERS,
@@ -498,11 +498,12 @@ class RedisHistoryStore(HistoryStore):
             async for key in self._redis.scan_iter(match=f"{self.namespace}:v*:meta", count=5000):
                 versions.append(key.decode().split(":")[1][1:])
             loading = sorted(k.decode() for k in (await self._redis.hkeys(loading_key(self.namespace))))
+            retiring = sorted(k.decode() for k in (await self._redis.hkeys(retiring_key(self.namespace))))
         return StoreStats(
             namespace=self.namespace, version=self.version, users=counts["users"], ads=counts["ads"],
             keys=total_keys, version_keys=counts, bytes_per_user=round(memory, 1),
             value_bytes_per_user=round(strlen, 1), memory_used=int(used),
-            versions=sorted(versions, key=lambda v: (len(v), v)), loading=loading, meta=self.meta,
+            versions=sorted(versions, key=lambda v: (len(v), v)), loading=loading, retiring=retiring, meta=self.meta,
         )
 
     async def scan_user_ids(self, limit: int, *, max_scanned: int = 20_000) -> list[int]:

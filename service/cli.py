@@ -635,6 +635,7 @@ def store_stats(
         ("bytes per user", f"{stats.bytes_per_user:,.0f} (value {stats.value_bytes_per_user:,.0f})"),
         ("memory used", f"{stats.memory_used / 2**20:,.1f} MiB"),
         ("versions present", ", ".join(stats.versions) or "-"), ("unfinished loads", ", ".join(stats.loading) or "-"),
+        ("to be deleted", ", ".join(stats.retiring) or "-"),  # replaced by a load stopped in its grace period
     ]
     for name, value in rows:
         typer.echo(f"{name:<18}{value}")

@@ -53,6 +53,14 @@ def histories(url: str, users: list[int]):
     return asyncio.run(go())
 
 
+async def _stats(url: str):
+    store = RedisHistoryStore.from_url(url, socket_timeout=5.0)
+    try:
+        return await store.stats()
+    finally:
+        await store.close()
+
+
 def items(h) -> list[int]:
     return h.records["item_id"].tolist()
 
@@ -195,6 +203,7 @@ def test_a_load_stopped_in_its_grace_period_leaves_no_old_version(redis_url, red
         assert old_keys == [] and redis_client.hgetall("din:retiring") == {}
         return
     assert old_keys and redis_client.hkeys("din:retiring") == [old.version.encode()]
+    assert asyncio.run(_stats(redis_url)).retiring == [old.version]  # `din store stats` shows it
     store.bulk_load(many_users_log(30, seed=11), grace_s=0.0)
     assert list(redis_client.scan_iter(match=f"din:v{old.version}:*", count=10_000)) == []
     assert redis_client.hgetall("din:retiring") == {}
