@@ -41,6 +41,8 @@ def test_prepare_then_train_on_two_processes_with_hashed_ids(work):
     unsorted = write_log(read_log(shuffled), root / "unsorted.parquet")
     bad = din("train", "--data", f"events:{unsorted}", "--stream", "--run-dir", str(root / "r0"), env=env, check=False)
     assert bad.returncode == 2 and "not sorted by (user_id, timestamp)" in bad.stderr and "din prepare" in bad.stderr
+    # the plan's progress bar is closed first: the error starts a line, not the bar's
+    assert any(line.startswith("error: ") and "not sorted by" in line for line in bad.stderr.splitlines()), bad.stderr[-2000:]
     # the same refusal under torchrun: rank 0 says it in one line (no traceback), and it is the last line
     # (torchrun's own report, and the traceback of the rank it stopped, come before it)
     bad = din("train", "--data", f"events:{unsorted}", "--nproc", "2", "--run-dir", str(root / "r1"), env=env, check=False)

@@ -483,6 +483,10 @@ def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: 
         assert page.status_code == 200 and 'id="heatmap"' in page.text
         assert "reusing bundle" in err_path.read_text()  # it did not train
         assert httpx.get(f"{url}api/sample", timeout=5).json()["user_ids"], "the demo's users are not where it serves from"
+        second = subprocess.run([_din(), "demo", "--port", str(free_port())], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert second.returncode == 2 and "another `din demo` runs on" in second.stderr, second.stderr[-2000:]
+        assert "--redis-url" not in second.stderr  # an option din demo does not have
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does: uvicorn and the embedded Redis stop
         try:

@@ -479,3 +479,24 @@ def test_event_log_samples_without_labels_use_every_event(tmp_path: Path) -> Non
     got = sample_histories(s)
     for w, g in zip(want, got):
         assert g[0::2] == w and g[1::2] == w
+
+
+def test_read_errors_say_what_the_file_is(tmp_path: Path) -> None:
+    """A directory is named as one (not "no such file"); a Parquet file named .txt is read as
+    the text it claims to be; a CSV with a header and no rows is an empty log, not a null column."""
+    from model.data.log import write_log
+
+    csv = tmp_path / "ok.csv"
+    csv.write_text("user_id,item_id,cate_id,timestamp\n1,10,2,5\n2,11,3,6\n")
+    log = read_log(csv)
+
+    parquet = write_log(log, tmp_path / "log.parquet")
+    disguised = tmp_path / "log.txt"
+    disguised.write_bytes(parquet.read_bytes())
+    with pytest.raises(LogFormatError, match="a directory, not a log file"):
+        read_log(tmp_path)
+    with pytest.raises(LogFormatError, match="cannot be read as CSV"):
+        read_log(disguised)
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("user_id,item_id,cate_id,timestamp\n")
+    assert len(read_log(header_only)) == 0
