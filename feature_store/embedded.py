@@ -45,6 +45,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from feature_store.process import pid_alive
+
 log = logging.getLogger(__name__)
 
 try:
@@ -61,23 +63,6 @@ LOCK_RELEASE_WAIT_S = 30.0  # how long a server whose parent has exited may take
 _NEVER_FIRING_SAVE_POINT = ("2147483647", "2147483647")  # two arguments: one "A B" string is ignored by 6.2
 
 _live: "set[EmbeddedRedis]" = set()  # started and not yet stopped: stopped at exit
-
-
-def _pid_alive(pid) -> bool:
-    """Whether `pid` names a process that has not exited (a zombie has); False for no pid."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:  # no /proc (macOS): signal 0 says whether it exists
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return state not in ("Z", "X")
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -268,7 +253,7 @@ class EmbeddedRedis:
                 # serve`, then the next command at once), or one that has saved and whose last
                 # thread is closing its files: wait for it rather than refuse
                 parent = holder.get("pid")  # no record yet: a server starting, not one whose parent exited
-                if time.monotonic() < deadline and isinstance(parent, int) and not _pid_alive(parent):
+                if time.monotonic() < deadline and isinstance(parent, int) and not pid_alive(parent):
                     if not waited:
                         log.warning("waiting for the embedded Redis of an exited process to finish saving (%s)", self.data_dir)
                         waited = True
@@ -276,7 +261,7 @@ class EmbeddedRedis:
                     continue
             os.close(fd)
             server = holder.get("server_pid")
-            if isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]) and _pid_alive(server):
+            if isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]) and pid_alive(server):
                 raise DataDirInUse(
                     f"an orphaned embedded Redis (pid {server}; the process that started it has exited) still holds "
                     f"{self.data_dir}, e.g. after a save that failed (see {self.log_path}): stop it (`kill {server}`) "

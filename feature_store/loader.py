@@ -42,6 +42,7 @@ from feature_store.append_script import APPEND_LUA, APPEND_SHA, PENDING_TTL_S
 from feature_store.connection import is_cluster
 from feature_store.fences import Fence, delete_fences, read_fence, slot_tags, user_fence_tag, write_fences
 from feature_store.keys import KeySpace, current_key, loading_key, retiring_key, seq_key
+from feature_store.process import pid_alive
 from feature_store.records import FORMAT_VERSION, MAX_PROFILE_FIELDS, encode_ads, encode_users
 from feature_store.resp import SetWriter, format_command
 from model.data.log import BehaviourLog
@@ -342,12 +343,7 @@ def _running(state: dict, now: float, stale_after_s: float) -> bool:
 def _owner_alive(owner) -> bool:
     """False only for a process of this machine that has exited; another machine's is assumed alive."""
     if isinstance(owner, dict) and owner.get("host") == _HOST and isinstance(owner.get("pid"), int):
-        try:
-            os.kill(owner["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        return pid_alive(owner["pid"])
     return True
 
 

@@ -42,6 +42,16 @@ def din_load(url: str, data: Path, tmp_path: Path, *extra: str) -> subprocess.Po
     )
 
 
+def wait_for_progress(proc: subprocess.Popen, redis_client) -> None:
+    """Until the `din load` process has written its first chunk (or exited)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        raw = redis_client.hgetall(loading_key())
+        if raw and json.loads(next(iter(raw.values())))["users_done"] > 0:
+            return
+        time.sleep(0.01)
+
+
 def histories(url: str, users: list[int]):
     async def go():
         store = RedisHistoryStore.from_url(url, socket_timeout=5.0)
@@ -119,12 +129,7 @@ def test_other_data_after_a_killed_load_removes_the_orphan(redis_url, redis_clie
     old = store.bulk_load(many_users_log(20, seed=3))
     path = write_log(many_users_log(200_000, seed=4), tmp_path / "big.parquet")
     proc = din_load(redis_url, path, tmp_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        raw = redis_client.hgetall(loading_key())
-        if raw and json.loads(next(iter(raw.values())))["users_done"] > 0:
-            break  # (resumable or not: other data removes it either way)
-        time.sleep(0.01)
+    wait_for_progress(proc, redis_client)  # (resumable or not: other data removes it either way)
     assert proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -167,12 +172,7 @@ def test_a_second_load_of_other_data_is_refused_while_one_runs(redis_url, redis_
     store.bulk_load(many_users_log(20, seed=6))
     big = many_users_log(200_000, seed=7)
     proc = din_load(redis_url, write_log(big, tmp_path / "big.parquet"), tmp_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        raw = redis_client.hgetall(loading_key())
-        if raw and json.loads(next(iter(raw.values())))["users_done"] > 0:
-            break
-        time.sleep(0.01)
+    wait_for_progress(proc, redis_client)
     assert proc.poll() is None, "the first load finished before the second could start"
     with pytest.raises(LoadInProgressError, match="another load into namespace 'din' .* is running"):
         store.bulk_load(many_users_log(30, seed=8), grace_s=0.0)
@@ -217,12 +217,7 @@ def test_a_stalled_load_whose_version_was_removed_does_not_switch_to_it(redis_ur
     store = RedisHistoryStore.from_url(redis_url)
     old = store.bulk_load(many_users_log(20, seed=12))
     proc = din_load(redis_url, write_log(many_users_log(200_000, seed=13), tmp_path / "big.parquet"), tmp_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        raw = redis_client.hgetall(loading_key())
-        if raw and json.loads(next(iter(raw.values())))["users_done"] > 0:
-            break
-        time.sleep(0.01)
+    wait_for_progress(proc, redis_client)
     proc.send_signal(signal.SIGSTOP)  # stalled
     try:
         (version,) = [v.decode() for v in redis_client.hkeys(loading_key())]
