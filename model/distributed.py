@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,14 +76,42 @@ def distributed(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Dis
         )
     try:
         yield DistContext(rank, world, local_rank, dev, backend)
-    finally:
-        if backend is not None and dist.is_initialized():
-            # DDP's wrapper sits in a reference cycle that still holds the process group when the
-            # trainer returns; collect it now, so the group is torn down here, while the interpreter
-            # is alive. Left to interpreter exit, gloo's teardown aborted the process now and then
-            # ("terminate called without an active exception", SIGABRT) after a finished run.
-            gc.collect()
-            dist.destroy_process_group()
+    except BaseException:
+        _leave(backend, quiesce=False)  # the others may never arrive: no barrier
+        raise
+    _leave(backend, quiesce=True)
+
+
+def _leave(backend: str | None, quiesce: bool) -> None:
+    """Tear the process group down here, while the interpreter is alive, and after the others are done.
+
+    DDP's wrapper sits in a reference cycle that still holds the process group when the
+    trainer returns; it is collected first, so the group goes now rather than at interpreter
+    exit, where gloo's teardown aborted a finished run now and then ("terminate called
+    without an active exception", SIGABRT, torchrun exit 1). After a normal body every
+    process first meets the others at a barrier, so none closes its connections while a
+    peer is still finishing the last collective.
+    """
+    if backend is None or not dist.is_initialized():
+        return
+    if quiesce:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def end_process(code: int) -> None:
+    """Exit a torchrun worker with `code` once its work is written, skipping native teardown.
+
+    Every file is closed and every process group destroyed by now; what is left is the
+    C++ libraries' exit-time destructors, which have aborted a finished gloo run (SIGABRT)
+    on rare occasions and turned its exit status into a failure. Python's own buffers and
+    logging handlers are flushed first.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:

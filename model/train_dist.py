@@ -86,6 +86,7 @@ from model.distributed import (
     barrier,
     broadcast_object,
     distributed,
+    end_process,
 )
 from model.export import export_bundle
 from model.inputs import split_inputs
@@ -618,6 +619,7 @@ def launch(
     run_env = {**os.environ, **(env or {})}
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
     run_env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, cores() // nproc)))
+    run_env.setdefault("PYTHONFAULTHANDLER", "1")  # a native crash in a process prints its Python stack
     error_file = config.run_path / ERROR_FILE
     error_file.unlink(missing_ok=True)
     proc = subprocess.run(cmd, env=run_env, timeout=timeout_s, stdout=sys.stderr)  # our stdout stays for --json
@@ -667,4 +669,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -27,7 +27,7 @@ from model.data.stream import LogReader, sample_counts, shard_layout
 from model.data.stream_loader import process_batches
 from model.data.stream_plan import StreamPlan
 from model.dice import Dice
-from model.distributed import distributed
+from model.distributed import distributed, end_process
 from model.inputs import split_inputs
 from model.objective import Objective
 from model.registry import build_model
@@ -102,7 +102,7 @@ def mba_gradient(run_dir: Path) -> dict[str, np.ndarray]:
 def launch(kind: str, out: Path, *args: str) -> None:
     """Run `kind` in 2 gloo processes under torchrun (the tests' side); their files land in `out`."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # an abort shows each rank's stack
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tests.ddp_worker", kind, str(out), *args]
     proc = subprocess.run(cmd, cwd=root, env=env, timeout=180, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -121,3 +121,4 @@ def main(kind: str, out: Path, args: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+    end_process(0)  # as model/train_dist.py ends its workers
