@@ -8,6 +8,9 @@ are started once per module, on first use, and shared by the assertions.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,6 +222,25 @@ def test_all_reduce_sum_returns_a_new_array_and_leaves_its_input_alone(tmp_path)
     finally:
         dist.destroy_process_group()
 
+
+
+def test_end_process_keeps_the_exit_status_and_flushes_what_was_written():
+    """A worker ended by os._exit must not lose its buffered stdout (the --json summary) or its log lines."""
+    code = (
+        "import atexit, logging, sys\n"
+        "from model.distributed import end_process\n"
+        "logging.basicConfig(stream=sys.stderr, format='%(message)s')\n"
+        "atexit.register(lambda: print('atexit ran'))\n"  # the interpreter's teardown: skipped
+        "print('{\"bundle\": 1}', end='')\n"  # a pipe: block-buffered until flushed
+        "logging.getLogger('w').warning('logged')\n"
+        "end_process(3)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == '{"bundle": 1}'
+    assert proc.stderr.strip() == "logged"
 
 # -- the regularisers and Dice in the streamed trainer ------------------------------------------
 @pytest.mark.parametrize("buckets", [None, 211])
