@@ -1,18 +1,25 @@
 """The training objective of one mini-batch, the one both trainers use (model/train.py, model/train_dist.py).
 
-    loss = data loss + regulariser                          (model/regularization.py)
     data loss   = mean_i BCE(logit_i, y_i)                  a whole batch (the in-memory trainer)
                 = share * sum_i BCE(logit_i, y_i)           one process's part of a global batch
     regulariser = l2:  lambda * sum_{every row j} ||w_j||^2
-                  mba: lambda * sum_{j in rows} ||w_j||^2 / n_j
+                  mba: lambda * sum_{j in rows} ||w_j||^2 / n_j      (model/regularization.py)
     id dropout  : ids -> PAD_ROW in the inputs, before the forward (`drop`)
 
+The optimiser (Adam) minimises the data loss; the regulariser takes its own plain gradient
+step on the id tables after it (`regularize`), w_j <- w_j - lr * d(regulariser)/d(w_j): for
+mba that is the paper's update (eq. 8), w_j <- w_j - lr * 2 lambda / n_j * w_j for the rows j
+of the batch, and nothing for the others. Added to the loss instead, Adam would rescale it
+per coordinate (a row whose gradient is mostly the penalty moves ~lr whatever its n_j) and
+its momentum would keep shrinking rows in batches that do not hold them, which is not MBA;
+decoupled as AdamW decouples weight decay, it is.
+
 Data parallel (DDP averages the processes' gradients): with share = world / global batch the
-data loss's averaged gradient is that of the global batch's mean; the regulariser is added
-at full weight by EVERY process and is the same on every process (l2 does not depend on the
-batch; mba's `rows` are the union of all processes' rows, model/train_dist.py), so its
-averaged gradient is exactly the 1-process one's. A process with no samples in a step adds
-the data loss of an empty batch (0) and the same regulariser.
+data loss's averaged gradient is that of the global batch's mean. The regulariser's step is
+taken by EVERY process on its replica and is the same on every process (l2 does not depend
+on the batch; mba's `rows` are the union of all processes' rows, model/train_dist.py), so
+the replicas stay identical. A process with no samples in a step adds the data loss of an
+empty batch (0) and takes the same step.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from model.regularization import (
     HashedCoins,
     RegularizationConfig,
     drop_ids,
+    id_tables,
     l2_penalty,
     mba_penalty_on_rows,
     present_rows,
@@ -67,20 +75,30 @@ class Objective:
         """MBA's present rows of these inputs, per id input ({} for the other regularisers)."""
         return present_rows(self.spec, inputs) if self.reg.kind == "mba" else {}
 
-    def __call__(
-        self, model: nn.Module, logit: Tensor, label: Tensor, rows: Mapping[str, Tensor], share: float | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(loss to minimise, data loss) of one batch; `share` None: the batch mean, else sum * share.
-
-        `model` is the bare module (not its DDP wrapper): the regulariser reads its id tables.
-        """
+    def __call__(self, logit: Tensor, label: Tensor, share: float | None = None) -> Tensor:
+        """The data loss of one batch; `share` None: the batch mean, else sum * share."""
         if share is None:
-            data = F.binary_cross_entropy_with_logits(logit, label)
-        else:
-            data = F.binary_cross_entropy_with_logits(logit, label, reduction="sum") * share
-        loss = data
+            return F.binary_cross_entropy_with_logits(logit, label)
+        return F.binary_cross_entropy_with_logits(logit, label, reduction="sum") * share
+
+    def penalty(self, model: nn.Module, rows: Mapping[str, Tensor]) -> Tensor | None:
+        """The regulariser's value on the bare module's id tables (None: no l2 / mba)."""
         if self.reg.kind == "l2":
-            loss = loss + l2_penalty(model, self.reg.lam)
-        elif self.reg.kind == "mba":
-            loss = loss + mba_penalty_on_rows(model, rows, self.counts, self.reg.lam)
-        return loss, data
+            return l2_penalty(model, self.reg.lam)
+        if self.reg.kind == "mba":
+            return mba_penalty_on_rows(model, rows, self.counts, self.reg.lam)
+        return None
+
+    def regularize(self, model: nn.Module, rows: Mapping[str, Tensor], lr: float) -> None:
+        """The regulariser's gradient step on the id tables, after the optimiser's step.
+
+        `model` is the bare module (not its DDP wrapper); `rows` as for `penalty`.
+        """
+        penalty = self.penalty(model, rows)
+        if penalty is None:
+            return
+        weights = [table.weight for table in id_tables(model)]
+        grads = torch.autograd.grad(penalty, weights)
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                w.sub_(g, alpha=lr)

@@ -18,7 +18,9 @@
   The coins come from a torch generator (in memory) or are hashed from the sample's id
   (`HashedCoins`, streamed: the same on any number of processes and after a resume).
 
-model/objective.py combines them with the data loss, once, for both trainers.
+model/objective.py applies them, once, for both trainers: l2 and mba as their own gradient step
+on the id tables after the optimiser's (the paper's eq. 8 for mba), not as a loss term that
+Adam would rescale.
 
 "Id tables" are the `IdTable`s (model/embedding.py): the field embeddings and the
 first-order weights of lr / DeepFM. Wide&Deep's hashed cross-product weights are features

@@ -241,10 +241,11 @@ def _fit(config: TrainConfig, samples: Samples, on_epoch: EpochCallback | None) 
         for i, batch in enumerate(bar, 1):
             inputs = objective.drop(batch.inputs, drop_generator)
             logit, _ = model(*split_inputs(samples.spec, inputs))
-            loss, data_loss = objective(model, logit, batch.label, objective.rows(inputs))
+            data_loss = objective(logit, batch.label)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            data_loss.backward()
             optimizer.step()
+            objective.regularize(model, objective.rows(inputs), config.lr)
             running += (data_loss.item() - running) / min(i, 50)
             loss_sum, seen = loss_sum + data_loss.item() * len(batch), seen + len(batch)
             if i % 20 == 0:

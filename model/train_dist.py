@@ -13,9 +13,9 @@ What it does, in order:
 3. each global step is the union of the virtual shards' batches (model/data/stream.py);
    a process trains on its shards' part with the loss of model/objective.py (the in-memory
    trainer's): its summed BCE weighted by world / global batch, so DDP's gradient average
-   is the gradient of the global batch's mean loss, plus the regulariser at full weight on
-   every process (l2, or mba over the rows of the GLOBAL batch, united across processes,
-   n_j over the training samples); id dropout's coins are a hash of (sample id, position, seed, epoch),
+   is the gradient of the global batch's mean loss; after the optimiser's step every process
+   takes the regulariser's own step (l2, or mba over the rows of the GLOBAL batch, united
+   across processes, n_j over the training samples); id dropout's coins are a hash of (sample id, position, seed, epoch),
    and Dice's batch statistics are all-reduced (model/dice.py). So the result depends on
    the seed and the shards, not on the number of processes (float rounding aside); a
    process whose shards have run dry in an epoch's last steps takes part with an empty
@@ -496,10 +496,12 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
             named = objective.drop(_named_on_device(batch, ctx.device), HashedCoins(batch.sample_id, _dropout_salt(config.seed, epoch)))
             logit, _ = ddp(*split_inputs(plan.spec, named))
             label = torch.from_numpy(batch.label).to(ctx.device)
-            loss, data_loss = objective(model, logit, label, _global_rows(ctx, objective.rows(named)), share=ctx.world / n_global)
+            rows = _global_rows(ctx, objective.rows(named))  # every process, every step: a collective
+            data_loss = objective(logit, label, share=ctx.world / n_global)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            data_loss.backward()
             optimizer.step()
+            objective.regularize(model, rows, config.lr)
             step += 1
             global_step += 1
             if real:

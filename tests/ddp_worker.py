@@ -28,7 +28,6 @@ from model.data.stream_loader import process_batches
 from model.data.stream_plan import StreamPlan
 from model.dice import Dice
 from model.distributed import distributed, end_process
-from model.inputs import split_inputs
 from model.objective import Objective
 from model.registry import build_model
 from model.regularization import RegularizationConfig, id_tables
@@ -70,10 +69,11 @@ MBA_LAMBDA, MBA_SHARDS, MBA_BATCH = 0.3, 4, 64
 
 
 def mba_gradient(run_dir: Path) -> dict[str, np.ndarray]:
-    """The streamed trainer's MBA penalty gradient at global step 0 of epoch 1, on this process's part.
+    """The streamed trainer's MBA step at global step 0 of epoch 1, on this process's part.
 
     Alone (no process group) the process holds the whole global batch. Saved per field: the
-    rows its own part uses, the table's weight and the penalty's gradient on it.
+    rows its own part uses, the table's weight and the regulariser's step on it with lr = 1
+    (before - after: the penalty's gradient).
     """
     plan = StreamPlan.load(run_dir)
     with distributed("cpu") as ctx:
@@ -83,19 +83,16 @@ def mba_gradient(run_dir: Path) -> dict[str, np.ndarray]:
         model = build_model("din", plan.spec, ModelConfig(embedding_dim=4))
         with torch.no_grad():
             for table in id_tables(model):
-                table.weight.normal_()  # no zero rows: a zero gradient must come from absence
+                table.weight.normal_()  # no zero rows: a zero step must come from absence
         objective = Objective.build(plan.spec, RegularizationConfig("mba", MBA_LAMBDA), sample_counts(plan, LogReader(plan)))
-        named = _named_on_device(batch, ctx.device)
-        logit, _ = model(*split_inputs(plan.spec, named))
-        label = torch.from_numpy(batch.label)
-        local = objective.rows(named)
-        loss, data = objective(model, logit, label, _global_rows(ctx, local), share=ctx.world / layout.global_batch_size(0))
-        (loss - data).backward()  # the penalty's gradient alone (the data term's upstream gradient is 1 - 1 = 0)
+        local = objective.rows(_named_on_device(batch, ctx.device))
+        before = {table.field: table.weight.detach().clone() for table in id_tables(model)}
+        objective.regularize(model, _global_rows(ctx, local), lr=1.0)
         out = {}
         for table in id_tables(model):
             out[f"rows_{table.field}"] = np.union1d(*(local[name].numpy() for name in table.inputs))  # DIN: hist and cand
-            out[f"weight_{table.field}"] = table.weight.detach().numpy()
-            out[f"grad_{table.field}"] = table.weight.grad.numpy()
+            out[f"weight_{table.field}"] = before[table.field].numpy()
+            out[f"grad_{table.field}"] = (before[table.field] - table.weight.detach()).numpy()
         return out
 
 

@@ -20,6 +20,7 @@ from model.regularization import (
     mba_penalty,
     present_rows,
 )
+from model.objective import Objective
 from model.registry import build_model
 
 SPEC = FeatureSpec(profile_fields=("gender",), vocab_sizes={"item_id": 12, "cate_id": 5, "gender": 4}, max_history=4)
@@ -96,6 +97,61 @@ def test_mba_leaves_a_first_order_weight_alone_in_a_batch_without_its_feature():
     assert bag.weight.grad[7].item() == 0.0  # item 7: candidate only
     assert ad.weight.grad[7].item() != 0.0 and bag.weight.grad[4].item() != 0.0
 
+
+
+def _one_adam_step(reg: RegularizationConfig, lr: float = 0.01) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(id tables' weights before, after) one training step on BATCH as the trainers take it."""
+    torch.manual_seed(0)
+    model = build_model("din", SPEC)
+    with torch.no_grad():
+        for t in id_tables(model):
+            t.weight.normal_()
+    counts = {name: c.numpy() for name, c in _counts().items()} if reg.kind == "mba" else None
+    objective = Objective.build(SPEC, reg, counts)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    before = [t.weight.detach().clone() for t in id_tables(model)]
+    logit, _ = model(*split_inputs(SPEC, BATCH))
+    objective(logit, torch.tensor([1.0, 0.0])).backward()
+    optimizer.step()
+    objective.regularize(model, objective.rows(BATCH), lr)
+    return before, [t.weight.detach().clone() for t in id_tables(model)]
+
+
+def test_mba_is_the_papers_step_beside_adam_not_a_loss_term_adam_rescales():
+    """With Adam, MBA is eq. 8's decay w_j -= lr * 2 lambda / n_j * w_j on the batch's rows only.
+
+    As a loss term, Adam's per-coordinate scaling made a row's shrinkage ~lr whatever its n_j,
+    and its momentum moved rows absent from the batch; compared with the same step without a
+    regulariser, rows absent from the batch must be untouched and present ones scaled by n_j.
+    """
+    lam, lr = 0.3, 0.01
+    _, plain = _one_adam_step(RegularizationConfig("none"), lr)
+    _, mba = _one_adam_step(RegularizationConfig("mba", lam), lr)
+    counts = _counts()
+    model = build_model("din", SPEC)
+    for t, p, m in zip(id_tables(model), plain, mba):
+        present = sorted(set().union(*(PRESENT[i] for i in t.inputs)))
+        absent = [j for j in range(p.shape[0]) if j not in present]
+        n = sum(counts[i] for i in t.inputs)
+        assert torch.equal(m[absent], p[absent]), t.inputs
+        torch.testing.assert_close(m[present], p[present] * (1 - lr * 2 * lam / n[present]).unsqueeze(1), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(m[present], p[present])
+
+
+def test_the_loss_the_optimiser_sees_is_the_data_loss_alone():
+    logit, label = torch.tensor([0.3, -1.2]), torch.tensor([1.0, 0.0])
+    objective = Objective.build(SPEC, RegularizationConfig("l2", 0.5))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(objective(logit, label), bce(logit, label))
+    torch.testing.assert_close(objective(logit, label, share=0.25), bce(logit, label, reduction="sum") * 0.25)
+
+
+def test_l2_step_decays_every_row_of_every_id_table():
+    lam, lr = 0.3, 0.01
+    _, plain = _one_adam_step(RegularizationConfig("none"), lr)
+    _, l2 = _one_adam_step(RegularizationConfig("l2", lam), lr)
+    for p, w in zip(plain, l2):
+        torch.testing.assert_close(w, p * (1 - lr * 2 * lam), rtol=1e-6, atol=1e-7)
 
 def test_plain_l2_reaches_every_row():
     torch.manual_seed(1)
