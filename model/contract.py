@@ -16,6 +16,9 @@ import numpy as np
 PAD_ROW = 0  # padding: a history slot with no behaviour; contributes exactly 0
 UNK_ROW = 1  # an id the vocabulary has never seen
 FIRST_ID_ROW = 2
+# The raw id that says "not known" (e.g. an ad the store has no category for): UNK_ROW in
+# every field, vocabulary or hashed; never a row of its own.
+UNKNOWN_ID = int(np.iinfo(np.int64).min)
 
 # ---------------------------------------------------------------------------------------
 # ONNX scoring graph (user-batched): U users, T behaviour slots, N candidates; every one
@@ -105,7 +108,8 @@ class Vocabulary:
 
     @classmethod
     def fit(cls, raw_ids: np.ndarray) -> "Vocabulary":
-        return cls(np.unique(np.asarray(raw_ids, dtype=np.int64)))
+        ids = np.unique(np.asarray(raw_ids, dtype=np.int64))
+        return cls(ids[ids != UNKNOWN_ID])  # reserved: it stays UNK_ROW
 
     @property
     def num_rows(self) -> int:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model.contract import FIRST_ID_ROW
+from model.contract import FIRST_ID_ROW, UNK_ROW, UNKNOWN_ID
 
 HASH_FUNCTION = "splitmix64"
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -62,7 +62,7 @@ def unit_interval(ids: np.ndarray, salt: int = 0) -> np.ndarray:
 
 
 class HashedIds:
-    """Raw id -> FIRST_ID_ROW + splitmix64(id) mod buckets. PAD_ROW stays padding; UNK_ROW is unused."""
+    """Raw id -> FIRST_ID_ROW + splitmix64(id) mod buckets. PAD_ROW stays padding; UNK_ROW is UNKNOWN_ID's."""
 
     __slots__ = ("buckets",)
 
@@ -78,7 +78,8 @@ class HashedIds:
 
     def lookup(self, raw_ids: np.ndarray) -> np.ndarray:
         z = splitmix64(raw_ids)
-        return (z % np.uint64(self.buckets)).astype(np.int64) + FIRST_ID_ROW
+        rows = (z % np.uint64(self.buckets)).astype(np.int64) + FIRST_ID_ROW
+        return np.where(np.asarray(raw_ids) == UNKNOWN_ID, UNK_ROW, rows)  # "not known" is no bucket's
 
     def to_json(self) -> dict:
         """The bundle.json entry of a hashed field."""

@@ -4,7 +4,7 @@ The in-process cache (feature_store/ad_cache.py) answers first; the ads it misse
 fetched from the store in one round trip (one MGET, through the app's StoreGuard: the store
 deadline, the circuit breaker and the store metrics, as for histories) and cached. An ad
 nobody knows, or a store that fails or keeps no categories, leaves the category unknown
-(-1: the model's unknown-id row) and marks the response degraded only in the second case.
+(UNKNOWN_ID: the model's unknown-id row, hashed fields too) and marks the response degraded only in the second case.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.bundle import BUNDLE_FORMAT_VERSION, HASHED_FORMAT_VERSION, BundleError, load_bundle
-from model.contract import FIRST_ID_ROW, UNK_ROW
+from model.contract import FIRST_ID_ROW, UNK_ROW, UNKNOWN_ID, Vocabulary
 from model.data.stream import LogReader, block_samples
 from model.data.stream_plan import TRAIN, StreamConfig, plan_stream
 from model.data.synthetic import SyntheticConfig, write_synthetic
@@ -26,6 +26,11 @@ def _reference(x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
     return z ^ (z >> 31)
+
+
+def _reference_rows(ids: np.ndarray, buckets: int) -> np.ndarray:
+    """HashedIds' rows by the reference: UNKNOWN_ID (reserved, "not known") is UNK_ROW."""
+    return np.array([UNK_ROW if i == UNKNOWN_ID else _reference(int(i) & _M) % buckets + FIRST_ID_ROW for i in ids])
 
 
 def _edge_ids(n: int = 2000, seed: int = 0) -> np.ndarray:
@@ -51,8 +56,8 @@ def test_hashed_rows_are_in_range_and_deterministic():
     h = HashedIds(1000)
     rows = h.lookup(ids)
     assert rows.dtype == np.int64 and h.num_rows == 1002
-    assert rows.min() >= FIRST_ID_ROW and rows.max() < h.num_rows
-    np.testing.assert_array_equal(rows, np.array([_reference(int(i) & _M) % 1000 + FIRST_ID_ROW for i in ids]))
+    assert rows[ids != UNKNOWN_ID].min() >= FIRST_ID_ROW and rows.max() < h.num_rows
+    np.testing.assert_array_equal(rows, _reference_rows(ids, 1000))
     # ids that differ only above bit 53 (a float64 would merge them) still get different rows
     assert len({int(r) for r in h.lookup(np.array([2**60, 2**60 + 1, 2**60 + 2], np.int64))}) == 3
     np.testing.assert_array_equal(h.lookup(ids.reshape(-1, 1)).ravel(), rows)
@@ -103,7 +108,7 @@ def test_service_rows_equal_trainer_rows_for_random_int64_ids(hashed_run):
     np.testing.assert_array_equal(batch.cand_rows["item_id"], trainer["item_id"].lookup(ids))
     np.testing.assert_array_equal(batch.cand_rows["cate_id"], trainer["cate_id"].lookup(ids[::-1]))
     np.testing.assert_array_equal(batch.hist_rows["item_id"][0], trainer["item_id"].lookup(hist))
-    np.testing.assert_array_equal(batch.cand_rows["item_id"], [_reference(int(i) & _M) % 97 + 2 for i in ids])
+    np.testing.assert_array_equal(batch.cand_rows["item_id"], _reference_rows(ids, 97))
     # and the trainer's samples really use that mapping
     reader = LogReader(plan)
     cols = reader.read(int(plan.block_rows[0]), int(plan.block_rows[1]))
@@ -135,6 +140,45 @@ def test_unseen_ids_score_through_the_real_scorer(hashed_run):
     (both,) = scorer.score_requests([pair])
     assert both.ctr[0] == both.ctr[1]
 
+
+
+def test_the_unknown_id_is_the_unknown_row_in_hashed_and_fitted_fields():
+    ids = np.array([UNKNOWN_ID, -1, 5], np.int64)
+    rows = HashedIds(16).lookup(ids)
+    assert rows[0] == UNK_ROW and np.all(rows[1:] >= FIRST_ID_ROW)
+    vocab = Vocabulary.fit(ids)  # a log that holds the reserved id does not give it a row
+    assert vocab.lookup(ids).tolist() == [UNK_ROW, FIRST_ID_ROW, FIRST_ID_ROW + 1]
+
+
+@pytest.mark.anyio
+async def test_an_ad_without_a_known_category_scores_with_the_unknown_row_not_a_bucket(hashed_run, redis_url):
+    """/rank fills in a missing cate_id from the store; an ad the store does not know keeps an
+    unknown category, which a hashed bundle must score as UNK_ROW, not as whatever category
+    shares a bucket with the placeholder id."""
+    from feature_store.redis_store import RedisHistoryStore
+    from model.data.log import read_log
+    from test_api import serving, settings_for
+
+    _, result, log_path = hashed_run
+    log = read_log(log_path)
+    RedisHistoryStore.from_url(redis_url).bulk_load(log, max_history=8)
+    h = HashedIds(97)
+    twin = next(c for c in range(1, 100_000) if h.lookup(np.array([c]))[0] == h.lookup(np.array([-1]))[0])
+    ad = 10**12 + 1  # in no log: the store has no category for it
+    body = {"user_id": int(log.user_id[0]), "candidates": [{"item_id": ad}, {"item_id": ad, "cate_id": twin}]}
+    async with serving(settings_for(result.bundle, redis_url)) as client:
+        r = await client.post("/rank", json=body)
+    assert r.status_code == 200, r.text
+    ctr = {x["cate_id"]: x["ctr"] for x in r.json()["ranked"]}
+    assert set(ctr) == {None, twin}
+    scorer = Scorer.load(result.bundle, device="cpu")
+    history = log.user_id == log.user_id[0]
+    newest_first = np.argsort(-log.timestamp[history], kind="stable")
+    request = RankInput(history={f: getattr(log, f)[history][newest_first] for f in ("item_id", "cate_id")}, profile={},
+                        candidates={"item_id": np.array([ad]), "cate_id": np.array([UNKNOWN_ID])})  # fmt: skip
+    (alone,) = scorer.score_requests([request])
+    assert ctr[None] == pytest.approx(float(alone.ctr[0]), abs=1e-6)  # the unknown row's score
+    assert ctr[None] != pytest.approx(ctr[twin], abs=1e-6)  # not the bucket-mate's
 
 def test_vocabulary_bundles_stay_format_1_and_load(tmp_path, hashed_run):
     config, _, log = hashed_run

@@ -22,6 +22,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
+from model.contract import UNKNOWN_ID
 from service.ad_features import resolve_categories
 from service.batcher import Batcher, BatcherClosed, DeadlineExceeded, Fetched, QueueFull
 from service.deps import ScorerDep, SettingsDep, StoreDep
@@ -137,7 +138,7 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
         cates, unknown, ads_degraded = await resolve_categories(
             getattr(state, "ad_cache", None), store, state.store_guard, query.item_ids, query.cate_ids, query.missing
         )
-        query = replace(query, cate_ids=np.where(unknown, -1, cates))  # -1: unknown to the model's vocabulary too
+        query = replace(query, cate_ids=np.where(unknown, UNKNOWN_ID, cates))  # UNK_ROW in any bundle, hashed too
 
     batcher: Batcher = state.batcher
     try:
