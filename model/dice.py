@@ -8,6 +8,9 @@ otherwise pull the mean towards whatever the padding computes. Running averages 
 are kept (like batch norm), and `eval()` uses those, so an exported graph is element-wise
 ops on frozen statistics. The variance is the biased one in both places, so a model whose
 running statistics have converged on a batch scores that batch the same in both modes.
+A batch moves the running averages in proportion to its size (momentum * n / the most real
+positions a batch has had): an epoch's short last batch, a handful of samples, would
+otherwise weigh as much as a full one in the statistics every later score uses.
 
 Data parallel (torchrun, model/train_dist.py): in training mode inside a process group of
 more than one process, the statistics are those of the GLOBAL batch, as SyncBatchNorm's:
@@ -34,6 +37,8 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.full((channels,), init))  # like PReLU's slope
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+        # the most real positions one batch has had: a training-time scale, not a model weight
+        self.register_buffer("largest_batch", torch.zeros(()), persistent=False)
 
     def forward(self, s: Tensor, mask: Tensor | None = None) -> Tensor:
         """s (..., C), mask s.shape[:-1] bool (True = a real position) or None -> (..., C)."""
@@ -78,8 +83,10 @@ class Dice(nn.Module):
         if synced:
             var = _all_processes(var)
         with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach(), self.momentum)
+            self.largest_batch.clamp_(min=n)
+            momentum = self.momentum * n / float(self.largest_batch)
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(var.detach(), momentum)
         return mean, var
 
 

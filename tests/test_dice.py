@@ -73,6 +73,22 @@ def test_train_and_eval_modes_agree_once_running_statistics_converged():
         assert (fresh.eval()(s, mask)[mask] - first[mask]).abs().max() > 1e-2
 
 
+
+def test_a_short_last_batch_moves_the_running_statistics_in_proportion_to_its_size():
+    """An epoch's leftover batch (here 1 sample after batches of 1024) must not pull the
+    statistics every later score uses by a full batch's momentum."""
+    torch.manual_seed(0)
+    dice = Dice(1).train()
+    for _ in range(200):
+        dice(torch.randn(1024, 1) * 2 + 1)  # mean 1, variance 4
+    mean, var = dice.running_mean.clone(), dice.running_var.clone()
+    dice(torch.tensor([[5.0]]))  # a one-sample tail: its mean is 5, its variance 0
+    assert abs(float(dice.running_mean - mean)) < 1e-3 and abs(float(dice.running_var - var)) < 1e-2
+    half = torch.randn(512, 1) * 2 + 9  # half a batch, far from the running mean
+    before = dice.running_mean.clone()
+    dice(half)
+    torch.testing.assert_close(dice.running_mean, torch.lerp(before, half.mean(0), 0.1 * 512 / 1024))
+
 def test_gradients_flow_through_the_batch_statistics():
     s, mask = padded_batch(seed=2)
     s.requires_grad_(True)
