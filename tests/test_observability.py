@@ -207,3 +207,48 @@ async def test_routes_that_are_not_api_routes_keep_their_own_label(trained):
     count = lambda route, status: value(m, "din_http_request_duration_seconds_count", route=route, method="GET", status=status)  # noqa: E731
     assert count("/docs", "200") == count("/openapi.json", "200") == count("/static", "200") == 1
     assert count("unmatched", "404") == 1 and count("unmatched", "200") == 0
+
+
+# A JSON `\ud800` escape is a lone UTF-16 surrogate: pydantic rejects it (string_unicode), and
+# the 422 must name the field without echoing it (it cannot be encoded: that was a 500).
+SURROGATE_BODIES = [
+    pytest.param("/events", rb'{"events":[{"\ud800":1}]}', ["body", "events", 0], id="events-key"),
+    pytest.param("/events", rb'{"events":[{"user_id":1,"item_id":2,"cate_id":3,"timestamp":4,"event_id":"\ud800"}]}',
+                 ["body", "events", 0, "event_id"], id="events-event_id"),
+    pytest.param("/events",
+                 rb'{"events":[{"user_id":"\udfff","item_id":2,"cate_id":3,"timestamp":4,"event_id":"x"}]}',
+                 ["body", "events", 0, "user_id"], id="events-user_id"),
+    pytest.param("/admin/reload", rb'{"bundle":"\ud800"}', ["body", "bundle"], id="reload-bundle"),
+]
+
+
+@pytest.mark.parametrize("path,body,loc", SURROGATE_BODIES)
+async def test_a_lone_surrogate_in_a_validated_body_is_a_422_naming_the_field(trained, loaded_redis, path, body, loc):
+    token = "s3cret-token"
+    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+    async with serving(settings_for(trained.bundle.path, loaded_redis, admin_token=token)) as client:
+        r = await client.post(path, content=body, headers=headers)
+        ok = await client.post("/events", json={"events": []}, headers=headers)  # an ordinary 422 keeps its shape
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail and all({"loc", "msg", "type"} <= set(e) and "input" not in e for e in detail), detail
+    assert any(e["loc"][: len(loc)] == loc for e in detail), detail
+    assert ok.status_code == 422
+    (err,) = ok.json()["detail"]
+    assert err["loc"] == ["body", "events"] and err["type"] == "too_short" and err["ctx"]["min_length"] == 1
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe", b"a:b"], ids=["not-utf8", "not-a-version"])
+async def test_readyz_reports_an_unusable_data_version_pointer_as_an_error_not_unreachable(
+    trained, redis_client, redis_url, pointer
+):
+    from feature_store.keys import current_key
+
+    redis_client.set(current_key("din"), pointer)  # Redis answers; its pointer is garbage
+    async with serving(settings_for(trained.bundle.path, redis_url)) as client:
+        r = await client.get("/readyz")
+    body = r.json()
+    assert r.status_code == 200 and body["ready"] is True, body
+    assert body["store"].startswith("error: ") and "unreachable" not in body["store"], body
+    assert "din:current" in body["store"] and "run `din load`" in body["store"], body  # the store's own message
+    assert body["degraded"] is True and body["store_data"] is None

@@ -10,7 +10,9 @@ replicas.
 Nor does an empty store (a fresh deployment, or a Redis restarted without its data): the
 body's `store_data` says whether a data version is loaded, from the data version pointer
 that the PING of /readyz reads anyway (at most once a second), so an operator can tell
-"every user is new" from "the histories are gone".
+"every user is new" from "the histories are gone". A pointer that Redis holds but that
+is unusable (garbage, wrong type) is `store` "error: ..." with the store's message, not
+"unreachable": Redis answered.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
-from feature_store.base import CONNECTION_WAIT, ConnectionWait, StoreBusyError, StoreUnavailableError
+from feature_store.base import CONNECTION_WAIT, ConnectionWait, StoreBusyError, StoreError, StoreUnavailableError
 from service.deps import SettingsDep, StoreDep
 from service.routes.rank import json_response
 from service.schemas import Readiness
@@ -39,7 +41,8 @@ class StoreReadiness(Readiness):
     store_data: str | None = Field(
         default=None,
         description=f'"{LOADED}": the store has a data version, "{NONE_LOADED}": it has none (every user is '
-        "served as new: run `din load`, or send events); null: not known (no store, or it did not answer).",
+        "served as new: run `din load`, or send events); null: not known (no store, it did not answer, or its "
+        "data version pointer is unusable).",
     )
 
 
@@ -69,6 +72,8 @@ async def store_status(store, timeout_s: float) -> str:
         return BUSY
     except StoreUnavailableError as e:
         return f"unreachable: {e}"  # the store's message carries a redacted URL
+    except StoreError as e:  # Redis answered, but its data is unusable (e.g. a garbage version pointer)
+        return f"error: {e}"  # the store's message says what is wrong and what to run
     except Exception as e:
         return f"unreachable ({type(e).__name__})"
     finally:
