@@ -48,7 +48,7 @@ from feature_store.loader import (
     create_empty_version,
     load_log,
 )
-from feature_store.records import CorruptValueError, UserHistory, decode_ads, decode_users
+from feature_store.records import MAX_PROFILE_FIELDS, CorruptValueError, UserHistory, decode_ads, decode_users
 from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,28 @@ class _CallSlots:
         self._sem.release()
 
 
+def _field_names(value: object, *, at_least: int) -> bool:
+    return (
+        isinstance(value, list) and at_least <= len(value) <= MAX_PROFILE_FIELDS
+        and all(isinstance(f, str) and f for f in value)
+    )
+
+
+def meta_problems(meta: dict) -> dict[str, str]:
+    """The fields of a version's meta that the reads rely on and that are not of the shape
+    `din load` writes: {field: what is wrong}. A missing field is not a problem (the reads
+    use their defaults), a present one of the wrong shape is garbage."""
+    problems: dict[str, str] = {}
+    if "ad_fields" in meta and not _field_names(meta["ad_fields"], at_least=1):
+        problems["ad_fields"] = f"a list of 1..{MAX_PROFILE_FIELDS} field names"
+    if "profile_fields" in meta and not _field_names(meta["profile_fields"], at_least=0):
+        problems["profile_fields"] = f"a list of at most {MAX_PROFILE_FIELDS} field names"
+    max_history = meta.get("max_history")
+    if "max_history" in meta and not (isinstance(max_history, int) and not isinstance(max_history, bool) and max_history > 0):
+        problems["max_history"] = "a positive integer"
+    return {field: f"{field!r} is {json.dumps(meta[field])[:80]}, not {shape}" for field, shape in problems.items()}
+
+
 class RedisHistoryStore(HistoryStore):
     """Histories and ad features of one namespace in one Redis or one Redis Cluster."""
 
@@ -121,6 +143,7 @@ class RedisHistoryStore(HistoryStore):
         self.repaired_values = 0  # corrupt user values replaced by a live append
         self._keys: KeySpace | None = None
         self._meta: dict = {}
+        self._meta_errors: dict[str, str] = {}  # field -> why the version's meta value is unusable
         self._checked_at = float("-inf")  # time.monotonic() of the last pointer read
         self._refreshing: asyncio.Future | None = None  # the pointer read in flight, shared
         self._slots = _CallSlots(max_connections) if max_connections else contextlib.nullcontext()
@@ -178,10 +201,15 @@ class RedisHistoryStore(HistoryStore):
 
     @property
     def profile_fields(self) -> tuple[str, ...]:
+        """() when the meta's value is garbage (logged and counted when the version was read)."""
+        if "profile_fields" in self._meta_errors:
+            return ()
         return tuple(self._meta.get("profile_fields", ()))
 
     @property
     def max_history(self) -> int | None:
+        if "max_history" in self._meta_errors:
+            return None
         return self._meta.get("max_history")
 
     def _unavailable(self, e: Exception) -> StoreUnavailableError:
@@ -255,7 +283,7 @@ class RedisHistoryStore(HistoryStore):
             if version == self.version:
                 return version
             if version is None:
-                self._keys, self._meta = None, {}
+                self._keys, self._meta, self._meta_errors = None, {}, {}
                 return None
             keys = KeySpace(namespace=self.namespace, version=version)
         except ValueError as e:  # not UTF-8, or not a version name
@@ -269,9 +297,17 @@ class RedisHistoryStore(HistoryStore):
         except (ValueError, redis.ResponseError) as e:  # not JSON, not an object, or a key of the wrong type
             self._corrupt("meta", f"meta key {keys.meta}", f"{e}; profile and ad fields unknown")
             meta = {}
+        # fields of the wrong shape (a buggy or foreign writer): reported here once, then the
+        # reads that need the field fail as a StoreError (ad reads) or treat it as unknown
+        errors = {
+            field: f"meta key {keys.meta} in Redis at {self.url}: {problem}"
+            for field, problem in meta_problems(meta).items()
+        }
+        if errors:
+            self._corrupt("meta", f"data version {version}", "; ".join(errors.values()) + " (run `din load`)")
         if self._keys is not None:
             logger.info("feature store %s: data version %s -> %s", self.namespace, self.version, version)
-        self._keys, self._meta = keys, meta
+        self._keys, self._meta, self._meta_errors = keys, meta, errors
         return version
 
     # ---------------------------------------------------------------------- reads
@@ -352,6 +388,9 @@ class RedisHistoryStore(HistoryStore):
         ids = np.asarray(ad_ids, dtype=np.int64)
         async with self._call("the ad read"):
             await self._version_now()
+            if (error := self._meta_errors.get("ad_fields")) is not None:
+                raise StoreError(f"{error}: the ad features of data version {self.version} cannot be read; "
+                                 f"run `din load` to write a data version")
             fields = tuple(self._meta.get("ad_fields", AD_FIELDS))
             if self._keys is None or ids.size == 0:
                 return AdFeatures(fields, np.zeros(ids.size, bool), np.full((ids.size, len(fields)), -1, np.int64))

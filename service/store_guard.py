@@ -10,11 +10,17 @@ records its duration or its failure. Every failure comes out as one exception ty
     circuit_open  not tried: the breaker is open after repeated failures
     busy          not tried: no free connection in the service's own pool within the
                   deadline (a burst of calls; StoreBusyError), which says nothing about Redis
-    error         anything else the store raised (a Redis error reply, a bug)
+    error         anything else the store raised (a Redis error reply, garbage data, a bug)
 
 A StoreError is an `error` the breaker does not count: Redis answered and refused this one
-call (out of memory for writes, a key holding garbage), so it is not down, and one bad
-key must not make every user's /rank skip the store. Nor is `busy`: Redis was not asked.
+call (out of memory for writes, a key or a data version's meta holding garbage), so it is
+not down, and one bad key must not make every user's /rank skip the store. Nor is a
+CorruptValueError (a value that does not decode: Redis answered), nor `busy`: Redis was not
+asked. Nor is an exception that is neither the store's nor Redis's (a TypeError, a bare
+ValueError: a bug in our own code, or garbage that got past the store's checks): it says
+nothing about Redis, so it fails that call only, but is logged with its traceback and
+counted as an `error`. An error of Redis's own client that the store did not translate
+(redis.RedisError, an OSError) still counts, as do timeouts and `unavailable`.
 
 Readers degrade on it (/rank ranks with an empty history); writers must refuse:
 `store_unavailable_error(e)` is the 503 (with Retry-After) that POST /events raises, so an
@@ -30,9 +36,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
+import redis
 from fastapi import HTTPException, status
 
 from feature_store.base import CONNECTION_WAIT, ConnectionWait, StoreBusyError, StoreError, StoreUnavailableError
+from feature_store.records import CorruptValueError
 from service.circuit_breaker import BreakerState, CircuitBreaker
 from service.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, ServiceMetrics
 
@@ -40,6 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STATE_VALUE = {BreakerState.CLOSED: CIRCUIT_CLOSED, BreakerState.HALF_OPEN: CIRCUIT_HALF_OPEN, BreakerState.OPEN: CIRCUIT_OPEN}
+# Redis's own failures (its client's errors, sockets) that a store did not translate: they count
+_REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+_ANSWERED_GARBAGE = (StoreError, CorruptValueError)  # Redis answered; the data is not usable
 
 
 class StoreCallFailed(StoreUnavailableError):
@@ -58,6 +69,7 @@ class StoreGuard:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self._last_error = ""
+        self.bugs = 0  # calls failed by an exception that is neither the store's nor Redis's
         metrics.store_circuit_state.set(_STATE_VALUE[breaker.state])
 
     @classmethod
@@ -90,11 +102,25 @@ class StoreGuard:
             self.breaker.record_failure()
         return StoreCallFailed(message, reason, retry_after_s=max(self.breaker.retry_after_s, 1.0))
 
-    def _refused(self, op: str, e: StoreError) -> StoreCallFailed:
-        """The store answered but refused this call: an error, not an outage (module doc)."""
+    def _refused(self, op: str, e: Exception) -> StoreCallFailed:
+        """The store answered but refused this call, or its data is garbage: an error, not an outage (module doc)."""
         self.metrics.store_errors.labels(op, "error").inc()
         self.breaker.record_success()  # Redis answers (a half-open trial has its answer)
         return StoreCallFailed(str(e), "error", retry_after_s=1.0, answered=True)
+
+    def _bug(self, op: str, e: Exception) -> StoreCallFailed:
+        """Neither the store's nor Redis's exception: visible (traceback, metric), but no evidence
+        of an outage, so it does not count towards opening the circuit (module doc)."""
+        self.bugs += 1
+        self.metrics.store_errors.labels(op, "error").inc()
+        if self.bugs <= 10 or self.bugs % 1000 == 0:  # the traceback, without flooding the log
+            log.error("feature store %s failed: %s: %s (a bug, not counted as a store outage; %d so far)",
+                      op, type(e).__name__, e, self.bugs, exc_info=(type(e), e, e.__traceback__))
+        else:
+            log.warning("feature store %s failed: %s: %s", op, type(e).__name__, e)
+        if self.breaker.state is BreakerState.HALF_OPEN:  # the trial got no answer: the next one tries again
+            self.breaker.record_failure()
+        return StoreCallFailed(f"{type(e).__name__}: {e}", "error", retry_after_s=1.0)
 
     def _busy(self, op: str, message: str) -> StoreCallFailed:
         """No free connection in our own pool: not Redis's failure, so the breaker does not count it."""
@@ -123,12 +149,14 @@ class StoreGuard:
             raise self._busy(op, str(e)) from None
         except StoreUnavailableError as e:
             raise self._fail(op, "unavailable", str(e)) from None
-        except StoreError as e:
+        except _ANSWERED_GARBAGE as e:
             log.warning("feature store %s refused: %s", op, e)
             raise self._refused(op, e) from None
-        except Exception as e:
+        except _REDIS_FAILURES as e:
             log.warning("feature store %s failed: %s: %s", op, type(e).__name__, e)
             raise self._fail(op, "error", f"{type(e).__name__}") from None
+        except Exception as e:
+            raise self._bug(op, e) from None
         except BaseException:  # cancelled: a trial call must not stay "in flight" forever
             if self.breaker.state is BreakerState.HALF_OPEN:
                 self.breaker.record_failure()

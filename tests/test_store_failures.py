@@ -394,3 +394,170 @@ async def test_readyz_behind_a_burst_of_store_calls_says_busy_not_down(trained, 
         admin.close()
     assert busy["store"].startswith("busy") and busy["store_data"] == "loaded" and busy["ready"] is True, busy
     assert busy["degraded"] is False, busy
+
+
+def copy_version(c: redis.Redis, to: str = "77", **meta_changes) -> str:
+    """Copy the live data version's keys to `din:v{to}:*`, change fields of its meta and point
+    `din:current` at it (a version written by a buggy or foreign loader); returns its meta key."""
+    import json
+
+    from feature_store.keys import KeySpace, current_key
+
+    live = KeySpace(version=c.get(current_key()).decode())
+    copy = KeySpace(version=to)
+    pipe = c.pipeline(transaction=False)
+    for key in c.scan_iter(match=live.match_all, count=5000):
+        pipe.restore(copy.prefix.encode() + key[len(live.prefix):], 0, c.dump(key), replace=True)
+    pipe.execute()
+    meta = json.loads(c.get(live.meta)) | meta_changes
+    c.set(copy.meta, json.dumps(meta))
+    c.set(current_key(), to)
+    return copy.meta
+
+
+@pytest.mark.parametrize("ad_fields", [[], "cate_id"], ids=["empty-list", "not-a-list"])
+async def test_a_meta_with_unusable_ad_fields_fails_the_ad_look_up_only_not_the_breaker(trained, loaded_redis, ad_fields):
+    """A version whose meta says `"ad_fields": []` (Redis healthy): every ad look-up used to raise a bare
+    ValueError ("n_fields must be in 1..255, got 0") that the guard counted as a Redis failure, so the
+    circuit opened and every /rank, even one that needs no ad look-up, lost its history. Now the ad
+    look-up of that call fails with the meta key and field named, and the breaker stays closed."""
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    c = redis.Redis.from_url(loaded_redis)
+    try:
+        meta_key = copy_version(c, ad_fields=ad_fields)
+    finally:
+        c.close()
+    item = int(trained.log.item_id[0])
+    missing_cate = {"user_id": user, "candidates": [{"item_id": item}, {"item_id": 1, "cate_id": 1}]}
+    settings = settings_for(trained.bundle.path, loaded_redis, breaker_failure_threshold=2, breaker_reset_ms=60_000)
+    async with serving(settings) as client:
+        m0 = samples((await client.get("/metrics")).text)
+        looked_up = [(await client.post("/rank", json=missing_cate)) for _ in range(8)]
+        plain = (await client.post("/rank", json=rank_body(user, some_candidates(trained.log, 5)))).json()
+        ready = (await client.get("/readyz")).json()
+        m = samples((await client.get("/metrics")).text)
+    assert [r.status_code for r in looked_up] == [200] * 8
+    # the category stays unknown (degraded), the user's history is still there
+    assert [(b["degraded"], b["history_length"] > 0) for b in (r.json() for r in looked_up)] == [(True, True)] * 8
+    assert plain["degraded"] is False and plain["history_length"] > 0
+    assert ready["store_circuit"] == "closed" and ready["store"] == "ok"
+    assert value(m, "din_store_errors_total", op="get_ad_features", reason="error") == 8
+    for op in ("get_ad_features", "get_histories"):
+        for reason in ("unavailable", "timeout", "circuit_open"):
+            assert value(m, "din_store_errors_total", op=op, reason=reason) == 0, (op, reason)
+    assert value(m, "din_store_errors_total", op="get_histories", reason="error") == 0
+    corrupt = [value(x, "din_store_corrupt_values_total", kind="meta") for x in (m0, m)]
+    assert corrupt[1] - corrupt[0] == 1  # once, when the version was read (a process-wide counter)
+
+    # the guard's error names the key and the field, and says what to do
+    store = RedisHistoryStore.from_url(loaded_redis)
+    guard = StoreGuard.build(failure_threshold=1, reset_s=60.0, timeout_s=5.0, metrics=ServiceMetrics())
+    try:
+        for _ in range(5):
+            with pytest.raises(StoreCallFailed) as e:
+                await guard.call("get_ad_features", lambda: store.get_ad_features(np.array([item])))
+            assert (e.value.reason, e.value.answered, guard.state.value) == ("error", True, "closed")
+        histories = await guard.call("get_histories", lambda: store.get_histories([user]))
+    finally:
+        await store.close()
+    assert meta_key in str(e.value) and "'ad_fields'" in str(e.value) and "din load" in str(e.value), str(e.value)
+    assert "n_fields" not in str(e.value)
+    assert histories[0] is not None and len(histories[0]) > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "ad_read_fails"),
+    [
+        ("ad_fields", [], True),
+        ("ad_fields", "cate_id", True),
+        ("ad_fields", None, True),
+        ("ad_fields", ["cate_id", 7], True),
+        ("ad_fields", [""], True),
+        ("ad_fields", ["f"] * 256, True),
+        ("profile_fields", "gender", False),
+        ("profile_fields", [1, 2], False),
+        ("profile_fields", {"gender": 0}, False),
+        ("max_history", "50", False),
+        ("max_history", True, False),
+        ("max_history", 0, False),
+    ],
+)
+async def test_meta_fields_of_the_wrong_shape_are_corrupt_data_named_by_key_and_field(
+    trained, loaded_redis, field, bad, ad_read_fails
+):
+    """Each field the reads rely on is checked when the version is read: bad ad_fields refuse the
+    ad reads (a StoreError naming the key and the field, never a bare ValueError); bad profile_fields
+    or max_history are unknown (as with an unreadable meta), counted as corrupt, and logged once."""
+    from feature_store import metrics as store_metrics
+    from feature_store.base import StoreError
+
+    user, _ = users_by_history(trained.log, trained.bundle.spec.max_history)
+    item = int(trained.log.item_id[0])
+    c = redis.Redis.from_url(loaded_redis)
+    try:
+        meta_key = copy_version(c, **{field: bad})
+    finally:
+        c.close()
+    corrupt0 = store_metrics.CORRUPT_VALUES.labels("meta")._value.get()
+    store = RedisHistoryStore.from_url(loaded_redis)
+    try:
+        (history,) = await store.get_histories([user])
+        if ad_read_fails:
+            for _ in range(2):
+                with pytest.raises(StoreError, match=rf"{meta_key}.*'{field}'.*din load") as e:
+                    await store.get_ad_features(np.array([item]))
+            assert not isinstance(e.value, ValueError)
+        else:
+            ads = await store.get_ad_features(np.array([item]))
+            assert ads.fields == ("cate_id",) and ads.found.tolist() == [True]
+        profile_fields, max_history = store.profile_fields, store.max_history
+    finally:
+        await store.close()
+    assert store.version == "77" and history is not None and len(history) > 0
+    assert store_metrics.CORRUPT_VALUES.labels("meta")._value.get() - corrupt0 == 1  # once per version read
+    assert all(isinstance(f, str) for f in profile_fields)
+    if field == "profile_fields":
+        assert profile_fields == ()
+    if field == "max_history":
+        assert max_history is None
+    else:
+        assert max_history == 2 * trained.bundle.spec.max_history
+
+
+async def test_a_bug_in_a_store_call_is_logged_and_counted_but_opens_no_breaker(caplog):
+    """An exception that is neither the store's nor Redis's (a TypeError in our own code, a ValueError
+    from decoding) says nothing about Redis: it fails that call, is logged with its traceback and
+    counted as an `error`, but does not open the circuit. Redis's own errors still count."""
+    from feature_store.records import CorruptValueError
+
+    async def bug():
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    async def garbage():
+        raise CorruptValueError("user value starts with b'xxxx', expected magic b'DINU'")
+
+    async def connection_lost():
+        raise redis.ConnectionError("Connection closed by server.")
+
+    guard = StoreGuard.build(failure_threshold=1, reset_s=0.05, timeout_s=1.0, metrics=ServiceMetrics())
+    with caplog.at_level("WARNING", logger="service.store_guard"):
+        for _ in range(5):
+            with pytest.raises(StoreCallFailed) as e:
+                await guard.call("get_ad_features", bug)
+            assert (e.value.reason, guard.state.value) == ("error", "closed")
+    assert "TypeError" in str(e.value)
+    logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is TypeError]
+    assert logged and "get_ad_features" in logged[0].getMessage()
+    with pytest.raises(StoreCallFailed) as e:
+        await guard.call("get_histories", garbage)
+    assert (e.value.reason, e.value.answered, guard.state.value) == ("error", True, "closed")
+    with pytest.raises(StoreCallFailed) as e:  # a Redis error the store did not map still counts
+        await guard.call("ping", connection_lost)
+    assert (e.value.reason, guard.state.value) == ("error", "open")
+    await anyio.sleep(0.06)
+    with pytest.raises(StoreCallFailed):  # a half-open trial that hit a bug got no answer: open again
+        await guard.call("get_ad_features", bug)
+    assert guard.state.value == "open"
+    m = samples(guard.metrics.render().decode())
+    assert value(m, "din_store_errors_total", op="get_ad_features", reason="error") == 6
+    assert value(m, "din_store_errors_total", op="get_histories", reason="error") == 1
