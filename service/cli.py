@@ -780,10 +780,13 @@ def demo(
     b = _load_bundle(bundle_path)
     log = _load_log("synthetic")
     demo_redis = _din_home() / "demo" / "redis"
-    with _redis(None, demo_redis, in_use=f"another `din demo` runs on {demo_redis}; stop it first (Ctrl-C)") as redis_url:
-        typer.echo(f"[demo] embedded Redis at {redis_url}; loading histories", err=True)
-        store = RedisHistoryStore.from_url(redis_url, namespace=settings.redis_namespace)  # where the service reads
-        store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)
+    external = settings.redis_url  # REDIS_URL: an external Redis or Redis Cluster; else the demo's own
+    with _redis(external, demo_redis, in_use=f"another `din demo` runs on {demo_redis}; stop it first (Ctrl-C)") as redis_url:
+        where = f"Redis at {redis_url} (REDIS_URL)" if external else f"embedded Redis at {redis_url}"
+        typer.echo(f"[demo] {where}; loading histories into namespace {settings.redis_namespace!r}", err=True)
+        with _store_errors():
+            store = RedisHistoryStore.from_url(redis_url, namespace=settings.redis_namespace, cluster=settings.redis_cluster or None)
+            store.bulk_load(log, max_history=b.spec.max_history, profile_fields=b.spec.profile_fields)  # where the service reads
         user = int(log.user_id[0])
         typer.echo(
             f"\n[demo] explain page: http://127.0.0.1:{port}/\n"

@@ -451,6 +451,43 @@ def test_page_tells_a_degraded_answer_from_a_user_without_history(browser, din_s
     assert "unknown user" not in note.inner_text()
 
 
+
+def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tmp_path: Path, redis_url: str, redis_client):
+    """DESIGN: with `make demo`, REDIS_URL switches to an external Redis: the demo loads its
+    histories there (in REDIS_NAMESPACE) and serves from it, starting no Redis of its own."""
+    env = {**_env(tmp_path), "REDIS_URL": redis_url, "REDIS_NAMESPACE": "demo_ext"}
+    bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
+    shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
+    port = free_port()
+    err_path = tmp_path / "demo.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([_din(), "demo", "--port", str(port)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while f"explain page: {url}\n" not in err_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
+            assert time.monotonic() < deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
+            time.sleep(0.2)
+        assert f"Redis at {redis_url} (REDIS_URL)" in err_path.read_text()
+        assert redis_client.get("demo_ext:current") is not None  # the demo's data version, in that Redis
+        assert not (Path(env["DIN_HOME"]) / "demo" / "redis").exists()  # no Redis of its own
+        users = None
+        while users is None:
+            try:
+                users = httpx.get(f"{url}api/sample", timeout=5).json()["user_ids"]
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, _tail(err_path)
+                time.sleep(0.2)
+        assert users, "the demo's users are not where it serves from"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
 def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: Path):
     """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.
 
