@@ -276,6 +276,21 @@ def test_torch_pin_agrees_with_pyproject():
     assert args["TORCH_INDEX_URL"] == build_arg_defaults()["TORCH_INDEX_URL"]
 
 
+
+def test_onnxruntime_gpu_is_pinned_to_the_minor_release_installed_and_built_for_the_image():
+    """The images install whatever pyproject.toml admits: without an upper bound a newer
+    onnxruntime-gpu, built for another CUDA major, would break the GPU image one day."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (req,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "onnxruntime-gpu"]
+    allowed = [v for v in (f"1.{minor}.{patch}" for minor in range(15, 60) for patch in (0, 9)) if v in req.specifier]
+    assert allowed and {Version(v).minor for v in allowed} == {Version(allowed[0]).minor}, f"{req} admits several minor releases"
+    info = pytest.importorskip("onnxruntime.capi.build_and_package_info")
+    if getattr(info, "package_name", "") == "onnxruntime-gpu":
+        assert info.__version__ in req.specifier, f"installed {info.__version__}, pyproject.toml asks for {req}"
+
 def test_gpu_base_image_matches_the_onnxruntime_gpu_build():
     """onnxruntime-gpu loads libcudart/libcublas of one CUDA major and cuDNN 9: the base must ship them."""
     base = stages()["gpu"]
