@@ -12,9 +12,13 @@ Traffic model (every knob is an environment variable, defaults in brackets):
   from the ad catalogue; LOADTEST_TOP_K [0 = rank all];
 - pacing: LOADTEST_USER_RPS [0 = back to back] requests per second per locust user;
 - the population comes from LOADTEST_POPULATION (a JSON file that
-  `python -m loadtest.run population` writes from the same data the store was loaded
-  with); without it, ids 1..LOADTEST_USERS [8000] and 1..LOADTEST_ITEMS [4000] in
-  LOADTEST_CATEGORIES [80] categories (the default synthetic population's id ranges).
+  `din loadtest population` writes from the same data the store was loaded with);
+  without it, user ids 1..LOADTEST_USERS and item ids 1..LOADTEST_ITEMS in categories
+  1..LOADTEST_CATEGORIES, each defaulting to the default synthetic data's (`--data
+  synthetic`, what `make demo` serves: 5000 users, 3000 items, 60 categories), read from
+  model.data.synthetic.DEFAULT_SYNTHETIC so the two cannot drift apart. Only the id
+  ranges match: items get categories round-robin and Zipf popularity by id, not the
+  generator's own, so a population file is the faithful choice.
 
 Every /rank response is checked: the user echoed, every candidate back exactly once with
 its category (or exactly top_k of them), CTRs in [0, 1] sorted descending, an unknown
@@ -56,7 +60,7 @@ RANK_TASK_WEIGHT = 20
 DEGRADED_NAME = "/rank [degraded]"
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     raw = os.environ.get(name, "")
     try:
         return int(raw) if raw.strip() else default
@@ -72,14 +76,33 @@ def _env_float(name: str, default: float) -> float:
         raise SystemExit(f"{name}={raw!r} is not a number") from None
 
 
+def synthetic_defaults() -> tuple[int, int, int]:
+    """(users, items, categories) of the default synthetic data, from the generator itself.
+
+    Imported only when the traffic has no population file: model.data.synthetic needs numpy
+    and pyarrow (no torch), which the project's install (and the locust image) has.
+    """
+    try:
+        from model.data.synthetic import DEFAULT_SYNTHETIC
+    except ImportError as e:
+        raise SystemExit(
+            f"without LOADTEST_POPULATION the traffic uses the default synthetic data's id ranges, read from "
+            f"model.data.synthetic, which cannot be imported here ({e}); set LOADTEST_POPULATION, or "
+            "LOADTEST_USERS, LOADTEST_ITEMS and LOADTEST_CATEGORIES"
+        ) from None
+    return DEFAULT_SYNTHETIC.users, DEFAULT_SYNTHETIC.items, DEFAULT_SYNTHETIC.categories
+
+
 @dataclass(frozen=True)
 class TrafficConfig:
     """The traffic knobs, read once from the environment (see the module docstring)."""
 
     population: str | None = None
-    users: int = 8000
-    items: int = 4000
-    categories: int = 80
+    # without a population file: ids 1..users, 1..items, categories 1..categories;
+    # None: the default synthetic data's (see id_ranges)
+    users: int | None = None
+    items: int | None = None
+    categories: int | None = None
     candidates: int = 200
     top_k: int = 0
     zipf_s: float = 1.0
@@ -116,6 +139,14 @@ class TrafficConfig:
             seed=_env_int("LOADTEST_SEED", d.seed),
         )
 
+    def id_ranges(self) -> tuple[int, int, int]:
+        """(users, items, categories) of the traffic without a population file; an unset one
+        is the default synthetic data's (model.data.synthetic.DEFAULT_SYNTHETIC)."""
+        given = (self.users, self.items, self.categories)
+        if None in given:
+            given = tuple(d if g is None else g for g, d in zip(given, synthetic_defaults()))
+        return given
+
 
 @dataclass(frozen=True)
 class Population:
@@ -149,7 +180,8 @@ class Population:
 
     @classmethod
     def from_ranges(cls, users: int, items: int, categories: int) -> "Population":
-        """Ids 1..N as the synthetic generator writes them; categories assigned round-robin."""
+        """Ids 1..N as the synthetic generator writes them (user, item and category ids start at 1);
+        categories assigned round-robin and popularity Zipf by id, not the generator's own."""
         item_ids = np.arange(1, items + 1, dtype=np.int64)
         return cls(
             user_ids=np.arange(1, users + 1, dtype=np.int64),
@@ -288,7 +320,7 @@ def traffic() -> Traffic:
         pop = (
             Population.from_file(cfg.population)
             if cfg.population
-            else Population.from_ranges(cfg.users, cfg.items, cfg.categories)
+            else Population.from_ranges(*cfg.id_ranges())
         )
         _traffic = Traffic(cfg, pop)
     return _traffic

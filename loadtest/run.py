@@ -20,6 +20,10 @@ patching stays out of the caller's process.
 
     python -m loadtest.run run --duration 60 --users 10      # what `make loadtest` runs
     python -m loadtest.run population --data synthetic --out population.json
+
+`din loadtest` is the same with `run` as the default subcommand: `din loadtest --users 10`
+and `din loadtest run --users 10` are one command (`din` inserts `run` unless the first
+argument names a subcommand).
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ DEFAULT_OUT = Path("reports/loadtest")
 CSV_PREFIX = "locust"
 POPULATION_FORMAT = 1  # the locustfile's Population.from_file reads this format
 MAX_POPULATION_USERS = 200_000  # the most active ones; keeps the file small at 1M users
+
+# the help of `din loadtest --help` (the run parser's): it names the other subcommand too
+RUN_EPILOG = """\
+`run` is the default subcommand: `din loadtest [run] [options]`.
+The other subcommand:
+  din loadtest population --data SPEC --out FILE
+      write only the traffic's population file (the users and ads locust draws from), e.g.
+      for a --host run or locust by hand (LOADTEST_POPULATION=FILE); see
+      `din loadtest population --help`
+"""
 
 
 class LoadTestError(RuntimeError):
@@ -543,7 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="din loadtest", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = LoadTestConfig()
-    run = sub.add_parser("run", prog="din loadtest", help="run the load test (starts the service unless --host)")
+    run = sub.add_parser(
+        "run", prog="din loadtest", help="run the load test (starts the service unless --host)",
+        description="Run the load test: locust headless against the service (started locally\n"
+        "unless --host), then a summary, a plot and a pass/fail verdict.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     run.add_argument("--host", default=None, help="a running service, e.g. http://127.0.0.1:8000")
     run.add_argument("--duration", type=float, default=d.duration_s, help="seconds")
     run.add_argument("--users", type=int, default=d.users)

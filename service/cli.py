@@ -809,7 +809,7 @@ def loadtest(ctx: typer.Context) -> None:
     `din loadtest population --data SPEC --out FILE` writes the traffic's population file only."""
     from loadtest.run import main as run_loadtest
 
-    args = list(ctx.args) if ctx.args[:1] == ["population"] else ["run", *ctx.args]
+    args = list(ctx.args) if ctx.args[:1] in (["population"], ["run"]) else ["run", *ctx.args]  # run: the default
     raise typer.Exit(run_loadtest(args))
 
 

@@ -302,6 +302,53 @@ def test_locustfile_traffic_model_and_response_checks(tmp_path):
     }  # fmt: skip
 
 
+DEFAULT_RANGES_PROBE = textwrap.dedent(
+    """
+    import importlib.util, json, os, sys
+    spec = importlib.util.spec_from_file_location("locustfile", sys.argv[1])
+    lf = importlib.util.module_from_spec(spec); sys.modules["locustfile"] = lf; spec.loader.exec_module(lf)
+    pop = lf.traffic().population
+    os.environ["LOADTEST_USERS"] = "7"
+    lf._traffic = None
+    other = lf.traffic().population
+    overridden = [other.user_ids.size, other.item_ids.size, len(set(other.item_cates.tolist()))]
+    print(json.dumps({
+        "users": pop.user_ids.tolist(), "items": pop.item_ids.tolist(), "cates": pop.item_cates.tolist(),
+        "overridden": overridden, "doc": lf.__doc__,
+    }))
+    """
+)
+
+
+def test_locustfile_default_population_is_the_default_synthetic_data():
+    """Without LOADTEST_POPULATION (locust by hand against `make demo`), the traffic's ids are
+    exactly those of `--data synthetic`: every user known, no item or category that does not exist."""
+    from model.data.synthetic import DEFAULT_SYNTHETIC, generate
+
+    env = {"PATH": str(VENV_BIN)}  # no LOADTEST_* at all
+    result = subprocess.run(
+        [sys.executable, "-c", DEFAULT_RANGES_PROBE, str(LOCUSTFILE)], env=env, capture_output=True, text=True,
+        timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+
+    log = generate(DEFAULT_SYNTHETIC)
+    assert r["users"] == list(range(1, DEFAULT_SYNTHETIC.users + 1))
+    assert r["users"] == np.unique(log.user_id).tolist()  # ids start at 1, every one has behaviours
+    assert r["items"] == list(range(1, DEFAULT_SYNTHETIC.items + 1))
+    assert set(np.unique(log.item_id).tolist()) <= set(r["items"])
+    assert sorted(set(r["cates"])) == list(range(1, DEFAULT_SYNTHETIC.categories + 1))
+    assert sorted(set(r["cates"])) == np.unique(log.cate_id).tolist()
+    # one knob overrides only itself; the others stay the synthetic defaults
+    assert r["overridden"] == [7, DEFAULT_SYNTHETIC.items, DEFAULT_SYNTHETIC.categories]
+    # what the docstring and the docs tell a user
+    assert (f"{DEFAULT_SYNTHETIC.users} users, {DEFAULT_SYNTHETIC.items} items, "
+            f"{DEFAULT_SYNTHETIC.categories} categories") in " ".join(r["doc"].split())  # fmt: skip
+    docs = " ".join((ROOT / "docs" / "loadtest.md").read_text().split())
+    assert f"default synthetic data ({DEFAULT_SYNTHETIC.users:,} users, " in docs
+
+
 # --- a real run: locust headless against a live service ----------------------------------------
 
 needs_service = pytest.mark.skipif(
@@ -405,6 +452,26 @@ def test_bad_input_through_din_loadtest_and_population(tmp_path):
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_din_loadtest_help_names_the_population_subcommand():
+    """`din loadtest --help` shows the run options (run is the default) and the other subcommand."""
+    result = _loadtest_cli("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: din loadtest [") and "--duration" in result.stdout
+    assert "din loadtest population --data SPEC --out FILE" in result.stdout
+    assert "`run` is the default subcommand" in result.stdout
+
+
+def test_an_explicit_run_is_the_default_subcommand(tmp_path):
+    """`din loadtest run ...` is `din loadtest ...` (din inserts `run` only when no subcommand is named)."""
+    result = _loadtest_cli("run", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: din loadtest [") and "--duration" in result.stdout
+    # the options after an explicit `run` are parsed as run's own: a bad value is the usual one error line
+    result = _loadtest_cli("run", "--users", "0", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == "error: --users must be >= 1, got 0\n"
 
 
 def test_a_failed_run_leaves_no_result_of_the_previous_run(tmp_path, capsys):
