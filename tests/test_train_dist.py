@@ -299,11 +299,13 @@ def test_dice_and_mba_two_processes_train_the_same_model_as_one(runs):
     (one, r1), (two, r2) = runs["dice_mba1"], runs["dice_mba2"]
     assert r2["replica_checks"] == r2["global_steps"] == r1["global_steps"]
     # Float rounding only: Dice's statistics are summed in another order over 2 processes, and
-    # the AUC is read off a 2^20-bin histogram (~1e-5). Measured: parameters 1.2e-5 apart, AUC
-    # 1.3e-5, GAUC equal; switching off the Dice sync or MBA's row union moves them by ~0.06.
+    # the AUC is read off a 2^20-bin histogram (~1e-5). Measured: parameters 1.2e-5 apart (4.7e-6
+    # with MBA as its own step), AUC 1.3e-5 (6e-6), GAUC equal (1.5e-4: a per-user AUC over a
+    # few impressions moves by a whole pair when a near-tie flips); switching off the Dice sync
+    # or MBA's row union moves them by ~0.06.
     tol = 5e-5
-    for k in ("auc", "gauc", "logloss"):
-        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=tol)
+    for k, k_tol in (("auc", tol), ("gauc", 1e-3), ("logloss", tol)):
+        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=k_tol)
     for h1, h2 in zip(r1["validation"], r2["validation"], strict=True):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
     final = _final_state(two)
