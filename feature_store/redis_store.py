@@ -53,7 +53,9 @@ from model.data.log import BehaviourLog
 
 logger = logging.getLogger(__name__)
 
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+# no answer, or a cluster that is not serving right now (CLUSTERDOWN, TRYAGAIN: error replies
+# that say "retry later", not "refused"): an outage, which the service's breaker counts
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError)
 _POOL_EXHAUSTED = redis.exceptions.MaxConnectionsError  # a ConnectionError, but Redis was not asked
 MAX_APPEND_HOPS = 6  # version redirects one append may follow (normally 1, 2 during a load)
 STATS_SAMPLE = 1000  # user keys whose MEMORY USAGE / STRLEN `stats` averages
@@ -275,6 +277,8 @@ class RedisHistoryStore(HistoryStore):
         pointer = current_key(self.namespace)
         try:
             raw = await self._redis.get(pointer)
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
         except redis.ResponseError as e:  # WRONGTYPE: something else wrote the pointer key
             raise StoreError(f"{pointer} in Redis at {self.url} is not a data version pointer ({e}): "
                              f"run `din load` to write a data version") from e
@@ -294,7 +298,14 @@ class RedisHistoryStore(HistoryStore):
             meta = json.loads(raw_meta) if raw_meta is not None else {}
             if not isinstance(meta, dict):  # valid JSON, but not the object `din load` writes
                 raise ValueError(f"JSON {type(meta).__name__}, not an object")
-        except (ValueError, redis.ResponseError) as e:  # not JSON, not an object, or a key of the wrong type
+        except _UNAVAILABLE as e:  # not read: the version stays unread, and the next reader tries again
+            raise self._unavailable(e) from e
+        except redis.ResponseError as e:
+            if not str(e).startswith("WRONGTYPE"):  # refused this once (e.g. NOAUTH): not the meta's fault
+                raise self._refused(e, f"the read of {keys.meta}") from e
+            self._corrupt("meta", f"meta key {keys.meta}", f"{e}; profile and ad fields unknown")
+            meta = {}
+        except ValueError as e:  # not JSON, or not an object
             self._corrupt("meta", f"meta key {keys.meta}", f"{e}; profile and ad fields unknown")
             meta = {}
         # fields of the wrong shape (a buggy or foreign writer): reported here once, then the

@@ -82,6 +82,11 @@ class CircuitBreaker:
         elif self.state is BreakerState.CLOSED and self.consecutive_failures >= self.failure_threshold:
             self._open()
 
+    def record_no_verdict(self) -> None:
+        """The call ended without telling whether the dependency works (our own bug): in
+        half-open, the next call is the trial; nothing else changes."""
+        self._trial_in_flight = False
+
     def _open(self) -> None:
         self._opened_at = self._clock()
         self._set(BreakerState.OPEN)

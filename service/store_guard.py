@@ -118,8 +118,7 @@ class StoreGuard:
                       op, type(e).__name__, e, self.bugs, exc_info=(type(e), e, e.__traceback__))
         else:
             log.warning("feature store %s failed: %s: %s", op, type(e).__name__, e)
-        if self.breaker.state is BreakerState.HALF_OPEN:  # the trial got no answer: the next one tries again
-            self.breaker.record_failure()
+        self.breaker.record_no_verdict()  # a half-open trial learnt nothing: the next call is the trial
         return StoreCallFailed(f"{type(e).__name__}: {e}", "error", retry_after_s=1.0)
 
     def _busy(self, op: str, message: str) -> StoreCallFailed:

@@ -555,9 +555,39 @@ async def test_a_bug_in_a_store_call_is_logged_and_counted_but_opens_no_breaker(
         await guard.call("ping", connection_lost)
     assert (e.value.reason, guard.state.value) == ("error", "open")
     await anyio.sleep(0.06)
-    with pytest.raises(StoreCallFailed):  # a half-open trial that hit a bug got no answer: open again
+    with pytest.raises(StoreCallFailed):  # a half-open trial that hit a bug learnt nothing about Redis:
         await guard.call("get_ad_features", bug)
-    assert guard.state.value == "open"
+    assert guard.state.value == "half_open"  # not re-opened for another reset period
+
+    async def answered():
+        return []
+
+    assert await guard.call("get_histories", answered) == []  # the next call is the trial, and closes it
+    assert guard.state.value == "closed"
     m = samples(guard.metrics.render().decode())
     assert value(m, "din_store_errors_total", op="get_ad_features", reason="error") == 6
     assert value(m, "din_store_errors_total", op="get_histories", reason="error") == 1
+
+
+async def test_a_cluster_that_serves_no_slot_is_an_outage_that_opens_the_breaker(tmp_path):
+    """CLUSTERDOWN / TRYAGAIN are error replies that mean "not serving now": an outage the
+    breaker counts, not a refusal of one call (which would keep it closed for ever). A real
+    redis-server in cluster mode with no slot assigned answers every key command CLUSTERDOWN."""
+    from feature_store.embedded import EmbeddedRedis, find_redis_server
+
+    node = EmbeddedRedis(tmp_path / "node", free_port(), binary=find_redis_server(), persist=False,
+                         extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((tmp_path / "nodes.conf").resolve())))  # fmt: skip
+    node.start()
+    try:
+        store = RedisHistoryStore.from_url(node.url)
+        guard = StoreGuard.build(failure_threshold=3, reset_s=60.0, timeout_s=5.0, metrics=ServiceMetrics())
+        reasons = []
+        for _ in range(3):
+            with pytest.raises(StoreCallFailed) as e:
+                await guard.call("get_histories", lambda: store.get_histories([1, 2]))
+            reasons.append(e.value.reason)
+            assert "CLUSTERDOWN" in str(e.value) or "unavailable" in str(e.value)
+        assert reasons == ["unavailable"] * 3 and guard.state.value == "open"
+        await store.close()
+    finally:
+        node.stop(save=False)
