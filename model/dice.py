@@ -37,8 +37,14 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.full((channels,), init))  # like PReLU's slope
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
-        # the most real positions one batch has had: a training-time scale, not a model weight
-        self.register_buffer("largest_batch", torch.zeros(()), persistent=False)
+        # the most real positions one batch has had (training state: checkpointed, so a resumed
+        # run weighs its batches as the uninterrupted one does; unused by eval and the export)
+        self.register_buffer("largest_batch", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before `largest_batch` existed: start it again from the next batch
+        state_dict.setdefault(prefix + "largest_batch", torch.zeros((), device=self.largest_batch.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, s: Tensor, mask: Tensor | None = None) -> Tensor:
         """s (..., C), mask s.shape[:-1] bool (True = a real position) or None -> (..., C)."""

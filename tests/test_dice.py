@@ -89,6 +89,25 @@ def test_a_short_last_batch_moves_the_running_statistics_in_proportion_to_its_si
     dice(half)
     torch.testing.assert_close(dice.running_mean, torch.lerp(before, half.mean(0), 0.1 * 512 / 1024))
 
+
+def test_a_resumed_run_weighs_its_batches_as_the_uninterrupted_one():
+    """The largest batch seen is training state: saved and restored with the running statistics."""
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 2) * 3 + 1 for _ in range(3)] + [torch.randn(5, 2) - 4]
+    straight = Dice(2).train()
+    for b in batches:
+        straight(b)
+    first = Dice(2).train()
+    for b in batches[:3]:
+        first(b)
+    resumed = Dice(2).train()
+    resumed.load_state_dict(first.state_dict())  # a checkpoint after three batches
+    resumed(batches[3])
+    torch.testing.assert_close(resumed.running_mean, straight.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.running_var, straight.running_var, rtol=0, atol=0)
+    old = {k: v for k, v in first.state_dict().items() if k != "largest_batch"}  # saved before it existed
+    Dice(2).load_state_dict(old)
+
 def test_gradients_flow_through_the_batch_statistics():
     s, mask = padded_batch(seed=2)
     s.requires_grad_(True)
