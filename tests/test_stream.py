@@ -260,3 +260,24 @@ def test_streamed_negatives_are_never_the_positive_even_for_an_item_most_clicks_
         assert np.all(items[:, 1:] != items[:, :1])
         checked += int((items[:, 0] == popular).sum())
     assert checked > 500  # the skewed item was the positive often enough to clash
+
+
+def test_the_reserved_unknown_id_is_the_unknown_row_in_a_streamed_vocabulary(log_path, tmp_path):
+    """A log holding UNKNOWN_ID (int64 min): the streamed vocabulary gives it no row, as
+    Vocabulary.fit does, so a streamed bundle scores "category not known" with UNK_ROW too."""
+    import dataclasses
+
+    from model.contract import UNK_ROW, UNKNOWN_ID, Vocabulary
+
+    log = read_log(log_path)
+    cate = log.cate_id.copy()
+    cate[::7] = UNKNOWN_ID
+    path = write_log(dataclasses.replace(log, cate_id=cate), tmp_path / "unknown.parquet")
+    plan = plan_stream(path, CONFIG)
+    mapping = plan.mappings["cate_id"]
+    assert mapping.lookup(np.array([UNKNOWN_ID]))[0] == UNK_ROW
+    train = user_split(log.user_id, CONFIG.split, CONFIG.seed) == TRAIN
+    np.testing.assert_array_equal(mapping.ids, Vocabulary.fit(cate[train]).ids)
+    counts = np.bincount(mapping.lookup(cate[train]), minlength=mapping.num_rows)
+    np.testing.assert_array_equal(plan.row_counts["cate_id"], counts)
+    assert counts[UNK_ROW] == np.sum(cate[train] == UNKNOWN_ID) > 0

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.contract import FeatureSpec, Vocabulary
+from model.contract import UNKNOWN_ID, FeatureSpec, Vocabulary
 from model.data.log import REQUIRED_COLUMNS, LogFormatError, NotEnoughUsersError, UntrainableLogError, check_clicks, int_column
 from model.data.reservoir import BottomKSample
 from model.hashing import HashedIds, IdMapping, row_counts, unit_interval
@@ -347,8 +347,10 @@ def plan_stream(path: str | Path, config: StreamConfig = StreamConfig(), progres
         mappings, counts = {}, {}
         for f in SEQUENCE_FIELDS:
             counters[f].flush()
-            mappings[f] = Vocabulary(counters[f].ids)
-            counts[f] = np.concatenate([[0, 0], counters[f].counts]).astype(np.int64)  # PAD, UNK
+            keep = counters[f].ids != UNKNOWN_ID  # reserved for "not known": UNK_ROW, never a row (Vocabulary.fit)
+            mappings[f] = Vocabulary(counters[f].ids[keep])
+            unknown = counters[f].counts[~keep].sum()
+            counts[f] = np.concatenate([[0, unknown], counters[f].counts[keep]]).astype(np.int64)  # PAD, UNK, ids
     per_event = 1 if has_label else 1 + config.negatives
     plan = StreamPlan(
         source=_file_identity(path),
