@@ -782,7 +782,9 @@ def demo(
     demo_redis = _din_home() / "demo" / "redis"
     external = settings.redis_url  # REDIS_URL: an external Redis or Redis Cluster; else the demo's own
     with _redis(external, demo_redis, in_use=f"another `din demo` runs on {demo_redis}; stop it first (Ctrl-C)") as redis_url:
-        where = f"Redis at {redis_url} (REDIS_URL)" if external else f"embedded Redis at {redis_url}"
+        from feature_store.redis_store import redacted_url
+
+        where = f"Redis at {redacted_url(redis_url)} (REDIS_URL)" if external else f"embedded Redis at {redis_url}"
         typer.echo(f"[demo] {where}; loading histories into namespace {settings.redis_namespace!r}", err=True)
         with _store_errors():
             store = RedisHistoryStore.from_url(redis_url, namespace=settings.redis_namespace, cluster=settings.redis_cluster or None)

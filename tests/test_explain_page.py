@@ -452,9 +452,17 @@ def test_page_tells_a_degraded_answer_from_a_user_without_history(browser, din_s
 
 
 
-def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tmp_path: Path, redis_url: str, redis_client):
+def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tmp_path: Path):
     """DESIGN: with `make demo`, REDIS_URL switches to an external Redis: the demo loads its
-    histories there (in REDIS_NAMESPACE) and serves from it, starting no Redis of its own."""
+    histories there (in REDIS_NAMESPACE) and serves from it, starting no Redis of its own,
+    and never prints the URL's password."""
+    import redis as redis_py
+
+    external = EmbeddedRedis(tmp_path / "external", free_port(), persist=False)
+    external.start()
+    redis_py.Redis.from_url(external.url).acl_setuser("demo", enabled=True, passwords=["+s3cret-pw"], keys=["*"], commands=["+@all"])
+    redis_url = f"redis://demo:s3cret-pw@127.0.0.1:{external.port}/0"
+    redis_client = redis_py.Redis.from_url(redis_url)
     env = {**_env(tmp_path), "REDIS_URL": redis_url, "REDIS_NAMESPACE": "demo_ext"}
     bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
     shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
@@ -470,7 +478,8 @@ def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tm
             assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
             assert time.monotonic() < deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
             time.sleep(0.2)
-        assert f"Redis at {redis_url} (REDIS_URL)" in err_path.read_text()
+        assert f"Redis at redis://demo:***@127.0.0.1:{external.port}/0 (REDIS_URL)" in err_path.read_text()
+        assert "s3cret-pw" not in err_path.read_text()
         assert redis_client.get("demo_ext:current") is not None  # the demo's data version, in that Redis
         assert not (Path(env["DIN_HOME"]) / "demo" / "redis").exists()  # no Redis of its own
         users = None
@@ -487,6 +496,8 @@ def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tm
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        redis_client.close()
+        external.stop(save=False)
 
 def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: Path):
     """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.
