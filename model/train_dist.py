@@ -342,8 +342,12 @@ def _check_resumable(config: DistTrainConfig, state: dict, world: int, path: Pat
         raise ValueError(f"{path} was written by a run with other settings ({diffs}); resume with the same settings")
     if state["world"] != world:
         raise ValueError(f"{path} was written by {state['world']} process(es); resume it with --nproc {state['world']}")
+    if config.reg in ("l2", "mba") and state.get("regularizer") != REGULARIZER_RULE:
+        raise ValueError(f"{path} was written when --reg {config.reg} was a term of the loss, not its own step after "
+                         f"Adam's (model/objective.py): resuming would change the rule mid-run; start a new run")
 
 
+REGULARIZER_RULE = "own step after the optimiser's"  # checkpoints before it had the penalty in the loss
 MBA_COUNTS = "mba_counts.npz"
 ERROR_FILE = "error.txt"  # under torchrun: rank 0's refusal, for `launch` to report
 
@@ -457,6 +461,7 @@ def _train(config: DistTrainConfig, ctx: DistContext) -> DistTrainResult:
                 {
                     "config": config.to_json(),
                     "world": ctx.world,
+                    "regularizer": REGULARIZER_RULE,
                     "plan_fingerprint": plan.fingerprint,
                     "epoch": next_epoch,
                     "step": next_step,

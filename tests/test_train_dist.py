@@ -179,6 +179,22 @@ def test_resume_refuses_other_settings(runs):
         launch(replace(config, reg="l2", reg_lambda=0.1, resume=True, record_samples=False), 1)
 
 
+
+def test_resume_refuses_a_checkpoint_from_when_the_regulariser_was_a_loss_term(runs, tmp_path):
+    import shutil
+
+    from model.checkpoint import save_checkpoint
+
+    config, _ = runs["dice_mba1"]
+    run_dir = tmp_path / "old-run"
+    shutil.copytree(config.run_path, run_dir)
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    assert state["regularizer"]  # written by this code
+    del state["regularizer"]  # as every checkpoint before the rule changed
+    save_checkpoint(run_dir, state["global_step"] + 1, state)
+    with pytest.raises(ValueError, match="was a term of the loss, not its own step"):
+        launch(replace(config, run_dir=run_dir, resume=True, record_samples=False), 1)
+
 def test_command_line_round_trip():
     config = DistTrainConfig(data="events:/x.parquet", hash_buckets=1000, resume=True, progress=False, out=Path("o"))
     again = parse_args(config.to_argv())
