@@ -591,3 +591,41 @@ async def test_a_cluster_that_serves_no_slot_is_an_outage_that_opens_the_breaker
         await store.close()
     finally:
         node.stop(save=False)
+
+
+async def test_a_meta_read_that_fails_for_now_is_read_again_not_cached_as_garbage(tmp_path):
+    """A version's meta is read once per version. When that read gets "retry later" (here a
+    cluster node that does not serve the meta's slot yet: CLUSTERDOWN), the version must stay
+    unread, so the next reader reads the meta, rather than run with no profile fields until
+    the next `din load`."""
+    import json
+
+    from feature_store.base import StoreUnavailableError
+    from feature_store.embedded import EmbeddedRedis, find_redis_server
+    from feature_store.keys import KeySpace, current_key
+
+    node = EmbeddedRedis(tmp_path / "node", free_port(), binary=find_redis_server(), persist=False,
+                         extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((tmp_path / "nodes.conf").resolve()),
+                                     "--cluster-require-full-coverage", "no"))  # fmt: skip
+    node.start()
+    admin = redis.Redis.from_url(node.url)
+    try:
+        meta_key = KeySpace(namespace="din", version="1").meta
+        meta_slot = admin.execute_command("CLUSTER", "KEYSLOT", meta_key)
+        admin.execute_command("CLUSTER", "ADDSLOTS", *(s for s in range(16384) if s != meta_slot))
+        deadline = time.monotonic() + 10
+        while admin.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:
+            assert time.monotonic() < deadline, "the one-node cluster did not come up"
+            await anyio.sleep(0.05)
+        admin.set(current_key("din"), "1")  # the pointer's slot is served, the meta's is not
+        store = RedisHistoryStore.from_url(node.url)
+        with pytest.raises(StoreUnavailableError, match="ClusterDownError: Hash slot not served"):
+            await store.refresh_version()
+        admin.execute_command("CLUSTER", "ADDSLOTS", meta_slot)  # the slot comes back, with the meta
+        admin.set(meta_key, json.dumps({"profile_fields": ["gender"], "ad_fields": ["cate_id"], "max_history": 7}))
+        assert await store.refresh_version() == "1"
+        assert (store.profile_fields, store.max_history) == (("gender",), 7)
+        await store.close()
+    finally:
+        admin.close()
+        node.stop(save=False)
