@@ -134,6 +134,7 @@ class ReloadRequest(BaseModel):
     bundle: str | None = Field(
         default=None,
         max_length=4096,
+        pattern=r"^[^\x00-\x1f\x7f]*$",  # no control characters: no path has them, and a newline would forge log lines
         description="A bundle directory on the server, or a directory of bundles (its newest is taken). "
         "Default: the BUNDLE setting, re-read (so a new `latest` there is picked up).",
     )

@@ -169,7 +169,7 @@ async def test_error_bodies_show_no_traceback_or_server_path(trained, tmp_path):
             await client.post("/rank", content=b"\xff\xfe", headers={"content-type": "application/json"}),
             await client.get("/rank"),
         ]
-    assert [r.status_code for r in answers] == [404, 422, 422, 422, 405]
+    assert [r.status_code for r in answers] == [422, 422, 422, 422, 405]  # a NUL in the path: refused as the field's
     for r in answers:
         assert "Traceback" not in r.text and str(trained.bundle.path.parent) not in r.text and "site-packages" not in r.text
 
@@ -241,3 +241,14 @@ def test_redis_urls_are_shown_without_their_password(url, shown):
     from feature_store.connection import redacted_url
 
     assert redacted_url(url) == shown
+
+
+async def test_a_reload_path_with_control_characters_is_refused_before_it_reaches_a_log(trained, caplog):
+    """A newline in the bundle path would write a forged line into a text log (the refusal is
+    logged with the path); no real path holds one, so the request is a 422 naming the field."""
+    forged = "/x\n2026-11-29 05:00:00 ERROR service.app forged line"
+    async with serving(settings_for(trained.bundle.path, None, admin_token=TOKEN)) as client:
+        with caplog.at_level("INFO"):
+            r = await client.post("/admin/reload", json={"bundle": forged}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "bundle"]
+    assert "forged line" not in r.text and not any("forged line" in rec.getMessage() for rec in caplog.records)
