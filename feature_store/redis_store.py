@@ -300,12 +300,9 @@ class RedisHistoryStore(HistoryStore):
                 raise ValueError(f"JSON {type(meta).__name__}, not an object")
         except _UNAVAILABLE as e:  # not read: the version stays unread, and the next reader tries again
             raise self._unavailable(e) from e
-        except redis.ResponseError as e:
-            if not str(e).startswith("WRONGTYPE"):  # refused this once (e.g. NOAUTH): not the meta's fault
-                raise self._refused(e, f"the read of {keys.meta}") from e
-            self._corrupt("meta", f"meta key {keys.meta}", f"{e}; profile and ad fields unknown")
-            meta = {}
-        except ValueError as e:  # not JSON, or not an object
+        except (ValueError, redis.ResponseError) as e:  # not JSON, not an object, or a key of the wrong type
+            if isinstance(e, redis.ResponseError) and not str(e).startswith("WRONGTYPE"):
+                raise self._refused(e, f"the read of {keys.meta}") from e  # refused this once (e.g. NOAUTH)
             self._corrupt("meta", f"meta key {keys.meta}", f"{e}; profile and ad fields unknown")
             meta = {}
         # fields of the wrong shape (a buggy or foreign writer): reported here once, then the

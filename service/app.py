@@ -30,7 +30,7 @@ from service.metrics import ServiceMetrics
 from service.request_context import RequestContextMiddleware, internal_error_body
 from service.routes import api_router
 from service.routes.page import mount_static
-from service.routes.rank import REQUEST_SCHEMAS, fetch_histories, validation_error_response
+from service.routes.rank import REQUEST_SCHEMAS, error_items, fetch_histories, validation_error_response
 from service.schemas import ErrorBody
 from service.settings import Settings
 from service.store_guard import StoreGuard
@@ -197,31 +197,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _text(value: str) -> str:
-    """`value` as text JSON can carry: a lone UTF-16 surrogate (a `\\ud800` escape) written as that escape."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _plain(value):
-    return _text(value) if isinstance(value, str) else value
-
-
 async def _request_validation_error(request: Request, exc: RequestValidationError) -> Response:
-    """422 in FastAPI's shape (`loc` as FastAPI gives it, `msg`, `type`, `ctx`), without the `input`.
-
-    FastAPI's own handler echoes each rejected `input`; a lone surrogate in a JSON string
-    (pydantic's `string_unicode`) cannot be encoded in the answer, which made it a 500. Nor is
-    the input needed: `loc` names the field (as POST /rank's hand-parsed 422s do).
-    """
-    errors = []
-    for err in exc.errors():
-        item = {"loc": [_plain(part) for part in err.get("loc", ())], "msg": _text(str(err.get("msg", ""))),
-                "type": err.get("type", "value_error")}
-        if isinstance(err.get("ctx"), dict):
-            item["ctx"] = {_text(str(k)): _plain(v) if isinstance(v, (int, float, str, bool)) else _text(str(v))
-                           for k, v in err["ctx"].items()}
-        errors.append(item)
-    return validation_error_response(errors)
+    """422 in FastAPI's shape, without the rejected `input` FastAPI's own handler echoes (a lone
+    surrogate in it made that a 500): as POST /rank's hand-parsed 422s."""
+    return validation_error_response(error_items(exc.errors()))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -15,6 +15,7 @@ reports/screenshots/ (gitignored) as the test's artifact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -452,6 +453,50 @@ def test_page_tells_a_degraded_answer_from_a_user_without_history(browser, din_s
 
 
 
+
+@dataclass
+class Demo:
+    proc: subprocess.Popen
+    url: str  # the explain page, http://127.0.0.1:PORT/
+    err_path: Path  # the demo's stderr
+    deadline: float
+
+    def get(self, path: str = "", timeout: float = 2.0) -> httpx.Response:
+        """GET once the server answers (it prints the page's URL before uvicorn binds)."""
+        while True:
+            try:
+                return httpx.get(f"{self.url}{path}", timeout=timeout)
+            except httpx.TransportError:
+                assert self.proc.poll() is None and time.monotonic() < self.deadline, _tail(self.err_path)
+                time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _running_demo(bundle: Path, env: dict[str, str], cwd: Path) -> Iterator[Demo]:
+    """`din demo` on a free port, reusing `bundle` (it does not train), until it printed the page's URL; Ctrl-C after."""
+    bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
+    shutil.copytree(bundle, bundles / bundle.name)
+    port = free_port()
+    err_path = cwd / "demo.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([_din(), "demo", "--port", str(port)], env=env, cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    demo = Demo(proc, f"http://127.0.0.1:{port}/", err_path, time.monotonic() + STARTUP_S)
+    try:
+        while f"explain page: {demo.url}\n" not in err_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
+            assert time.monotonic() < demo.deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
+            time.sleep(0.2)
+        yield demo
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: uvicorn and the embedded Redis stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tmp_path: Path):
     """DESIGN: with `make demo`, REDIS_URL switches to an external Redis: the demo loads its
     histories there (in REDIS_NAMESPACE) and serves from it, starting no Redis of its own,
@@ -460,44 +505,20 @@ def test_demo_loads_into_the_redis_that_redis_url_names(din_service: Service, tm
 
     external = EmbeddedRedis(tmp_path / "external", free_port(), persist=False)
     external.start()
-    redis_py.Redis.from_url(external.url).acl_setuser("demo", enabled=True, passwords=["+s3cret-pw"], keys=["*"], commands=["+@all"])
-    redis_url = f"redis://demo:s3cret-pw@127.0.0.1:{external.port}/0"
-    redis_client = redis_py.Redis.from_url(redis_url)
-    env = {**_env(tmp_path), "REDIS_URL": redis_url, "REDIS_NAMESPACE": "demo_ext"}
-    bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
-    shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
-    port = free_port()
-    err_path = tmp_path / "demo.err"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen([_din(), "demo", "--port", str(port)], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while f"explain page: {url}\n" not in err_path.read_text(errors="replace"):
-            assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
-            assert time.monotonic() < deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
-            time.sleep(0.2)
-        assert f"Redis at redis://demo:***@127.0.0.1:{external.port}/0 (REDIS_URL)" in err_path.read_text()
-        assert "s3cret-pw" not in err_path.read_text()
-        assert redis_client.get("demo_ext:current") is not None  # the demo's data version, in that Redis
-        assert not (Path(env["DIN_HOME"]) / "demo" / "redis").exists()  # no Redis of its own
-        users = None
-        while users is None:
-            try:
-                users = httpx.get(f"{url}api/sample", timeout=5).json()["user_ids"]
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, _tail(err_path)
-                time.sleep(0.2)
-        assert users, "the demo's users are not where it serves from"
+        redis_py.Redis.from_url(external.url).acl_setuser("demo", enabled=True, passwords=["+s3cret-pw"], keys=["*"], commands=["+@all"])
+        redis_url = f"redis://demo:s3cret-pw@127.0.0.1:{external.port}/0"
+        env = {**_env(tmp_path), "REDIS_URL": redis_url, "REDIS_NAMESPACE": "demo_ext"}
+        with _running_demo(din_service.bundle, env, tmp_path) as demo, redis_py.Redis.from_url(redis_url) as redis_client:
+            printed = demo.err_path.read_text()
+            assert f"Redis at redis://demo:***@127.0.0.1:{external.port}/0 (REDIS_URL)" in printed
+            assert "s3cret-pw" not in printed
+            assert redis_client.get("demo_ext:current") is not None  # the demo's data version, in that Redis
+            assert not (Path(env["DIN_HOME"]) / "demo" / "redis").exists()  # no Redis of its own
+            assert demo.get("api/sample", timeout=5).json()["user_ids"], "the demo's users are not where it serves from"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        redis_client.close()
         external.stop(save=False)
+
 
 def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: Path):
     """`din demo` (what `make demo` runs) prints the page's URL, and that URL is the page.
@@ -507,42 +528,15 @@ def test_demo_prints_the_page_url_and_serves_it(din_service: Service, tmp_path: 
     the REDIS_NAMESPACE it serves from (a user's .env may set one).
     """
     env = {**_env(tmp_path), "REDIS_NAMESPACE": "shop"}
-    bundles = Path(env["DIN_HOME"]) / "demo" / "bundles"
-    shutil.copytree(din_service.bundle, bundles / din_service.bundle.name)
-    port = free_port()
-    err_path = tmp_path / "demo.err"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen([_din(), "demo", "--port", str(port)], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while f"explain page: {url}\n" not in err_path.read_text(errors="replace"):
-            assert proc.poll() is None, f"din demo exited ({proc.returncode}):\n{_tail(err_path)}"
-            assert time.monotonic() < deadline, f"din demo printed no page URL in {STARTUP_S}s:\n{_tail(err_path)}"
-            time.sleep(0.2)
-        page = None
-        while page is None:
-            try:
-                page = httpx.get(url, timeout=2)
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, _tail(err_path)
-                time.sleep(0.2)
+    with _running_demo(din_service.bundle, env, tmp_path) as demo:
+        page = demo.get()
         assert page.status_code == 200 and 'id="heatmap"' in page.text
-        assert "reusing bundle" in err_path.read_text()  # it did not train
-        assert httpx.get(f"{url}api/sample", timeout=5).json()["user_ids"], "the demo's users are not where it serves from"
+        assert "reusing bundle" in demo.err_path.read_text()  # it did not train
+        assert demo.get("api/sample", timeout=5).json()["user_ids"], "the demo's users are not where it serves from"
         second = subprocess.run([_din(), "demo", "--port", str(free_port())], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
         assert second.returncode == 2 and "another `din demo` runs on" in second.stderr, second.stderr[-2000:]
         assert "--redis-url" not in second.stderr  # an option din demo does not have
-    finally:
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: uvicorn and the embedded Redis stop
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 def test_page_asks_for_an_api_key_and_sends_it(browser, keyed_service: Service, page):
     """With API_KEYS set: the first call's 401 brings up a password field saying a key is

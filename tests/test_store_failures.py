@@ -8,6 +8,7 @@ answers nothing), while a steady stream of /rank requests runs through the real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -569,16 +570,26 @@ async def test_a_bug_in_a_store_call_is_logged_and_counted_but_opens_no_breaker(
     assert value(m, "din_store_errors_total", op="get_histories", reason="error") == 1
 
 
+
+@contextlib.contextmanager
+def _cluster_mode_node(tmp_path, *extra_args: str):
+    """A real redis-server in cluster mode that serves no slot until one is added: every key
+    command answers CLUSTERDOWN (with --cluster-require-full-coverage no, only unserved slots do)."""
+    from feature_store.embedded import EmbeddedRedis, find_redis_server
+
+    node = EmbeddedRedis(tmp_path / "node", free_port(), binary=find_redis_server(), persist=False,
+                         extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((tmp_path / "nodes.conf").resolve()), *extra_args))  # fmt: skip
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop(save=False)
+
 async def test_a_cluster_that_serves_no_slot_is_an_outage_that_opens_the_breaker(tmp_path):
     """CLUSTERDOWN / TRYAGAIN are error replies that mean "not serving now": an outage the
     breaker counts, not a refusal of one call (which would keep it closed for ever). A real
     redis-server in cluster mode with no slot assigned answers every key command CLUSTERDOWN."""
-    from feature_store.embedded import EmbeddedRedis, find_redis_server
-
-    node = EmbeddedRedis(tmp_path / "node", free_port(), binary=find_redis_server(), persist=False,
-                         extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((tmp_path / "nodes.conf").resolve())))  # fmt: skip
-    node.start()
-    try:
+    with _cluster_mode_node(tmp_path) as node:
         store = RedisHistoryStore.from_url(node.url)
         guard = StoreGuard.build(failure_threshold=3, reset_s=60.0, timeout_s=5.0, metrics=ServiceMetrics())
         reasons = []
@@ -589,8 +600,6 @@ async def test_a_cluster_that_serves_no_slot_is_an_outage_that_opens_the_breaker
             assert "CLUSTERDOWN" in str(e.value) or "unavailable" in str(e.value)
         assert reasons == ["unavailable"] * 3 and guard.state.value == "open"
         await store.close()
-    finally:
-        node.stop(save=False)
 
 
 async def test_a_meta_read_that_fails_for_now_is_read_again_not_cached_as_garbage(tmp_path):
@@ -601,15 +610,9 @@ async def test_a_meta_read_that_fails_for_now_is_read_again_not_cached_as_garbag
     import json
 
     from feature_store.base import StoreUnavailableError
-    from feature_store.embedded import EmbeddedRedis, find_redis_server
     from feature_store.keys import KeySpace, current_key
 
-    node = EmbeddedRedis(tmp_path / "node", free_port(), binary=find_redis_server(), persist=False,
-                         extra_args=("--cluster-enabled", "yes", "--cluster-config-file", str((tmp_path / "nodes.conf").resolve()),
-                                     "--cluster-require-full-coverage", "no"))  # fmt: skip
-    node.start()
-    admin = redis.Redis.from_url(node.url)
-    try:
+    with _cluster_mode_node(tmp_path, "--cluster-require-full-coverage", "no") as node, redis.Redis.from_url(node.url) as admin:
         meta_key = KeySpace(namespace="din", version="1").meta
         meta_slot = admin.execute_command("CLUSTER", "KEYSLOT", meta_key)
         admin.execute_command("CLUSTER", "ADDSLOTS", *(s for s in range(16384) if s != meta_slot))
@@ -626,6 +629,3 @@ async def test_a_meta_read_that_fails_for_now_is_read_again_not_cached_as_garbag
         assert await store.refresh_version() == "1"
         assert (store.profile_fields, store.max_history) == (("gender",), 7)
         await store.close()
-    finally:
-        admin.close()
-        node.stop(save=False)

@@ -57,12 +57,24 @@ def validation_error_response(errors: list[dict[str, Any]]) -> Response:
     return json_response({"detail": errors}, status_code=422)
 
 
-def _pydantic_errors(e: ValidationError) -> list[dict[str, Any]]:
+def _text(value: str) -> str:
+    """Text JSON can carry: a lone UTF-16 surrogate (a `\\ud800` escape) written as that escape."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    return _text(value) if isinstance(value, str) else value if isinstance(value, (int, float, bool)) else _text(str(value))
+
+
+def error_items(errors: list[dict[str, Any]], loc_prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """pydantic's errors as 422 items (`loc`, `msg`, `type`, `ctx`), never with the rejected
+    `input`: not needed (`loc` names the field), and a lone surrogate in it cannot be encoded."""
     out = []
-    for err in e.errors(include_url=False, include_input=False):
-        item = {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
-        if "ctx" in err:
-            item["ctx"] = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in err["ctx"].items()}
+    for err in errors:
+        item = {"loc": [_plain(part) for part in (*loc_prefix, *err.get("loc", ()))], "msg": _text(str(err.get("msg", ""))),
+                "type": err.get("type", "value_error")}  # fmt: skip
+        if isinstance(err.get("ctx"), dict):
+            item["ctx"] = {_text(str(k)): _plain(v) for k, v in err["ctx"].items()}
         out.append(item)
     return out
 
@@ -118,7 +130,7 @@ async def rank(request: Request, scorer: ScorerDep, store: StoreDep, settings: S
     try:
         query = decode_rank_request(await request.body())
     except ValidationError as e:
-        return validation_error_response(_pydantic_errors(e))
+        return validation_error_response(error_items(e.errors(include_url=False, include_input=False), ("body",)))
     n = query.num_candidates
     errors = []
     if n > settings.max_candidates:
